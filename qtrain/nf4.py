@@ -1,0 +1,262 @@
+"""NF4 storage, bit-compatible with bitsandbytes.
+
+Layout (bitsandbytes `quantize_4bit(quant_type="nf4", blocksize=64, compress_statistics=True)`):
+
+- the weight is flattened and cut into blocks of 64 values; each block is scaled by its absmax
+  into [-1, 1] and every value is replaced by the index of the nearest of the 16 NF4 levels;
+- two 4-bit indices per byte, the first element in the HIGH nibble: `packed` is uint8 [ceil(n/2)];
+- double quantization: the fp32 absmax vector [n/64] is centred (`offset` = its mean) and
+  quantized again to 8 bits with bitsandbytes' signed dynamic map in blocks of 256, keeping one
+  fp32 scale per 256 absmax values.
+
+Dequantization is `code[idx] * absmax[block]` in fp32, then a cast to the output dtype, which is
+what bitsandbytes does, so the two agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+BLOCKSIZE = 64
+ABSMAX_BLOCKSIZE = 256
+
+# The 16 NF4 levels: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (QLoRA paper,
+# appendix E). The fp32 values are the ones bitsandbytes stores as `quant_map`.
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+_NF4_ZERO = NF4_LEVELS.index(0.0)
+
+# Elements processed at once while quantizing; bounds temporaries to a few MB per call.
+_CHUNK = 1 << 22
+
+
+def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+
+
+def dynamic_code(device: torch.device | str | None = None) -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (Dettmers 2016, "8-bit approximations").
+
+    One sign bit, then a run of zeros whose length is the decimal exponent (10^-6 .. 10^0), an
+    indicator bit, and the remaining bits a linear fraction in [0.1, 1]: level e holds
+    2^e fractions, taken as midpoints of a linspace over [0.1, 1]. Plus 0 and 1; 256 sorted values.
+    """
+    values: list[float] = []
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        values += (10.0 ** (e - 6) * mids).tolist() + (-(10.0 ** (e - 6)) * mids).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+
+
+def _nf4_indices(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4 indices (int32 [n]) and per-block absmax (fp32 [nblocks]) of a flat tensor.
+
+    As bitsandbytes' 4-bit quantizer: full blocks are scaled by the reciprocal of their absmax,
+    a trailing partial block is divided by its absmax (floored at 1e-38, which is what is stored
+    for it), and each value goes to the nearest level, a tie to the lower one.
+    """
+    x = x.float()
+    full = x.numel() - x.numel() % blocksize
+    blocks = x[:full].view(-1, blocksize)  # [nblocks, blocksize]
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).view(-1)
+    if full < x.numel():
+        tail_absmax = x[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_absmax[None]])
+        scaled = torch.cat([scaled, x[full:] / tail_absmax])
+    code = nf4_code(x.device)
+    midpoints = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled.clamp_(-1, 1), midpoints, out_int32=True), absmax
+
+
+def _dynamic_indices(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit indices (uint8 [n]) and per-block absmax (fp32 [nblocks]) of a flat fp32 tensor.
+
+    As bitsandbytes' CPU blockwise quantizer (0.50): v = x * (1/absmax) is placed on a grid of
+    65536 points over [-1, 1] (bin = trunc(((v + 1) * 0.5) * 65535 + 0.5)), and each grid point
+    holds the index of its nearest code, found through the midpoints between codes. An all-zero
+    block gives index 0.
+    """
+    nblocks = math.ceil(x.numel() / blocksize)
+    padded = torch.nn.functional.pad(x, (0, nblocks * blocksize - x.numel()))
+    absmax = padded.view(nblocks, blocksize).abs().amax(dim=1)
+    inv = (1.0 / absmax).repeat_interleave(blocksize)[: x.numel()]
+    v = (x * inv).nan_to_num_(0.0).clamp_(-1, 1)  # 0 * inf in an all-zero block
+    bins = (((v + 1.0) * 0.5) * 65535 + 0.5).long()  # each step rounds in fp32, then truncates
+    grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32, device=x.device)) / 65535
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    lut = torch.searchsorted(midpoints, grid)  # number of midpoints below each grid point
+    idx = torch.where(absmax.repeat_interleave(blocksize)[: x.numel()] == 0, 0, lut[bins])
+    return idx.to(torch.uint8), absmax
+
+
+@dataclass
+class NF4Tensor:
+    """A 4-bit NF4 weight in bitsandbytes' layout. Not a tensor subclass: a bag of buffers."""
+
+    packed: torch.Tensor  # uint8 [ceil(n/2)], first element in the high nibble
+    absmax: torch.Tensor  # uint8 [nblocks] when double-quantized, else fp32 [nblocks]
+    shape: torch.Size
+    dtype: torch.dtype  # dtype of the weight that was quantized (bnb's quant_state.dtype)
+    code: torch.Tensor  # fp32 [16], NF4 levels (bnb `quant_map`)
+    blocksize: int = BLOCKSIZE
+    absmax_scale: torch.Tensor | None = None  # fp32 [ceil(nblocks/256)] (bnb `nested_absmax`)
+    absmax_code: torch.Tensor | None = None  # fp32 [256] (bnb `nested_quant_map`)
+    absmax_offset: float = 0.0  # (bnb `nested_offset`)
+    absmax_blocksize: int = ABSMAX_BLOCKSIZE
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_scale is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def nbytes(self) -> int:
+        tensors = [self.packed, self.absmax, self.code, self.absmax_scale, self.absmax_code]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def to(self, device: torch.device | str) -> "NF4Tensor":
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            packed=move(self.packed),
+            absmax=move(self.absmax),
+            code=move(self.code),
+            absmax_scale=move(self.absmax_scale),
+            absmax_code=move(self.absmax_code),
+        )
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = BLOCKSIZE, double_quant: bool = True) -> NF4Tensor:
+    """Quantize `weight` (fp32/fp16/bf16, any shape) to NF4, bit-identical to bitsandbytes."""
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"NF4 quantization takes fp32/fp16/bf16 weights, got {weight.dtype}")
+    flat = weight.detach().reshape(-1)
+    n = flat.numel()
+    step = (_CHUNK // blocksize) * blocksize
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=weight.device)
+    for start in range(0, n, step):  # chunks are whole blocks and even-sized, except the last
+        idx, amax = _nf4_indices(flat[start : start + step], blocksize)
+        absmax[start // blocksize : start // blocksize + amax.numel()] = amax
+        if idx.numel() % 2:  # an odd count ends on a padding zero, whose NF4 index is 7
+            idx = torch.nn.functional.pad(idx, (0, 1), value=_NF4_ZERO)
+        idx = idx.to(torch.uint8)
+        packed[start // 2 : start // 2 + idx.numel() // 2] = (idx[0::2] << 4) | idx[1::2]
+    nf4 = NF4Tensor(packed=packed, absmax=absmax, shape=weight.shape, dtype=weight.dtype, code=nf4_code(weight.device), blocksize=blocksize)
+    return double_quantize(nf4) if double_quant else nf4
+
+
+def double_quantize(nf4: NF4Tensor) -> NF4Tensor:
+    """Quantize the fp32 absmax to 8 bits (bnb `compress_statistics=True`)."""
+    offset = nf4.absmax.mean()
+    code = dynamic_code(nf4.device)
+    idx, scale = _dynamic_indices(nf4.absmax - offset, code, ABSMAX_BLOCKSIZE)
+    return replace(
+        nf4,
+        absmax=idx,
+        absmax_scale=scale,
+        absmax_code=code,
+        absmax_offset=offset.item(),
+    )
+
+
+def block_absmax(nf4: NF4Tensor) -> torch.Tensor:
+    """The fp32 per-block absmax [nblocks], undoing double quantization if present."""
+    if not nf4.double_quant:
+        return nf4.absmax.float()
+    nblocks = nf4.absmax.numel()
+    values = nf4.absmax_code[nf4.absmax.long()]  # [nblocks]
+    scale = nf4.absmax_scale.repeat_interleave(nf4.absmax_blocksize)[:nblocks]
+    return values * scale + nf4.absmax_offset
+
+
+def dequantize_nf4(nf4: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight in `dtype` (default: the original dtype), as bitsandbytes `dequantize_4bit`."""
+    n = nf4.numel()
+    high = (nf4.packed >> 4).long()
+    low = (nf4.packed & 0xF).long()
+    idx = torch.stack([high, low], dim=-1).view(-1)[:n]  # [n]
+    absmax = block_absmax(nf4).repeat_interleave(nf4.blocksize)[:n]
+    return (nf4.code[idx] * absmax).to(dtype or nf4.dtype).view(nf4.shape)
+
+
+# ---- bitsandbytes state-dict keys -----------------------------------------------------------
+
+_QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def to_bnb_state_dict(nf4: NF4Tensor, prefix: str = "weight") -> dict[str, torch.Tensor]:
+    """The tensors bitsandbytes' `Linear4bit` writes for its weight, under `prefix`."""
+    meta: dict = {
+        "quant_type": "nf4",
+        "blocksize": nf4.blocksize,
+        "dtype": _dtype_name(nf4.dtype),
+        "shape": list(nf4.shape),
+    }
+    out = {
+        prefix: nf4.packed.view(-1, 1),
+        f"{prefix}.absmax": nf4.absmax,
+        f"{prefix}.quant_map": nf4.code,
+    }
+    if nf4.double_quant:
+        meta |= {
+            "nested_blocksize": nf4.absmax_blocksize,
+            "nested_dtype": "float32",
+            "nested_offset": nf4.absmax_offset,
+        }
+        out[f"{prefix}.nested_absmax"] = nf4.absmax_scale
+        out[f"{prefix}.nested_quant_map"] = nf4.absmax_code.clone()
+    out[f"{prefix}.{_QUANT_STATE_KEY}"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    return out
+
+
+def is_bnb_nf4(keys, prefix: str = "weight") -> bool:
+    return f"{prefix}.{_QUANT_STATE_KEY}" in keys
+
+
+def from_bnb_state_dict(tensors: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Tensor:
+    """Rebuild an `NF4Tensor` from bitsandbytes' state-dict entries for one weight."""
+    key = f"{prefix}.{_QUANT_STATE_KEY}"
+    if key not in tensors:
+        if f"{prefix}.quant_state.bitsandbytes__fp4" in tensors:
+            raise ValueError(f"{prefix}: FP4 bitsandbytes weights are not supported, only NF4")
+        raise KeyError(f"{prefix}: missing '{key}'; not a bitsandbytes 4-bit weight")
+    meta = json.loads(bytes(tensors[key].cpu().tolist()).decode())
+    if meta.get("quant_type") != "nf4":
+        raise ValueError(f"{prefix}: quant_type {meta.get('quant_type')!r} is not supported, only 'nf4'")
+    nested = f"{prefix}.nested_absmax" in tensors
+    return NF4Tensor(
+        packed=tensors[prefix].reshape(-1).view(torch.uint8),
+        absmax=tensors[f"{prefix}.absmax"],
+        shape=torch.Size(meta["shape"]),
+        dtype=getattr(torch, meta["dtype"]),
+        code=tensors[f"{prefix}.quant_map"].float(),
+        blocksize=int(meta["blocksize"]),
+        absmax_scale=tensors[f"{prefix}.nested_absmax"].float() if nested else None,
+        absmax_code=tensors[f"{prefix}.nested_quant_map"].float() if nested else None,
+        absmax_offset=float(meta.get("nested_offset", 0.0)),
+        absmax_blocksize=int(meta.get("nested_blocksize", ABSMAX_BLOCKSIZE)),
+    )
