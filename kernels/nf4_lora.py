@@ -1,0 +1,77 @@
+"""NF4 linear + LoRA: `Y = X @ dequant(W)^T + s * (dropout(X) @ A^T) @ B^T + bias`.
+
+This file follows the kernel anatomy of the project: `nf4_lora_reference` (PyTorch, fp32 math,
+the ground truth for tests), then the `torch` backend used on CPU, then (issue 3) the Triton
+kernels, their launchers and the autograd.Function that ties them together.
+
+Shapes: X [M, K], W [N, K] (NF4), A [r, K], B [N, r], Y [M, N].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qtrain.nf4 import NF4Tensor, dequantize_nf4
+
+
+def nf4_lora_reference(
+    x: torch.Tensor,
+    weight: NF4Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scale: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Ground truth in fp32: dequantize W, add the low-rank path, cast back to x's dtype."""
+    x32 = x.float()
+    y = x32 @ dequantize_nf4(weight, torch.float32).T  # [M, N]
+    if lora_a is not None:
+        y = y + scale * (x32 @ lora_a.float().T) @ lora_b.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+class NF4MatmulFunction(torch.autograd.Function):
+    """`X @ dequant(W)^T` that saves only the 4-bit weight for backward, not a 16-bit copy.
+
+    The frozen base gets no gradient; backward dequantizes W again for `dX = dY @ W`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: NF4Tensor) -> torch.Tensor:
+        ctx.weight = weight
+        return x @ dequantize_nf4(weight, x.dtype).T  # [*, N]
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ dequantize_nf4(ctx.weight, grad_y.dtype)  # [*, K]
+        return grad_x, None
+
+
+def nf4_lora_torch(
+    x: torch.Tensor,
+    weight: NF4Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """The `torch` backend: dequantize + matmul for the base, plain autograd for the adapter.
+
+    The adapter runs in its own dtype (fp32 by default, as PEFT does for QLoRA) and its result
+    is cast back to the activation dtype.
+    """
+    y = NF4MatmulFunction.apply(x, weight)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    if lora_a is None:
+        return y
+    h = F.dropout(x, p=dropout, training=training) if dropout > 0 else x
+    h = h.to(lora_a.dtype)
+    return y + (scale * F.linear(F.linear(h, lora_a), lora_b)).to(y.dtype)
