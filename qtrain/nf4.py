@@ -201,7 +201,7 @@ def dequantize_nf4(nf4: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Te
 
 # ---- bitsandbytes state-dict keys -----------------------------------------------------------
 
-_QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
+QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -229,17 +229,17 @@ def to_bnb_state_dict(nf4: NF4Tensor, prefix: str = "weight") -> dict[str, torch
         }
         out[f"{prefix}.nested_absmax"] = nf4.absmax_scale
         out[f"{prefix}.nested_quant_map"] = nf4.absmax_code.clone()
-    out[f"{prefix}.{_QUANT_STATE_KEY}"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    out[f"{prefix}.{QUANT_STATE_KEY}"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
     return out
 
 
 def is_bnb_nf4(keys, prefix: str = "weight") -> bool:
-    return f"{prefix}.{_QUANT_STATE_KEY}" in keys
+    return f"{prefix}.{QUANT_STATE_KEY}" in keys
 
 
 def from_bnb_state_dict(tensors: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Tensor:
     """Rebuild an `NF4Tensor` from bitsandbytes' state-dict entries for one weight."""
-    key = f"{prefix}.{_QUANT_STATE_KEY}"
+    key = f"{prefix}.{QUANT_STATE_KEY}"
     if key not in tensors:
         if f"{prefix}.quant_state.bitsandbytes__fp4" in tensors:
             raise ValueError(f"{prefix}: FP4 bitsandbytes weights are not supported, only NF4")

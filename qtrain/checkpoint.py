@@ -1,0 +1,135 @@
+"""Read Hugging Face safetensors checkpoints one tensor at a time.
+
+A safetensors file is `u64 header length | JSON header | raw bytes`; the header gives each
+tensor's dtype, shape and byte range. We read exactly one tensor's bytes with `readinto` into a
+fresh tensor: no mmap of the whole shard, so peak host RAM is the largest tensor, not the model.
+Sharded checkpoints list their shards in `model.safetensors.index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in `file`
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse one .safetensors header into {name: TensorEntry}."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+    base = 8 + n
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        entries[name] = TensorEntry(path, _DTYPES[info["dtype"]], tuple(info["shape"]), base + start, base + end)
+    return entries
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor's bytes straight into a new CPU tensor."""
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    nbytes = entry.end - entry.start
+    if nbytes != out.numel() * out.element_size():
+        raise ValueError(f"{entry.file}: byte range does not match dtype/shape {entry.dtype}{list(entry.shape)}")
+    if nbytes:
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        with open(entry.file, "rb") as f:
+            f.seek(entry.start)
+            if f.readinto(view) != nbytes:
+                raise ValueError(f"{entry.file}: truncated file")
+    return out
+
+
+class SafetensorsCheckpoint:
+    """All tensors of a (possibly sharded) checkpoint directory, read lazily by name."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [self.directory / s for s in shards]
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            files = [f for f in files if f.name != "adapter_model.safetensors"]
+        if not files:
+            raise FileNotFoundError(
+                f"{self.directory}: no *.safetensors weights found (qtrain reads safetensors only; "
+                "convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))"
+            )
+        self.entries: dict[str, TensorEntry] = {}
+        for file in files:
+            if not file.exists():
+                raise FileNotFoundError(f"{file}: listed in the checkpoint index but missing")
+            self.entries.update(read_header(file))
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return read_tensor(self.entries[name])
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in file order, so reads stream through each shard front to back."""
+        for name, entry in sorted(self.entries.items(), key=lambda kv: (str(kv[1].file), kv[1].start)):
+            yield name, read_tensor(entry)
+
+    def total_bytes(self) -> int:
+        return sum(e.end - e.start for e in self.entries.values())
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A local directory as is; otherwise a Hub id, downloaded (safetensors + config) on demand."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise FileNotFoundError(f"model {name_or_path!r}: no such directory, and not a Hub id of the form 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(
+            name_or_path,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"],
+        )
+    )

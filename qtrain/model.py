@@ -1,0 +1,164 @@
+"""Build a causal LM with an NF4 base and LoRA adapters, streaming the checkpoint tensor by tensor.
+
+    1. the model skeleton on the meta device (no memory), from config.json;
+    2. every nn.Linear but lm_head swapped for a LoRALinear (rank 0 where no adapter is wanted);
+    3. each checkpoint tensor read alone, moved to the device, and either quantized into its
+       LoRALinear (16-bit checkpoints) or taken as is (bitsandbytes 4-bit checkpoints), or set
+       as a frozen parameter in the compute dtype (embeddings, norms, lm_head).
+
+Peak host memory is about one tensor. Llama, Mistral, Qwen2 (and other decoder-only models whose
+checkpoint keys match their transformers module names) load this way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
+from qtrain.lora import LoRALinear, LoRASpec, mark_only_lora_trainable, swap_linears
+from qtrain.nf4 import QUANT_STATE_KEY, from_bnb_state_dict
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+_IGNORED_KEYS = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: PretrainedConfig
+    model_dir: Path
+    targets: list[str]  # names of the modules that carry adapters
+    prequantized: bool
+
+
+def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+    """The model with parameters on meta (free) and buffers (rotary tables) real, on CPU."""
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _bnb_prefixes(keys: list[str]) -> set[str]:
+    """Weight names stored in bitsandbytes 4-bit form ('....q_proj.weight')."""
+    suffix = "." + QUANT_STATE_KEY
+    fp4 = [k for k in keys if k.endswith(".quant_state.bitsandbytes__fp4")]
+    if fp4:
+        raise ValueError(f"{fp4[0]}: FP4 bitsandbytes checkpoints are not supported, only NF4")
+    return {k[: -len(suffix)] for k in keys if k.endswith(suffix)}
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put `value` as the (frozen) parameter or buffer `name` of the model instance."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def load_model(
+    name_or_path: str,
+    lora: LoRASpec | None = None,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    quantize: bool = True,
+    backend: str = "auto",
+    adapter_dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load a checkpoint directory (or Hub id) into an NF4 + LoRA model on `device`.
+
+    `lora=None` loads the frozen quantized base only. `quantize=False` keeps the base in
+    `compute_dtype` (LoRA without Q), which is useful for references and small models.
+    """
+    model_dir = resolve_model_dir(name_or_path)
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type not in SUPPORTED:
+        raise ValueError(
+            f"{model_dir}/config.json: model_type {config.model_type!r} is not supported; "
+            f"qtrain supports {', '.join(SUPPORTED)}"
+        )
+    ckpt = SafetensorsCheckpoint(model_dir)
+    bnb = _bnb_prefixes(ckpt.keys())
+    if bnb and not quantize:
+        raise ValueError(f"{model_dir}: a bitsandbytes 4-bit checkpoint cannot be loaded with quantize=False")
+    if hasattr(config, "quantization_config"):  # we quantize ourselves; transformers must not
+        delattr(config, "quantization_config")
+
+    model = build_skeleton(config, compute_dtype)
+    spec = lora or LoRASpec(rank=0)
+    targets = swap_linears(model, spec, quantize_base=quantize, backend=backend, adapter_dtype=adapter_dtype)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+    bnb_groups = _bnb_groups(ckpt.keys(), bnb)  # {"...q_proj.weight": [its 5-7 keys]}
+    bnb_key_to_group = {k: p for p, keys in bnb_groups.items() for k in keys}
+    bnb_parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in bnb}
+    for key in ckpt.keys():
+        if key.endswith(_IGNORED_KEYS):
+            continue
+        if key in bnb_key_to_group:  # collect a 4-bit weight's parts, then hand them over at once
+            prefix = bnb_key_to_group[key]
+            bnb_parts[prefix][key] = ckpt[key].to(device)
+            if len(bnb_parts[prefix]) == len(bnb_groups[prefix]):
+                linears[prefix.rpartition(".")[0]].set_nf4_weight(from_bnb_state_dict(bnb_parts.pop(prefix), prefix))
+            continue
+        module_name, _, attr = key.rpartition(".")
+        if module_name in linears:
+            if attr not in ("weight", "bias"):
+                raise ValueError(f"{model_dir}: unexpected tensor {key!r} for a linear layer")
+            value = ckpt[key].to(device=device, dtype=compute_dtype)
+            if attr == "weight":
+                linears[module_name].set_base_weight(value)
+            else:
+                linears[module_name].set_bias(value)
+            continue
+        if not _has_tensor(model, key):
+            raise ValueError(
+                f"{model_dir}: checkpoint tensor {key!r} has no place in {type(model).__name__}; "
+                "is config.json the one of these weights?"
+            )
+        value = ckpt[key].to(device)
+        _set_tensor(model, key, value.to(compute_dtype) if value.is_floating_point() else value)
+
+    _tie_or_check(model, config, model_dir)
+    for m in linears.values():
+        if m.rank:
+            m.lora_a.to(device)
+            m.lora_b.to(device)
+        if m.bias is not None:
+            m.bias.data = m.bias.data.to(device)
+    model.to(device)  # buffers such as rotary tables
+    mark_only_lora_trainable(model)
+    return LoadedModel(model, config, model_dir, targets, prequantized=bool(bnb))
+
+
+def _bnb_groups(keys: list[str], prefixes: set[str]) -> dict[str, list[str]]:
+    return {p: [k for k in keys if k == p or k.startswith(p + ".")] for p in prefixes}
+
+
+def _has_tensor(model: nn.Module, name: str) -> bool:
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    return attr in module._parameters or attr in module._buffers
+
+
+def _tie_or_check(model: nn.Module, config: PretrainedConfig, model_dir: Path) -> None:
+    """Tie lm_head to the embeddings when the config says so, then refuse leftover meta tensors."""
+    out = model.get_output_embeddings()
+    tie = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    if out is not None and out.weight.device.type == "meta" and tie:
+        out.weight = model.get_input_embeddings().weight
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing += [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.quantize_base and not m._nf4_meta]
+    missing += [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and not m.quantize_base and m.weight is None]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{model_dir}: checkpoint lacks weights for {shown}")
