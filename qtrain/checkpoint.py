@@ -49,7 +49,12 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: garbage or a cut-off header
+            raise ValueError(f"{path}: not a safetensors file (unreadable header: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
     base = 8 + n
     entries = {}
     for name, info in header.items():

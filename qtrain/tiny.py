@@ -50,6 +50,7 @@ def tiny_config(
     vocab_size: int = len(SPECIALS) + len(CHARS),
     max_position_embeddings: int = 512,
     tie_word_embeddings: bool = False,
+    initializer_range: float = 0.02,
 ):
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch {arch!r} is not one of {sorted(ARCHITECTURES)}")
@@ -62,6 +63,7 @@ def tiny_config(
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,

@@ -1,0 +1,257 @@
+"""LoRA adapters in Hugging Face PEFT's on-disk format, and merging them into a 16-bit checkpoint.
+
+    adapter_config.json         {"peft_type": "LORA", "r": .., "lora_alpha": .., "target_modules": [..], ...}
+    adapter_model.safetensors   base_model.model.<module>.lora_A.weight [r, in]
+                                base_model.model.<module>.lora_B.weight [out, r]
+
+`peft.PeftModel.from_pretrained(base, dir)` loads what we save, and we load what PEFT saves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
+from qtrain.lora import LoRASpec, lora_modules
+from qtrain.nf4 import QUANT_STATE_KEY, dequantize_nf4, from_bnb_state_dict, quantize_nf4
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_KEY_SUFFIX = {"lora_a": "lora_A", "lora_b": "lora_B"}
+
+
+# ---- save / load ----
+
+
+def peft_config(spec: LoRASpec, targets: list[str], base_model: str) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "use_rslora": spec.use_rslora,
+        "target_modules": sorted({t.rpartition(".")[2] for t in targets}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-named copies of every LoRA weight (contiguous, on CPU)."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_a.weight.detach().cpu().contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_b.weight.detach().cpu().contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, spec: LoRASpec, targets: list[str], base_model: str, out_dir: str | Path) -> Path:
+    """Write the adapter atomically: into a temp dir beside `out_dir`, then rename over it."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    save_file(adapter_state_dict(model), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(spec, targets, base_model), indent=2) + "\n")
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory `src` to `dst`, replacing an existing `dst` with only a rename-sized gap."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> LoRASpec:
+    """The LoRASpec of a PEFT LoRA adapter directory."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    cfg = json.loads(path.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters load here")
+    unsupported = {
+        "use_dora": bool(cfg.get("use_dora")),
+        "bias": cfg.get("bias", "none") != "none",
+        "modules_to_save": bool(cfg.get("modules_to_save")),
+        "rank_pattern": bool(cfg.get("rank_pattern")),
+        "alpha_pattern": bool(cfg.get("alpha_pattern")),
+        "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"{path}: {', '.join(bad)} not supported for LoRA adapters yet")
+    targets = cfg["target_modules"]
+    spec = LoRASpec(
+        rank=int(cfg["r"]),
+        alpha=float(cfg["lora_alpha"]),
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        target_modules="all-linear" if targets == "all-linear" else list(targets) if isinstance(targets, list) else [targets],
+    )
+    return spec
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
+    """Copy a PEFT LoRA adapter's weights into the model's LoRALinear modules (shapes checked)."""
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found")
+    tensors = load_file(path)
+    modules = lora_modules(model)
+    seen = set()
+    for key, value in tensors.items():
+        name, which = _parse_key(key, path)
+        if name not in modules:
+            raise ValueError(f"{path}: {key!r} targets {name!r}, which has no LoRA adapter in this model")
+        param = getattr(modules[name], which).weight
+        if param.shape != value.shape:
+            raise ValueError(f"{path}: {key!r} has shape {list(value.shape)}, the model expects {list(param.shape)}")
+        with torch.no_grad():
+            param.copy_(value)
+        seen.add((name, which))
+    missing = [f"{n}.{w}" for n in modules for w in _KEY_SUFFIX if (n, w) not in seen]
+    if missing:
+        raise ValueError(f"{path}: no weights for {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+
+
+def _parse_key(key: str, path: Path) -> tuple[str, str]:
+    """'base_model.model.<name>.lora_A[.default].weight' → (<name>, 'lora_a')."""
+    if not key.startswith(PEFT_PREFIX) or not key.endswith(".weight"):
+        raise ValueError(f"{path}: {key!r} is not a PEFT LoRA weight name")
+    parts = key[len(PEFT_PREFIX) : -len(".weight")].split(".")
+    if parts[-1] not in ("lora_A", "lora_B"):  # PEFT may keep the adapter name: lora_A.default
+        parts = parts[:-1]
+    if parts[-1] not in ("lora_A", "lora_B"):
+        raise ValueError(f"{path}: {key!r} is not a lora_A/lora_B weight")
+    return ".".join(parts[:-1]), "lora_a" if parts[-1] == "lora_A" else "lora_b"
+
+
+# ---- merge ----
+
+
+def merge_adapter(
+    base: str,
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    base_weights: str = "nf4",
+    max_shard_bytes: int = 2 << 30,
+) -> Path:
+    """Write `base + scale * B @ A` as a 16-bit HF checkpoint, one tensor at a time.
+
+    `base_weights="nf4"` (default) merges into the dequantized NF4 weights, the base the adapter
+    was trained against; `"original"` merges into the checkpoint's own 16-bit weights.
+    """
+    if base_weights not in ("nf4", "original"):
+        raise ValueError(f"base_weights={base_weights!r}; choose 'nf4' or 'original'")
+    model_dir = resolve_model_dir(base)
+    ckpt = SafetensorsCheckpoint(model_dir)
+    spec = read_adapter_config(adapter_dir)
+    adapter = {_parse_key(k, Path(adapter_dir)): v.float() for k, v in load_file(Path(adapter_dir) / ADAPTER_WEIGHTS).items()}
+    scale = spec.alpha / (math.sqrt(spec.rank) if spec.use_rslora else spec.rank)
+    bnb = {k[: -len(QUANT_STATE_KEY) - 1] for k in ckpt.keys() if k.endswith(QUANT_STATE_KEY)}
+    if bnb and base_weights == "original":
+        raise ValueError(f"{model_dir}: a 4-bit checkpoint has no original weights; use base_weights='nf4'")
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    writer = _ShardWriter(tmp, max_shard_bytes)
+    used = set()
+    for key in ckpt.keys():
+        if key.endswith("rotary_emb.inv_freq") or any(key.startswith(p + ".") for p in bnb):
+            continue  # bnb side tensors are read with their weight
+        if key in bnb:
+            parts = {k: ckpt[k] for k in ckpt.keys() if k == key or k.startswith(key + ".")}
+            w = dequantize_nf4(from_bnb_state_dict(parts, key), torch.float32)
+        else:
+            w = ckpt[key]
+        name = key.rpartition(".")[0]
+        if key.endswith(".weight") and (name, "lora_a") in adapter:
+            w = w.float()
+            if base_weights == "nf4" and key not in bnb:
+                w = dequantize_nf4(quantize_nf4(w.to(dtype)), torch.float32)
+            w = w + scale * adapter[(name, "lora_b")] @ adapter[(name, "lora_a")]
+            used.add(name)
+        writer.add(key, w.to(dtype) if w.is_floating_point() else w)
+    unused = {n for n, _ in adapter} - used
+    if unused:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"{adapter_dir}: adapter modules not found in {model_dir}: {sorted(unused)[:4]}")
+    writer.close()
+    _write_config(model_dir, tmp, dtype)
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+class _ShardWriter:
+    """Accumulate tensors up to `max_bytes`, then write a shard; index at the end (HF layout)."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        index = len(self.shards) + 1
+        save_file(self.pending, self.directory / f"shard-{index:05d}.safetensors", metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.directory / "shard-00001.safetensors", self.directory / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.directory / f"shard-{i:05d}.safetensors", self.directory / final)
+            weight_map |= {name: final for name in names}
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_config(model_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for f in model_dir.iterdir():
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")) or f.suffix in (".model", ".tiktoken")):
+            shutil.copy2(f, out_dir / f.name)

@@ -1,0 +1,66 @@
+"""`qtrain` command line: train, merge."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qtrain.config import ConfigError, load_config
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # fails on bad keys before anything loads
+    from qtrain.train import train
+
+    train(cfg)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from qtrain.adapter import merge_adapter
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    out = merge_adapter(args.base, args.adapter, args.out, dtype=dtype, base_weights=args.base_weights)
+    print(f"merged checkpoint written to {out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qtrain", description="Low-VRAM QLoRA fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune from a YAML config", description="qtrain train CONFIG.yaml [key.sub=value ...]")
+    t.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    t.add_argument("overrides", nargs="*", help="overrides such as train.max_steps=50 lora.rank=8")
+    t.set_defaults(func=_train)
+
+    m = sub.add_parser("merge", help="merge a LoRA adapter into a 16-bit checkpoint")
+    m.add_argument("--base", required=True, help="base model directory or Hub id")
+    m.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
+    m.add_argument("--out", required=True, help="output directory")
+    m.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
+    m.add_argument(
+        "--base-weights",
+        choices=("nf4", "original"),
+        default="nf4",
+        help="merge into the dequantized NF4 weights the adapter was trained on (default) or the original ones",
+    )
+    m.set_defaults(func=_merge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"qtrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
