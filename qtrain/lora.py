@@ -34,6 +34,9 @@ class LoRASpec:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
+_NF4_FP32_BUFFERS = ("nf4_code", "nf4_absmax_scale", "nf4_absmax_code")
+
+
 class LoRALinear(nn.Module):
     def __init__(
         self,
@@ -108,7 +111,18 @@ class LoRALinear(nn.Module):
             absmax_blocksize=nf4.absmax_blocksize,
         )
 
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`/`.half()` must not touch the NF4 quantization state (kept in fp32, as
+        bitsandbytes does); device moves do apply to it."""
+        kept = {n: b for n, b in self._buffers.items() if n in _NF4_FP32_BUFFERS and b is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            self._buffers[name] = old.to(self._buffers[name].device)
+        return self
+
     def set_bias(self, bias: torch.Tensor) -> None:
+        if tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias of shape {tuple(bias.shape)}, expected {(self.out_features,)}")
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @property
@@ -201,13 +215,13 @@ def swap_linears(
                     device=None if child.weight.device.type == "meta" else child.weight.device,
                 )
                 setattr(module, child_name, new)
-                if wanted:
+                if wanted and spec.rank:
                     targets.append(name)
             else:
                 visit(child, name + ".")
 
     visit(model, "")
-    if not targets:
+    if spec.rank and not targets:
         raise ValueError(f"target_modules={spec.target_modules!r} matched no linear layer of the model")
     return targets
 

@@ -12,6 +12,9 @@ checkpoint keys match their transformers module names) load this way.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +101,7 @@ def load_model(
     bnb_groups = _bnb_groups(ckpt.keys(), bnb)  # {"...q_proj.weight": [its 5-7 keys]}
     bnb_key_to_group = {k: p for p, keys in bnb_groups.items() for k in keys}
     bnb_parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in bnb}
+    loaded_biases: set[str] = set()
     for key in ckpt.keys():
         if key.endswith(_IGNORED_KEYS):
             continue
@@ -109,22 +113,39 @@ def load_model(
             continue
         module_name, _, attr = key.rpartition(".")
         if module_name in linears:
-            if attr not in ("weight", "bias"):
-                raise ValueError(f"{model_dir}: unexpected tensor {key!r} for a linear layer")
+            if attr not in ("weight", "bias") or (attr == "bias" and linears[module_name].bias is None):
+                raise ValueError(f"{model_dir}: unexpected tensor {key!r} for a linear layer; does config.json match?")
             value = ckpt[key].to(device=device, dtype=compute_dtype)
-            if attr == "weight":
-                linears[module_name].set_base_weight(value)
-            else:
-                linears[module_name].set_bias(value)
+            try:
+                if attr == "weight":
+                    linears[module_name].set_base_weight(value)
+                else:
+                    linears[module_name].set_bias(value)
+            except ValueError as e:
+                raise ValueError(f"{model_dir}: checkpoint tensor {key!r}: {e}; does config.json match?") from None
+            if attr == "bias":
+                loaded_biases.add(module_name)
+            del value
+            release_host_memory()
             continue
-        if not _has_tensor(model, key):
+        expected = _existing_tensor(model, key)
+        if expected is None:
             raise ValueError(
                 f"{model_dir}: checkpoint tensor {key!r} has no place in {type(model).__name__}; "
                 "is config.json the one of these weights?"
             )
+        entry = ckpt.entries[key]
+        if tuple(entry.shape) != tuple(expected.shape):
+            raise ValueError(
+                f"{model_dir}: checkpoint tensor {key!r} has shape {list(entry.shape)}, the model built from "
+                f"config.json expects {list(expected.shape)}"
+            )
         value = ckpt[key].to(device)
         _set_tensor(model, key, value.to(compute_dtype) if value.is_floating_point() else value)
 
+    no_bias = [f"{n}.bias" for n, m in linears.items() if m.bias is not None and n not in loaded_biases]
+    if no_bias:
+        raise ValueError(f"{model_dir}: checkpoint lacks {no_bias[0]}" + (f" and {len(no_bias) - 1} more biases" if len(no_bias) > 1 else ""))
     _tie_or_check(model, config, model_dir)
     for m in linears.values():
         if m.rank:
@@ -141,13 +162,34 @@ def _bnb_groups(keys: list[str], prefixes: set[str]) -> dict[str, list[str]]:
     return {p: [k for k in keys if k == p or k.startswith(p + ".")] for p in prefixes}
 
 
-def _has_tensor(model: nn.Module, name: str) -> bool:
+def _existing_tensor(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The (meta) parameter or buffer `name` of the skeleton, or None."""
     module_name, _, attr = name.rpartition(".")
     try:
         module = model.get_submodule(module_name)
     except AttributeError:
-        return False
-    return attr in module._parameters or attr in module._buffers
+        return None
+    return module._parameters.get(attr, module._buffers.get(attr))
+
+
+def release_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc). Without it, the per-tensor read buffers,
+    interleaved with small long-lived NF4 buffers, fragment the heap and RSS climbs towards the
+    checkpoint size although only the NF4 model is in use."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
 
 
 def _tie_or_check(model: nn.Module, config: PretrainedConfig, model_dir: Path) -> None:

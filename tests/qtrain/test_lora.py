@@ -192,11 +192,6 @@ def test_to_moves_nf4_buffers():
     assert m(torch.empty(2, IN, device="meta")).shape == (2, OUT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: module.to(dtype)/.half() casts the fp32 NF4 code/absmax_scale/absmax_code buffers, "
-    "so the dequantized base changes (bitsandbytes keeps its quant state in fp32)",
-)
 def test_dtype_cast_keeps_nf4_statistics_fp32():
     m = LoRALinear.from_linear(linear(), rank=4)
     before = m.base_weight(torch.float32)
