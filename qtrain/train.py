@@ -80,6 +80,29 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     )
 
 
+def train_step(model, micro_batches: list[dict], optimizer, trainable: list, max_grad_norm: float, device) -> tuple[float, int]:
+    """One optimizer step over `micro_batches` (gradient accumulation).
+
+    The loss is the mean over the target tokens of the whole step, not a mean of per-micro-batch
+    means, so accumulating k micro-batches equals one batch k times larger.
+    Returns (loss, tokens processed).
+    """
+    n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    loss_total, tokens = 0.0, 0
+    for batch in micro_batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, S, V]
+        loss = causal_lm_loss_sum(logits, batch["labels"]) / max(n_targets, 1)
+        loss.backward()
+        loss_total += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_total, tokens
+
+
 def train(cfg: Config, console: Console | None = None) -> dict:
     console = console or Console()
     out = Path(cfg.output_dir)
@@ -135,20 +158,9 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         task = progress.add_task("train", total=cfg.train.max_steps, loss=float("nan"), lr=0.0, tps=0.0)
         for step in range(1, cfg.train.max_steps + 1):
             micro = [next(data) for _ in range(cfg.train.grad_accum)]
-            n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-            loss_sum = 0.0
-            for batch in micro:  # loss normalised by the target tokens of the whole step
-                batch = {k: v.to(device) for k, v in batch.items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = causal_lm_loss_sum(logits, batch["labels"]) / n_targets
-                loss.backward()
-                loss_sum += loss.item()
-                tokens_seen += int(batch["attention_mask"].sum())
-            if cfg.train.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
-            optimizer.step()
+            loss_sum, n_tokens = train_step(model, micro, optimizer, trainable, cfg.train.max_grad_norm, device)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += n_tokens
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"step {step}: loss is {loss_sum}; lower train.lr or check the data")
             losses.append(loss_sum)
