@@ -147,13 +147,7 @@ def load_model(
     if no_bias:
         raise ValueError(f"{model_dir}: checkpoint lacks {no_bias[0]}" + (f" and {len(no_bias) - 1} more biases" if len(no_bias) > 1 else ""))
     _tie_or_check(model, config, model_dir)
-    for m in linears.values():
-        if m.rank:
-            m.lora_a.to(device)
-            m.lora_b.to(device)
-        if m.bias is not None:
-            m.bias.data = m.bias.data.to(device)
-    model.to(device)  # buffers such as rotary tables
+    model.to(device)  # adapters (created on CPU) and buffers such as rotary tables
     mark_only_lora_trainable(model)
     return LoadedModel(model, config, model_dir, targets, prequantized=bool(bnb))
 
