@@ -53,6 +53,7 @@ class LoRAConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     target_modules: list[str] | str = "all-linear"
+    init_from: str | None = None  # a PEFT LoRA adapter dir to start from; its r/alpha/targets replace the above
 
 
 @dataclass

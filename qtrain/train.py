@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import AutoTokenizer
 
-from qtrain.adapter import save_adapter
+from qtrain.adapter import load_adapter_weights, read_adapter_config, save_adapter
 from qtrain.config import Config, to_dict
 from qtrain.data import IGNORE_INDEX, batches, load_rows, tokenize_row
 from qtrain.evaluate import exact_match
@@ -115,9 +115,13 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     # 1. model: NF4 base, LoRA adapters on the targets
     path = model_path(cfg, out)
     spec = LoRASpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora, cfg.lora.target_modules)
+    if cfg.lora.init_from:
+        spec = read_adapter_config(cfg.lora.init_from)
     t0 = time.perf_counter()
     loaded = load_model(path, spec, compute_dtype=dtype, device=device, quantize=cfg.model.quantize, backend=cfg.model.backend)
     model = loaded.model
+    if cfg.lora.init_from:
+        load_adapter_weights(model, cfg.lora.init_from)
     tokenizer = AutoTokenizer.from_pretrained(loaded.model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
