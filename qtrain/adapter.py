@@ -26,6 +26,7 @@ from qtrain.nf4 import QUANT_STATE_KEY, dequantize_nf4, from_bnb_state_dict, qua
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAINING_INFO = "qtrain.json"  # how the base was held in training (dtype, NF4 or not); PEFT ignores it
 PEFT_PREFIX = "base_model.model."
 _KEY_SUFFIX = {"lora_a": "lora_A", "lora_b": "lora_B"}
 
@@ -61,13 +62,27 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, spec: LoRASpec, targets: list[str], base_model: str, out_dir: str | Path) -> Path:
-    """Write the adapter atomically: into a temp dir beside `out_dir`, then rename over it."""
+def save_adapter(
+    model: nn.Module,
+    spec: LoRASpec,
+    targets: list[str],
+    base_model: str,
+    out_dir: str | Path,
+    base_dtype: torch.dtype | None = None,
+    quantized: bool = True,
+) -> Path:
+    """Write the adapter atomically: into a temp dir beside `out_dir`, then rename over it.
+
+    `base_dtype`/`quantized` record how the frozen base was held during training, so that
+    `merge_adapter` can rebuild exactly that base."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     save_file(adapter_state_dict(model), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(spec, targets, base_model), indent=2) + "\n")
+    if base_dtype is not None:
+        info = {"base_dtype": str(base_dtype).removeprefix("torch."), "quantized": quantized}
+        (tmp / TRAINING_INFO).write_text(json.dumps(info) + "\n")
     replace_dir(tmp, out_dir)
     return out_dir
 
@@ -163,7 +178,9 @@ def merge_adapter(
     """Write `base + scale * B @ A` as a 16-bit HF checkpoint, one tensor at a time.
 
     `base_weights="nf4"` (default) merges into the dequantized NF4 weights, the base the adapter
-    was trained against; `"original"` merges into the checkpoint's own 16-bit weights.
+    was trained against: every linear layer but lm_head goes through NF4, as it did in training,
+    quantized from the dtype recorded in the adapter's qtrain.json (else from `dtype`).
+    `"original"` merges into the checkpoint's own 16-bit weights.
     """
     if base_weights not in ("nf4", "original"):
         raise ValueError(f"base_weights={base_weights!r}; choose 'nf4' or 'original'")
@@ -172,6 +189,12 @@ def merge_adapter(
     spec = read_adapter_config(adapter_dir)
     adapter = {_parse_key(k, Path(adapter_dir)): v.float() for k, v in load_file(Path(adapter_dir) / ADAPTER_WEIGHTS).items()}
     scale = spec.alpha / (math.sqrt(spec.rank) if spec.use_rslora else spec.rank)
+    info_path = Path(adapter_dir) / TRAINING_INFO
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    quant_dtype = getattr(torch, info.get("base_dtype", str(dtype).removeprefix("torch.")))
+    if not info.get("quantized", True):
+        base_weights = "original"  # trained on an unquantized base: there is no NF4 base to rebuild
+    linear_weights = _linear_weight_names(model_dir)
     bnb = {k[: -len(QUANT_STATE_KEY) - 1] for k in ckpt.keys() if k.endswith(QUANT_STATE_KEY)}
     if bnb and base_weights == "original":
         raise ValueError(f"{model_dir}: a 4-bit checkpoint has no original weights; use base_weights='nf4'")
@@ -190,11 +213,10 @@ def merge_adapter(
         else:
             w = ckpt[key]
         name = key.rpartition(".")[0]
-        if key.endswith(".weight") and (name, "lora_a") in adapter:
-            w = w.float()
-            if base_weights == "nf4" and key not in bnb:
-                w = dequantize_nf4(quantize_nf4(w.to(dtype)), torch.float32)
-            w = w + scale * adapter[(name, "lora_b")] @ adapter[(name, "lora_a")]
+        if base_weights == "nf4" and key in linear_weights and key not in bnb:
+            w = dequantize_nf4(quantize_nf4(w.to(quant_dtype)), torch.float32)
+        if (name, "lora_a") in adapter and key == f"{name}.weight":
+            w = w.float() + scale * adapter[(name, "lora_b")] @ adapter[(name, "lora_a")]
             used.add(name)
         writer.add(key, w.to(dtype) if w.is_floating_point() else w)
     unused = {n for n, _ in adapter} - used
@@ -205,6 +227,17 @@ def merge_adapter(
     _write_config(model_dir, tmp, dtype)
     replace_dir(tmp, out_dir)
     return out_dir
+
+
+def _linear_weight_names(model_dir: Path) -> set[str]:
+    """Checkpoint names of the weights that QLoRA holds in NF4: every nn.Linear but lm_head."""
+    from transformers import AutoConfig
+
+    from qtrain.model import build_skeleton
+
+    skeleton = build_skeleton(AutoConfig.from_pretrained(model_dir), torch.float32)  # on meta: free
+    out = skeleton.get_output_embeddings()
+    return {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and m is not out}
 
 
 class _ShardWriter:

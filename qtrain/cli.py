@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
         print(f"qtrain {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -115,8 +115,12 @@ class Config:
                 raise ConfigError(f"{key}: must be > 0, got {value}")
         if not 0.0 <= self.lora.dropout < 1.0:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
-        if self.train.lr <= 0:
-            raise ConfigError(f"train.lr: must be > 0, got {self.train.lr}")
+        for key, value in {"train.lr": self.train.lr, "eval.batch_size": self.eval.batch_size, "eval.max_new_tokens": self.eval.max_new_tokens}.items():
+            if not value > 0:  # also catches nan
+                raise ConfigError(f"{key}: must be > 0, got {value}")
+        for key, value in {"train.weight_decay": self.train.weight_decay, "train.max_grad_norm": self.train.max_grad_norm, "train.warmup_steps": self.train.warmup_steps}.items():
+            if not value >= 0:
+                raise ConfigError(f"{key}: must be >= 0, got {value}")
         if isinstance(self.lora.target_modules, str) and self.lora.target_modules != "all-linear":
             raise ConfigError(
                 f"lora.target_modules: {self.lora.target_modules!r}; use 'all-linear' or a list such as [q_proj, v_proj]"
@@ -131,7 +135,7 @@ class Config:
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass `cls` from a plain dict, checking every key and type."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}

@@ -163,4 +163,4 @@ def load_rows(source: str, eval_source: str | None, num_train: int, num_eval: in
     if eval_source:
         return train, read_jsonl(eval_source)
     n_eval = min(num_eval, len(train) // 20)
-    return train[n_eval:], train[:n_eval]
+    return train[: len(train) - n_eval], train[len(train) - n_eval :]

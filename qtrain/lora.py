@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qtrain.kernels import BACKENDS, nf4_lora_torch
+from qtrain.kernels import BACKENDS
+from qtrain.kernels.nf4_lora import nf4_lora
 from qtrain.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 
@@ -165,8 +166,8 @@ class LoRALinear(nn.Module):
                 h = nn.functional.dropout(x, self.dropout, self.training).to(lora_a.dtype)
                 y = y + (self.scale * (h @ lora_a.T) @ lora_b.T).to(y.dtype)
             return y
-        return nf4_lora_torch(
-            x, self.nf4_weight, lora_a, lora_b, self.scale, self.bias, self.dropout, self.training
+        return nf4_lora(
+            x, self.nf4_weight, lora_a, lora_b, self.scale, self.bias, self.dropout, self.training, self.backend
         )
 
     def extra_repr(self) -> str:

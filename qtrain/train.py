@@ -31,7 +31,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+        raise ValueError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
     return torch.device(name)
 
 
@@ -178,7 +178,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     model.config.use_cache = True
 
     # 5. adapter (PEFT format), score after
-    adapter_dir = save_adapter(model, spec, loaded.targets, path, out / "adapter")
+    adapter_dir = save_adapter(model, spec, loaded.targets, path, out / "adapter", dtype, cfg.model.quantize)
     first, last = _mean(losses[: cfg.train.log_every]), _mean(losses[-cfg.train.log_every :])
     result |= {"steps": len(losses), "loss_first": first, "loss_last": last, "train_seconds": train_time, "adapter": str(adapter_dir)}
     console.print(f"[bold]loss[/] {first:.3f} → {last:.3f} over {len(losses)} steps in {train_time:.0f}s; adapter: {adapter_dir}")

@@ -1,0 +1,137 @@
+"""qtrain.cli: `qtrain train` and `qtrain merge`, in process and through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtrain.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+TINY = [  # the quickstart on a small model, 2 steps, no generation: ~1 s
+    "model.tiny.hidden_size=64",
+    "model.tiny.intermediate_size=192",
+    "model.tiny.num_layers=2",
+    "train.max_steps=2",
+    "train.batch_size=4",
+    "data.num_train=16",
+    "eval.exact_match=false",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_run") / "run"
+    rc = main(["train", str(QUICKSTART), *TINY, f"output_dir={out}"])
+    return rc, out
+
+
+def test_train_returns_0_and_writes_adapter(trained):
+    rc, out = trained
+    assert rc == 0
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "qtrain.json"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["max_steps"] == 2 and cfg["model"]["tiny"]["hidden_size"] == 64  # overrides applied
+    assert json.loads((out / "result.json").read_text())["steps"] == 2
+
+
+def test_bad_override_returns_2_and_names_the_key(tmp_path, capsys):
+    rc = main(["train", str(QUICKSTART), "train.max_step=5", f"output_dir={tmp_path / 'run'}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qtrain train: error: train.max_step: unknown key")
+    assert "did you mean train.max_steps?" in err
+    assert not (tmp_path / "run").exists()  # failed before anything was built or loaded
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("train.schedule=step", "train.schedule"), ("lora.rank=0", "lora.rank"), ("train.lr=x", "train.lr")],
+)
+def test_bad_values_return_2(tmp_path, capsys, override, key):
+    assert main(["train", str(QUICKSTART), override, f"output_dir={tmp_path}"]) == 2
+    assert f"error: {key}:" in capsys.readouterr().err
+
+
+def test_missing_config_file_returns_2(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert main(["train", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown without a CUDA GPU")
+def test_cuda_without_gpu_is_a_clean_error(tmp_path, capsys):
+    assert main(["train", str(QUICKSTART), *TINY, "device=cuda", f"output_dir={tmp_path}"]) == 2
+    assert "device=cuda" in capsys.readouterr().err
+
+
+def test_merge_writes_a_checkpoint(trained, tmp_path, capsys):
+    _, out = trained
+    merged = tmp_path / "merged"
+    rc = main(
+        [
+            "merge",
+            "--base",
+            str(out / "base"),
+            "--adapter",
+            str(out / "adapter"),
+            "--out",
+            str(merged),
+            "--dtype",
+            "fp32",
+        ]
+    )
+    assert rc == 0
+    assert f"merged checkpoint written to {merged}" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(merged))
+    assert json.loads((merged / "config.json").read_text())["torch_dtype"] == "float32"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model.dtype == torch.float32 and model.config.hidden_size == 64
+
+
+def test_merge_original_bf16(trained, tmp_path):
+    _, out = trained
+    merged = tmp_path / "merged"
+    args = ["merge", "--base", str(out / "base"), "--adapter", str(out / "adapter"), "--out", str(merged)]
+    assert main([*args, "--base-weights", "original"]) == 0
+    assert json.loads((merged / "config.json").read_text())["torch_dtype"] == "bfloat16"  # the default
+
+
+def test_merge_missing_adapter_returns_2(trained, tmp_path, capsys):
+    _, out = trained
+    rc = main(["merge", "--base", str(out / "base"), "--adapter", str(tmp_path / "none"), "--out", str(tmp_path / "m")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qtrain merge: error:") and str(tmp_path / "none") in err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["train"], ["merge", "--base", "x"], ["frobnicate"]])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "usage: qtrain" in capsys.readouterr().err
+
+
+def test_console_script(tmp_path):
+    exe = shutil.which("qtrain")
+    assert exe, "the `qtrain` console script is not on PATH; install with pip install -e ."
+    proc = subprocess.run([exe, "--help"], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "train" in proc.stdout and "merge" in proc.stdout and "usage: qtrain" in proc.stdout
+    # an error's exit status comes through the script too
+    proc = subprocess.run(
+        [exe, "train", "nope.yaml"], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "nope.yaml" in proc.stderr
