@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -188,7 +187,7 @@ def merge_adapter(
     ckpt = SafetensorsCheckpoint(model_dir)
     spec = read_adapter_config(adapter_dir)
     adapter = {_parse_key(k, Path(adapter_dir)): v.float() for k, v in load_file(Path(adapter_dir) / ADAPTER_WEIGHTS).items()}
-    scale = spec.alpha / (math.sqrt(spec.rank) if spec.use_rslora else spec.rank)
+    scale = spec.scale()
     info_path = Path(adapter_dir) / TRAINING_INFO
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     quant_dtype = getattr(torch, info.get("base_dtype", str(dtype).removeprefix("torch.")))

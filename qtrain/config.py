@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from qtrain.lora import LoRASpec
+
 
 class ConfigError(ValueError):
     pass
@@ -43,16 +45,13 @@ class ModelConfig:
     tiny: TinyModelConfig | None = None  # build a tiny random model instead (into output_dir/base)
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # compute dtype of the frozen base
     quantize: bool = True  # NF4 base (QLoRA); false keeps the base in `dtype` (plain LoRA)
-    backend: Literal["auto", "torch"] = "auto"
+    backend: Literal["auto", "torch", "triton"] = "auto"
 
 
 @dataclass
-class LoRAConfig:
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    target_modules: list[str] | str = "all-linear"
+class LoRAConfig(LoRASpec):
+    """rank, alpha, dropout, use_rslora, target_modules, exclude_modules: see qtrain.lora.LoRASpec."""
+
     init_from: str | None = None  # a PEFT LoRA adapter dir to start from; its r/alpha/targets replace the above
 
 

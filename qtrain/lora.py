@@ -22,17 +22,22 @@ from qtrain.kernels.nf4_lora import nf4_lora
 from qtrain.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """alpha / r (LoRA), or alpha / sqrt(r) (rsLoRA)."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
 @dataclass
 class LoRASpec:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
     use_rslora: bool = False
-    target_modules: list[str] | str = "all-linear"
+    target_modules: list[str] | str = "all-linear"  # 'all-linear' or module names (suffix match)
     exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])
 
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scale(self.alpha, self.rank, self.use_rslora)
 
 
 _NF4_FP32_BUFFERS = ("nf4_code", "nf4_absmax_scale", "nf4_absmax_code")
@@ -59,7 +64,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
         self.use_rslora, self.quantize_base, self.backend = use_rslora, quantize_base, backend
-        self.scale = alpha / (math.sqrt(rank) if use_rslora else rank) if rank else 0.0
+        self.scale = lora_scale(alpha, rank, use_rslora) if rank else 0.0
         self.weight: nn.Parameter | None = None  # the frozen base when not quantized
         self._nf4_meta: dict = {}
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None

@@ -114,9 +114,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
 
     # 1. model: NF4 base, LoRA adapters on the targets
     path = model_path(cfg, out)
-    spec = LoRASpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora, cfg.lora.target_modules)
-    if cfg.lora.init_from:
-        spec = read_adapter_config(cfg.lora.init_from)
+    spec: LoRASpec = read_adapter_config(cfg.lora.init_from) if cfg.lora.init_from else cfg.lora
     t0 = time.perf_counter()
     loaded = load_model(path, spec, compute_dtype=dtype, device=device, quantize=cfg.model.quantize, backend=cfg.model.backend)
     model = loaded.model

@@ -211,7 +211,7 @@ def test_section_given_a_scalar_has_clean_key():
         ("model.dtype=fp8", "model.dtype", "bf16, fp16, fp32"),
         ("device=gpu", "device", "auto, cpu, cuda"),
         ("model.tiny.arch=gpt2", "model.tiny.arch", "llama, mistral, qwen2"),
-        ("model.backend=triton", "model.backend", "auto, torch"),
+        ("model.backend=cuda", "model.backend", "auto, torch, triton"),
     ],
 )
 def test_literal_not_allowed_lists_choices(override, key, choices):
