@@ -2,10 +2,26 @@
 
 One file per op: a PyTorch reference in fp32, the PyTorch backend used on CPU, and (where
 written) Triton kernels with their launchers and autograd.Function.
+
+Triton modules (`nf4_dequant`, `nf4_lora_triton`) are never imported here: they need triton, and
+`@triton.jit` reads TRITON_INTERPRET when they are first imported. The dispatch function is
+`qtrain.kernels.nf4_lora.nf4_lora` (not re-exported here, where its name would shadow the module).
 """
 
-from qtrain.kernels.nf4_lora import NF4MatmulFunction, nf4_lora_reference, nf4_lora_torch
+from qtrain.kernels.nf4_lora import (
+    BACKENDS,
+    NF4MatmulFunction,
+    nf4_lora_reference,
+    nf4_lora_torch,
+    resolve_backend,
+    triton_available,
+)
 
-BACKENDS = ("auto", "torch")
-
-__all__ = ["BACKENDS", "NF4MatmulFunction", "nf4_lora_reference", "nf4_lora_torch"]
+__all__ = [
+    "BACKENDS",
+    "NF4MatmulFunction",
+    "nf4_lora_reference",
+    "nf4_lora_torch",
+    "resolve_backend",
+    "triton_available",
+]

@@ -1,18 +1,26 @@
 """NF4 linear + LoRA: `Y = X @ dequant(W)^T + s * (dropout(X) @ A^T) @ B^T + bias`.
 
 This file follows the kernel anatomy of the project: `nf4_lora_reference` (PyTorch, fp32 math,
-the ground truth for tests), then the `torch` backend used on CPU, then (issue 3) the Triton
-kernels, their launchers and the autograd.Function that ties them together.
+the ground truth for tests), then the `torch` backend used on CPU, then `nf4_lora`, the dispatch
+between backends. The Triton kernels, their launchers and their autograd.Function live in
+`nf4_lora_triton.py`, imported only when the `triton` backend runs, so that this file (and
+CPU-only installs without triton) never needs triton.
 
 Shapes: X [M, K], W [N, K] (NF4), A [r, K], B [N, r], Y [M, N].
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
 from qtrain.nf4 import NF4Tensor, dequantize_nf4
+
+# "auto": triton on CUDA (compute capability >= 8.0) when triton is installed, else torch.
+BACKENDS = ("auto", "torch", "triton")
 
 
 def nf4_lora_reference(
@@ -75,3 +83,48 @@ def nf4_lora_torch(
     h = F.dropout(x, p=dropout, training=training) if dropout > 0 else x
     h = h.to(lora_a.dtype)
     return y + (scale * F.linear(F.linear(h, lora_a), lora_b)).to(y.dtype)
+
+
+# ---- dispatch --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The concrete backend ("torch" or "triton") that `backend` means for input `x`.
+
+    "auto" takes triton for CUDA inputs on Ampere or newer (the Triton configs and bf16 tensor
+    cores assume sm_80+) when triton is installed, and the torch backend otherwise (CPU included).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if x.is_cuda and triton_available() and torch.cuda.get_device_capability(x.device) >= (8, 0):
+        return "triton"
+    return "torch"
+
+
+def nf4_lora(
+    x: torch.Tensor,
+    weight: NF4Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`X @ dequant(W)^T + s * (dropout(X) @ A^T) @ B^T + bias` on the backend `backend` resolves to."""
+    if resolve_backend(backend, x) == "triton":
+        if not triton_available():
+            raise ImportError("backend='triton' needs the triton package (`pip install triton`, Linux)")
+        from qtrain.kernels.nf4_lora_triton import nf4_lora_triton  # lazy: triton only when used
+
+        return nf4_lora_triton(x, weight, lora_a, lora_b, scale, bias, dropout, training)
+    return nf4_lora_torch(x, weight, lora_a, lora_b, scale, bias, dropout, training)

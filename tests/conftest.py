@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
 
+import torch  # does not import triton
+
+if not torch.cuda.is_available():
+    # Without CUDA, qtrain's Triton kernels can only run under Triton's interpreter (tests/kernels).
+    # triton reads TRITON_INTERPRET when a function is decorated with @triton.jit, and triton.language's
+    # own helpers (tl.zeros, tl.interleave, ...) are decorated when triton is first imported, which
+    # transformers does during `import qtrain.tiny` below: so this must run before that import.
+    # tests/kernels/conftest.py checks that it took effect.
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
-import torch
 
 from qtrain.tiny import build_tiny_model
 
