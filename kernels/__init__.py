@@ -3,8 +3,9 @@
 One file per op: a PyTorch reference in fp32, the PyTorch backend used on CPU, and (where
 written) Triton kernels with their launchers and autograd.Function.
 
-Triton modules (`nf4_dequant`, `nf4_lora_triton`) are never imported here: they need triton, and
-`@triton.jit` reads TRITON_INTERPRET when they are first imported. The dispatch function is
+Triton modules (`nf4_dequant`, `nf4_lora_triton`) are never imported here: they need triton.
+To run them on CPU under Triton's interpreter, TRITON_INTERPRET=1 must be set before triton itself
+is first imported (tests/conftest.py does this). The dispatch function is
 `qtrain.kernels.nf4_lora.nf4_lora` (not re-exported here, where its name would shadow the module).
 """
 

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 
 from qtrain.nf4 import NF4Tensor, dequantize_nf4
 
-# "auto": triton on CUDA (compute capability >= 8.0) when triton is installed, else torch.
 BACKENDS = ("auto", "torch", "triton")
+# The Triton kernels pass every test under the interpreter, but have not yet run on a GPU (none was
+# lent when they were written). Flip this after `pytest -m gpu tests/kernels` passes on one.
+TRITON_VERIFIED_ON_GPU = False
 
 
 def nf4_lora_reference(
@@ -97,14 +99,16 @@ def triton_available() -> bool:
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The concrete backend ("torch" or "triton") that `backend` means for input `x`.
 
-    "auto" takes triton for CUDA inputs on Ampere or newer (the Triton configs and bf16 tensor
-    cores assume sm_80+) when triton is installed, and the torch backend otherwise (CPU included).
+    "auto" will take triton for CUDA inputs on Ampere or newer (the Triton configs and bf16 tensor
+    cores assume sm_80+) once `TRITON_VERIFIED_ON_GPU` is set, i.e. once the `gpu`-marked kernel
+    tests have passed on a real GPU; until then (and on CPU) it takes the torch backend.
+    `backend="triton"` selects the kernels explicitly.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if x.is_cuda and triton_available() and torch.cuda.get_device_capability(x.device) >= (8, 0):
+    if TRITON_VERIFIED_ON_GPU and x.is_cuda and triton_available() and torch.cuda.get_device_capability(x.device) >= (8, 0):
         return "triton"
     return "torch"
 
