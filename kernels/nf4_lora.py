@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,6 @@ import torch.nn.functional as F
 from qtrain.nf4 import NF4Tensor, dequantize_nf4
 
 BACKENDS = ("auto", "torch", "triton")
-# The Triton kernels pass every test under the interpreter, but have not yet run on a GPU (none was
-# lent when they were written). Flip this after `pytest -m gpu tests/kernels` passes on one.
-TRITON_VERIFIED_ON_GPU = False
 
 
 def nf4_lora_reference(
@@ -99,18 +97,48 @@ def triton_available() -> bool:
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The concrete backend ("torch" or "triton") that `backend` means for input `x`.
 
-    "auto" will take triton for CUDA inputs on Ampere or newer (the Triton configs and bf16 tensor
-    cores assume sm_80+) once `TRITON_VERIFIED_ON_GPU` is set, i.e. once the `gpu`-marked kernel
-    tests have passed on a real GPU; until then (and on CPU) it takes the torch backend.
-    `backend="triton"` selects the kernels explicitly.
+    "auto" takes triton for CUDA inputs on Ampere or newer (the Triton configs and bf16 tensor
+    cores assume sm_80+) when triton is installed and the kernels pass a self-check on this GPU
+    (once per device and process), and the torch backend otherwise (CPU included).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if TRITON_VERIFIED_ON_GPU and x.is_cuda and triton_available() and torch.cuda.get_device_capability(x.device) >= (8, 0):
-        return "triton"
+    if x.is_cuda and triton_available() and torch.cuda.get_device_capability(x.device) >= (8, 0):
+        return "triton" if triton_self_check(x.device) else "torch"
     return "torch"
+
+
+@functools.cache
+def triton_self_check(device: torch.device) -> bool:
+    """Run the Triton kernels once on a small odd-shaped layer (forward and every gradient, bf16)
+    and compare with the torch backend; on any mismatch or error, warn and let "auto" use torch.
+    A guard for GPUs and triton versions the kernels were not measured on."""
+    from qtrain.nf4 import quantize_nf4
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(37, 192, generator=g).to(device, torch.bfloat16)  # [M, K]
+    w = quantize_nf4(torch.randn(80, 192, generator=g).to(device, torch.bfloat16))  # [N, K]
+    a, b = (torch.randn(s, generator=g).mul(0.1).to(device) for s in ((8, 192), (80, 8)))  # [r, K], [N, r]
+    results = []
+    try:
+        from qtrain.kernels.nf4_lora_triton import nf4_lora_triton
+
+        for fn in (nf4_lora_torch, nf4_lora_triton):
+            xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
+            y = fn(xi, w, ai, bi, 2.0)
+            y.float().square().sum().backward()
+            results.append([y.float(), xi.grad.float(), ai.grad, bi.grad])
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use these kernels here
+        warnings.warn(f"qtrain: Triton kernels failed their self-check on {device} ({e!r}); using the torch backend")
+        return False
+    for ref, got in zip(*results):
+        if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().mean().item()):  # bf16: 8-bit mantissa
+            err = (got - ref).abs().max().item()
+            warnings.warn(f"qtrain: Triton kernels disagree with torch on {device} (max error {err:.3g}); using the torch backend")
+            return False
+    return True
 
 
 def nf4_lora(

@@ -406,11 +406,35 @@ def test_gpu_small_m_bf16(M):
 @pytest.mark.gpu
 def test_gpu_auto_backend_is_triton():
     _gpu_only()
-    from qtrain.kernels.nf4_lora import TRITON_VERIFIED_ON_GPU, resolve_backend
+    from qtrain.kernels.nf4_lora import resolve_backend, triton_self_check
 
     x = torch.zeros(2, 64, device="cuda")
-    if not TRITON_VERIFIED_ON_GPU or torch.cuda.get_device_capability() < (8, 0):
+    assert triton_self_check(x.device)  # the kernels agree with torch on this GPU
+    if torch.cuda.get_device_capability() < (8, 0):
         assert resolve_backend("auto", x) == "torch"
     else:
         assert resolve_backend("auto", x) == "triton"
     assert resolve_backend("auto", x.cpu()) == "torch"
+
+
+# ---- the self-check that guards backend="auto" --------------------------------------------------
+
+
+def test_self_check_passes_on_correct_kernels(triton_device):
+    from qtrain.kernels.nf4_lora import triton_self_check
+
+    assert triton_self_check.__wrapped__(torch.device(triton_device)) is True
+
+
+def test_self_check_rejects_wrong_kernels(triton_device, monkeypatch):
+    # a kernel off by 5% in its output must make "auto" fall back to torch, with a warning
+    import qtrain.kernels.nf4_lora_triton as mod
+    from qtrain.kernels.nf4_lora import triton_self_check
+
+    real = mod.nf4_lora_triton
+    monkeypatch.setattr(mod, "nf4_lora_triton", lambda *args, **kw: real(*args, **kw) * 1.05)
+    with pytest.warns(UserWarning, match="disagree with torch"):
+        assert triton_self_check.__wrapped__(torch.device(triton_device)) is False
+    monkeypatch.setattr(mod, "nf4_lora_triton", lambda *args, **kw: 1 / 0)
+    with pytest.warns(UserWarning, match="failed their self-check"):
+        assert triton_self_check.__wrapped__(torch.device(triton_device)) is False
