@@ -96,6 +96,9 @@ def train_step(model, micro_batches: list[dict], optimizer, trainable: list, max
         loss.backward()
         loss_total += loss.item()
         tokens += int(batch["attention_mask"].sum())
+    if not math.isfinite(loss_total):  # before the update: the adapter keeps its last good values
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"loss is {loss_total}; lower train.lr or check the data")
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
     optimizer.step()
@@ -160,11 +163,12 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         task = progress.add_task("train", total=cfg.train.max_steps, loss=float("nan"), lr=0.0, tps=0.0)
         for step in range(1, cfg.train.max_steps + 1):
             micro = [next(data) for _ in range(cfg.train.grad_accum)]
-            loss_sum, n_tokens = train_step(model, micro, optimizer, trainable, cfg.train.max_grad_norm, device)
+            try:
+                loss_sum, n_tokens = train_step(model, micro, optimizer, trainable, cfg.train.max_grad_norm, device)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"step {step}: {e}") from None
             scheduler.step()
             tokens_seen += n_tokens
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"step {step}: loss is {loss_sum}; lower train.lr or check the data")
             losses.append(loss_sum)
             lr = scheduler.get_last_lr()[0]
             tps = tokens_seen / (time.perf_counter() - t_start)

@@ -251,3 +251,23 @@ def test_cuda_without_gpu_raises():
 
 def test_cpu_device():
     assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_nan_loss_stops_before_the_update(tiny_checkpoint):
+    # a NaN loss must raise before optimizer.step, leaving the adapter at its last good values
+    from qtrain.train import train_step
+
+    loaded = load_model(str(tiny_checkpoint("llama")), LoRASpec(rank=2, alpha=4), compute_dtype=torch.float32)
+    trainable = [p for p in loaded.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    with torch.no_grad():  # poison the forward: NaN activations → NaN loss
+        loaded.model.model.norm.weight.fill_(float("nan"))
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    batch = {
+        "input_ids": torch.randint(0, 100, (2, 8)),
+        "attention_mask": torch.ones(2, 8, dtype=torch.long),
+        "labels": torch.randint(0, 100, (2, 8)),
+    }
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        train_step(loaded.model, [batch], opt, trainable, 1.0, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, trainable))
