@@ -100,8 +100,7 @@ def check_alpaca_row(row: object, where: str) -> None:
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 # ---- rendering and tokenization ----

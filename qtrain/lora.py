@@ -76,7 +76,7 @@ class LoRALinear(nn.Module):
             self.lora_a = self.lora_b = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "LoRALinear":
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> LoRALinear:
         """A LoRALinear in place of `linear`; its weight is taken over unless it is on meta."""
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kwargs)
         if linear.weight.device.type != "meta":

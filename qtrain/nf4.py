@@ -131,7 +131,7 @@ class NF4Tensor:
         tensors = [self.packed, self.absmax, self.code, self.absmax_scale, self.absmax_code]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def to(self, device: torch.device | str) -> "NF4Tensor":
+    def to(self, device: torch.device | str) -> NF4Tensor:
         def move(t):
             return None if t is None else t.to(device)
 
