@@ -21,7 +21,8 @@ from torch import nn
 
 from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
 from qtrain.lora import LoRASpec, lora_modules
-from qtrain.nf4 import QUANT_STATE_KEY, dequantize_nf4, from_bnb_state_dict, quantize_nf4
+from qtrain.model import IGNORED_KEYS, bnb_groups, bnb_prefixes, build_skeleton
+from qtrain.nf4 import dequantize_nf4, from_bnb_state_dict, quantize_nf4
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -194,7 +195,8 @@ def merge_adapter(
     if not info.get("quantized", True):
         base_weights = "original"  # trained on an unquantized base: there is no NF4 base to rebuild
     linear_weights = _linear_weight_names(model_dir)
-    bnb = {k[: -len(QUANT_STATE_KEY) - 1] for k in ckpt.keys() if k.endswith(QUANT_STATE_KEY)}
+    bnb = bnb_groups(ckpt.keys(), bnb_prefixes(ckpt.keys()))  # {4-bit weight: its keys}
+    bnb_side_keys = {k for prefix, keys in bnb.items() for k in keys if k != prefix}
     if bnb and base_weights == "original":
         raise ValueError(f"{model_dir}: a 4-bit checkpoint has no original weights; use base_weights='nf4'")
 
@@ -204,11 +206,10 @@ def merge_adapter(
     writer = _ShardWriter(tmp, max_shard_bytes)
     used = set()
     for key in ckpt.keys():
-        if key.endswith("rotary_emb.inv_freq") or any(key.startswith(p + ".") for p in bnb):
+        if key.endswith(IGNORED_KEYS) or key in bnb_side_keys:
             continue  # bnb side tensors are read with their weight
         if key in bnb:
-            parts = {k: ckpt[k] for k in ckpt.keys() if k == key or k.startswith(key + ".")}
-            w = dequantize_nf4(from_bnb_state_dict(parts, key), torch.float32)
+            w = dequantize_nf4(from_bnb_state_dict({k: ckpt[k] for k in bnb[key]}, key), torch.float32)
         else:
             w = ckpt[key]
         name = key.rpartition(".")[0]
@@ -231,8 +232,6 @@ def merge_adapter(
 def _linear_weight_names(model_dir: Path) -> set[str]:
     """Checkpoint names of the weights that QLoRA holds in NF4: every nn.Linear but lm_head."""
     from transformers import AutoConfig
-
-    from qtrain.model import build_skeleton
 
     skeleton = build_skeleton(AutoConfig.from_pretrained(model_dir), torch.float32)  # on meta: free
     out = skeleton.get_output_embeddings()

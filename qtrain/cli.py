@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qtrain.config import ConfigError, load_config
+from qtrain.config import DTYPES, ConfigError, load_config
 
-DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -19,12 +18,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import torch
-
     from qtrain.adapter import merge_adapter
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    out = merge_adapter(args.base, args.adapter, args.out, dtype=dtype, base_weights=args.base_weights)
+    out = merge_adapter(args.base, args.adapter, args.out, dtype=DTYPES[args.dtype], base_weights=args.base_weights)
     print(f"merged checkpoint written to {out}")
     return 0
 
@@ -42,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--base", required=True, help="base model directory or Hub id")
     m.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
     m.add_argument("--out", required=True, help="output directory")
-    m.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
+    m.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     m.add_argument(
         "--base-weights",
         choices=("nf4", "original"),

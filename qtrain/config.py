@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from qtrain.lora import LoRASpec
@@ -23,6 +24,9 @@ from qtrain.lora import LoRASpec
 
 class ConfigError(ValueError):
     pass
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # config name → dtype
 
 
 @dataclass

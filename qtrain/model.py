@@ -28,7 +28,7 @@ from qtrain.lora import LoRALinear, LoRASpec, mark_only_lora_trainable, swap_lin
 from qtrain.nf4 import QUANT_STATE_KEY, from_bnb_state_dict
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-_IGNORED_KEYS = ("rotary_emb.inv_freq",)
+IGNORED_KEYS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
 
 
 @dataclass
@@ -46,7 +46,7 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _bnb_prefixes(keys: list[str]) -> set[str]:
+def bnb_prefixes(keys: list[str]) -> set[str]:
     """Weight names stored in bitsandbytes 4-bit form ('....q_proj.weight')."""
     suffix = "." + QUANT_STATE_KEY
     fp4 = [k for k in keys if k.endswith(".quant_state.bitsandbytes__fp4")]
@@ -87,7 +87,7 @@ def load_model(
             f"qtrain supports {', '.join(SUPPORTED)}"
         )
     ckpt = SafetensorsCheckpoint(model_dir)
-    bnb = _bnb_prefixes(ckpt.keys())
+    bnb = bnb_prefixes(ckpt.keys())
     if bnb and not quantize:
         raise ValueError(f"{model_dir}: a bitsandbytes 4-bit checkpoint cannot be loaded with quantize=False")
     if hasattr(config, "quantization_config"):  # we quantize ourselves; transformers must not
@@ -98,17 +98,17 @@ def load_model(
     targets = swap_linears(model, spec, quantize_base=quantize, backend=backend, adapter_dtype=adapter_dtype)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
-    bnb_groups = _bnb_groups(ckpt.keys(), bnb)  # {"...q_proj.weight": [its 5-7 keys]}
-    bnb_key_to_group = {k: p for p, keys in bnb_groups.items() for k in keys}
+    groups = bnb_groups(ckpt.keys(), bnb)  # {"...q_proj.weight": [its 5-7 keys]}
+    bnb_key_to_group = {k: p for p, keys in groups.items() for k in keys}
     bnb_parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in bnb}
     loaded_biases: set[str] = set()
     for key in ckpt.keys():
-        if key.endswith(_IGNORED_KEYS):
+        if key.endswith(IGNORED_KEYS):
             continue
         if key in bnb_key_to_group:  # collect a 4-bit weight's parts, then hand them over at once
             prefix = bnb_key_to_group[key]
             bnb_parts[prefix][key] = ckpt[key].to(device)
-            if len(bnb_parts[prefix]) == len(bnb_groups[prefix]):
+            if len(bnb_parts[prefix]) == len(groups[prefix]):
                 linears[prefix.rpartition(".")[0]].set_nf4_weight(from_bnb_state_dict(bnb_parts.pop(prefix), prefix))
             continue
         module_name, _, attr = key.rpartition(".")
@@ -152,7 +152,8 @@ def load_model(
     return LoadedModel(model, config, model_dir, targets, prequantized=bool(bnb))
 
 
-def _bnb_groups(keys: list[str], prefixes: set[str]) -> dict[str, list[str]]:
+def bnb_groups(keys: list[str], prefixes: set[str]) -> dict[str, list[str]]:
+    """{weight name: its keys (packed weight + absmax/quant_map/nested_*/quant_state)}."""
     return {p: [k for k in keys if k == p or k.startswith(p + ".")] for p in prefixes}
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -17,14 +18,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from transformers import AutoTokenizer
 
 from qtrain.adapter import load_adapter_weights, read_adapter_config, save_adapter
-from qtrain.config import Config, to_dict
+from qtrain.config import DTYPES, Config, to_dict
 from qtrain.data import IGNORE_INDEX, batches, load_rows, tokenize_row
 from qtrain.evaluate import exact_match
 from qtrain.lora import LoRASpec
 from qtrain.model import load_model
 from qtrain.tiny import build_tiny_model
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def pick_device(name: str) -> torch.device:
@@ -39,20 +39,9 @@ def model_path(cfg: Config, output_dir: Path) -> str:
     """The checkpoint to load: the configured one, or the tiny model built (once) in output_dir/base."""
     if cfg.model.name_or_path is not None:
         return cfg.model.name_or_path
-    tiny = cfg.model.tiny
     base = output_dir / "base"
     if not (base / "config.json").exists():
-        build_tiny_model(
-            base,
-            arch=tiny.arch,
-            seed=tiny.seed,
-            hidden_size=tiny.hidden_size,
-            intermediate_size=tiny.intermediate_size,
-            num_layers=tiny.num_layers,
-            num_heads=tiny.num_heads,
-            num_kv_heads=tiny.num_kv_heads,
-            initializer_range=tiny.initializer_range,
-        )
+        build_tiny_model(base, **dataclasses.asdict(cfg.model.tiny))
     return str(base)
 
 
