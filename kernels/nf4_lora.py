@@ -80,9 +80,16 @@ def nf4_lora_torch(
         y = y + bias.to(y.dtype)
     if lora_a is None:
         return y
+    return y + lora_delta(x, lora_a, lora_b, scale, dropout, training)
+
+
+def lora_delta(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout: float, training: bool
+) -> torch.Tensor:
+    """`s * (dropout(X) @ A^T) @ B^T`, computed in the adapter's dtype and returned in X's."""
     h = F.dropout(x, p=dropout, training=training) if dropout > 0 else x
     h = h.to(lora_a.dtype)
-    return y + (scale * F.linear(F.linear(h, lora_a), lora_b)).to(y.dtype)
+    return (scale * F.linear(F.linear(h, lora_a), lora_b)).to(x.dtype)
 
 
 # ---- dispatch --------------------------------------------------------------------------------------

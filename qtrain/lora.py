@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qtrain.kernels import BACKENDS
-from qtrain.kernels.nf4_lora import nf4_lora
+from qtrain.kernels.nf4_lora import lora_delta, nf4_lora
 from qtrain.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 
@@ -164,13 +164,9 @@ class LoRALinear(nn.Module):
         lora_a = self.lora_a.weight if self.rank else None
         lora_b = self.lora_b.weight if self.rank else None
         if not self.quantize_base:
-            y = x @ self.weight.to(x.dtype).T
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
-            if self.rank:
-                h = nn.functional.dropout(x, self.dropout, self.training).to(lora_a.dtype)
-                y = y + (self.scale * (h @ lora_a.T) @ lora_b.T).to(y.dtype)
-            return y
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            y = nn.functional.linear(x, self.weight.to(x.dtype), bias)
+            return y + lora_delta(x, lora_a, lora_b, self.scale, self.dropout, self.training) if self.rank else y
         return nf4_lora(
             x, self.nf4_weight, lora_a, lora_b, self.scale, self.bias, self.dropout, self.training, self.backend
         )
