@@ -70,18 +70,20 @@ def save_adapter(
     out_dir: str | Path,
     base_dtype: torch.dtype | None = None,
     quantized: bool = True,
+    extra_info: dict | None = None,
 ) -> Path:
     """Write the adapter atomically: into a temp dir beside `out_dir`, then rename over it.
 
     `base_dtype`/`quantized` record how the frozen base was held during training, so that
-    `merge_adapter` can rebuild exactly that base."""
+    `merge_adapter` can rebuild exactly that base; `extra_info` (e.g. the data format, which
+    `qtrain generate` renders prompts with) joins them in qtrain.json."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     save_file(adapter_state_dict(model), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(spec, targets, base_model), indent=2) + "\n")
     if base_dtype is not None:
-        info = {"base_dtype": str(base_dtype).removeprefix("torch."), "quantized": quantized}
+        info = {"base_dtype": str(base_dtype).removeprefix("torch."), "quantized": quantized} | (extra_info or {})
         (tmp / TRAINING_INFO).write_text(json.dumps(info) + "\n")
     replace_dir(tmp, out_dir)
     return out_dir

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from qtrain.config import DTYPES, ConfigError, load_config
 
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)  # fails on bad keys before anything loads
-    from qtrain.train import train
+    overrides = list(args.overrides)
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
+        overrides.append(args.resume)  # `--resume key=value`: argparse took an override for the checkpoint
+        args.resume = "auto"
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    cfg = load_config(args.config, overrides)  # fails on bad keys before anything loads
+    from qtrain.train import Interrupted, OutOfMemory, train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except Interrupted as e:
+        print(f"qtrain train: {e}; continue with: qtrain train {args.config} {' '.join(args.overrides)} --resume".rstrip())
+        return 130  # the shell convention for Ctrl-C
+    except OutOfMemory as e:
+        print(f"qtrain train: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -32,6 +46,13 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune from a YAML config", description="qtrain train CONFIG.yaml [key.sub=value ...]")
     t.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     t.add_argument("overrides", nargs="*", help="overrides such as train.max_steps=50 lora.rank=8")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in output_dir (or from CHECKPOINT, a checkpoint dir)",
+    )
     t.set_defaults(func=_train)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into a 16-bit checkpoint")

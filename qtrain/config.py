@@ -61,35 +61,66 @@ class LoRAConfig(LoRASpec):
 
 @dataclass
 class DataConfig:
-    train: str = "synthetic"  # "synthetic" (built-in tasks) or a .jsonl file of alpaca rows
-    eval: str | None = None  # a .jsonl file; with "synthetic", held-out synthetic rows
+    train: str = "synthetic"  # "synthetic" (built-in tasks), a .jsonl/.json/.csv/.parquet file, or a Hub dataset id
+    eval: str | None = None  # same choices; unset: `eval_fraction` of the train rows are held out
+    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = "auto"  # auto: from the columns
+    subset: str | None = None  # Hub dataset config name
+    train_split: str = "train"  # Hub split read for data.train
+    eval_split: str = "validation"  # Hub split read for data.eval
+    eval_fraction: float = 0.05  # of the train rows, held out for eval when data.eval is unset (0: none)
     num_train: int = 2000  # synthetic rows
-    num_eval: int = 100
-    seed: int = 1234
+    num_eval: int = 100  # synthetic eval rows
+    seed: int = 1234  # shuffling, eval split, synthetic rows
     max_length: int = 512  # tokens; longer rows are truncated
-    train_on_prompt: bool = False  # default: loss on response tokens only
+    train_on_prompt: bool = False  # default: loss on response (assistant) tokens only
+    packing: bool = False  # concatenate rows into max_length sequences (position ids restart per row)
+    group_by_length: bool = False  # batch rows of similar length together (less padding)
+    bad_rows: Literal["error", "skip"] = "error"  # a malformed row stops with file + row, or is skipped and counted
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 100  # optimizer steps
-    batch_size: int = 8
-    grad_accum: int = 1
+    batch_size: int = 8  # micro-batch (rows, or packed sequences)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    optimizer: Literal["auto", "adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "auto"  # auto: paged 32-bit on CUDA, adamw on CPU
     lr: float = 2e-4
+    lora_plus_ratio: float = 1.0  # LoRA+: lr of the B matrices = lr * ratio (paper: 16); 1 = plain LoRA
     weight_decay: float = 0.0
     warmup_steps: int = 10
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = 1.0  # 0 disables clipping
     gradient_checkpointing: bool = True
+    offload_activations: bool = False  # keep checkpointed activations in pinned CPU RAM
+    autocast: bool = True  # with a bf16/fp16 model.dtype: matmuls under torch.autocast (fp16 adds loss scaling)
     seed: int = 42
-    log_every: int = 10
+    deterministic: bool = False  # deterministic kernels (slower on GPU)
+    log_every: int = 10  # steps between console/TensorBoard flushes
 
 
 @dataclass
 class EvalConfig:
+    every: int = 0  # eval loss / perplexity every N steps (0: only at the end)
     exact_match: bool = True  # greedy-generate the eval rows before and after training
+    max_rows: int = 200  # eval rows used for loss and exact match
     max_new_tokens: int = 16
     batch_size: int = 32
+    samples: list[str] = field(default_factory=list)  # fixed prompts generated at each eval, printed and logged
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps (0: only at the end); Ctrl-C also saves
+    keep_last: int = 2  # older checkpoints are deleted
+    resume: str | None = None  # "auto" (latest in output_dir/checkpoints) or a checkpoint dir; CLI: --resume
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True  # event files in output_dir/tensorboard
+    wandb: bool = False  # Weights & Biases (pip install wandb)
+    wandb_project: str = "qtrain"
+    plot: bool = True  # loss curve PNG in output_dir at the end
 
 
 @dataclass
@@ -99,37 +130,69 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     output_dir: str = "runs/qtrain"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
+        """Checks across keys; runs before anything loads."""
         if (self.model.name_or_path is None) == (self.model.tiny is None):
             raise ConfigError("model: set exactly one of model.name_or_path and model.tiny")
-        positive = {
-            "lora.rank": self.lora.rank,
-            "train.max_steps": self.train.max_steps,
-            "train.batch_size": self.train.batch_size,
-            "train.grad_accum": self.train.grad_accum,
-            "data.max_length": self.data.max_length,
-            "train.log_every": self.train.log_every,
-        }
-        for key, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{key}: must be > 0, got {value}")
+        t, d, e, c = self.train, self.data, self.eval, self.checkpoint
+        _check(
+            "> 0",
+            lambda v: v > 0,  # `not v > 0` also catches nan
+            {
+                "lora.rank": self.lora.rank,
+                "train.max_steps": t.max_steps,
+                "train.batch_size": t.batch_size,
+                "train.grad_accum": t.grad_accum,
+                "train.lr": t.lr,
+                "train.lora_plus_ratio": t.lora_plus_ratio,
+                "train.log_every": t.log_every,
+                "data.max_length": d.max_length,
+                "eval.batch_size": e.batch_size,
+                "eval.max_new_tokens": e.max_new_tokens,
+                "eval.max_rows": e.max_rows,
+                "checkpoint.keep_last": c.keep_last,
+            },
+        )
+        _check(
+            ">= 0",
+            lambda v: v >= 0,
+            {
+                "train.weight_decay": t.weight_decay,
+                "train.max_grad_norm": t.max_grad_norm,
+                "train.warmup_steps": t.warmup_steps,
+                "eval.every": e.every,
+                "checkpoint.every": c.every,
+            },
+        )
         if not 0.0 <= self.lora.dropout < 1.0:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
-        for key, value in {"train.lr": self.train.lr, "eval.batch_size": self.eval.batch_size, "eval.max_new_tokens": self.eval.max_new_tokens}.items():
-            if not value > 0:  # also catches nan
-                raise ConfigError(f"{key}: must be > 0, got {value}")
-        for key, value in {"train.weight_decay": self.train.weight_decay, "train.max_grad_norm": self.train.max_grad_norm, "train.warmup_steps": self.train.warmup_steps}.items():
-            if not value >= 0:
-                raise ConfigError(f"{key}: must be >= 0, got {value}")
+        if not 0.0 <= d.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
         if isinstance(self.lora.target_modules, str) and self.lora.target_modules != "all-linear":
             raise ConfigError(
                 f"lora.target_modules: {self.lora.target_modules!r}; use 'all-linear' or a list such as [q_proj, v_proj]"
             )
-        if self.data.train != "synthetic" and not Path(self.data.train).suffix == ".jsonl":
-            raise ConfigError(f"data.train: {self.data.train!r}; use 'synthetic' or a .jsonl file")
+        if d.packing and d.group_by_length:
+            raise ConfigError("data.packing and data.group_by_length: choose one (packed sequences all have max_length)")
+        if d.train == "synthetic" and d.format not in ("auto", "alpaca"):
+            raise ConfigError(f"data.format: {d.format!r}, but data.train=synthetic holds alpaca rows; use auto or alpaca")
+        if t.optimizer.startswith("paged") and self.device == "cpu":
+            raise ConfigError(f"train.optimizer: {t.optimizer} needs a CUDA GPU; with device=cpu use adamw (or auto)")
+        if t.offload_activations and not t.gradient_checkpointing:
+            raise ConfigError(
+                "train.offload_activations needs train.gradient_checkpointing=true (it offloads the checkpointed activations)"
+            )
+
+
+def _check(rule: str, ok, values: dict) -> None:
+    for key, value in values.items():
+        if not ok(value):
+            raise ConfigError(f"{key}: must be {rule}, got {value}")
 
 
 # ---- dict <-> dataclass, with errors that name the key ----

@@ -1,11 +1,17 @@
-"""Instruction data: built-in synthetic tasks, alpaca jsonl files, tokenization with response-only
-labels, and padded batches.
+"""Training data: read rows (synthetic, local files, Hub datasets), render them by format,
+tokenize with response-only labels, and cut them into resumable micro-batches (padded,
+length-grouped or packed).
 
-An alpaca row is {"instruction": str, "input": str (optional), "output": str}. It renders as
+Formats (detected from the columns, or set with `data.format`):
 
-    ### Instruction:\n{instruction}\n\n[### Input:\n{input}\n\n]### Response:\n{output}</s>
+    alpaca             {"instruction", "input" (optional), "output"}
+    chat               {"messages": [{"role", "content"}, ...]}  (or sharegpt {"conversations": [{"from", "value"}]})
+                       rendered with the tokenizer's chat template (DEFAULT_CHAT_TEMPLATE when it has none)
+    prompt_completion  {"prompt", "completion"}
+    text               {"text"}                                   (every token is trained on)
 
-and by default only the response tokens (and the end-of-sequence token) carry a loss.
+A rendered row is a list of text segments, each marked trained-on or not. Labels are IGNORE_INDEX
+on the untrained segments (the prompt, user turns) unless `train_on_prompt`.
 """
 
 from __future__ import annotations
@@ -14,12 +20,23 @@ import json
 import random
 import string
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 IGNORE_INDEX = -100
+FORMATS = ("alpaca", "chat", "prompt_completion", "text")
+FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+# Used when a tokenizer has no chat template: role headers, and EOS closing each assistant turn
+# so the model learns to stop.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}### {{ m['role'] | capitalize }}:\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 # ---- synthetic tasks: short, deterministic answers with a measurable exact-match score ----
@@ -64,38 +81,66 @@ def synthetic_split(num_train: int, num_eval: int, seed: int) -> tuple[list[dict
     return train, unique[:num_eval]
 
 
-# ---- files ----
+# ---- reading rows: every row keeps a locator ("file:line" or "source row N") for its errors ----
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Alpaca rows from a .jsonl file; a bad row raises naming the file and line."""
+@dataclass
+class Table:
+    rows: list[dict]
+    where: list[str]  # one locator per row
+    source: str
+    skipped: list[str] = field(default_factory=list)  # "locator: reason" of rows dropped with bad_rows=skip
+
+
+def read_jsonl(path: str | Path, bad_rows: str = "error") -> Table:
+    """Rows of a .jsonl file, parsed line by line so a broken line is named exactly."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: data file not found")
-    rows = []
+    table = Table([], [], str(path))
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            check_alpaca_row(row, f"{path}:{lineno}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as e:
+                reason = f"not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+                _bad(table, where, reason, bad_rows)
+                continue
+            table.rows.append(row)
+            table.where.append(where)
+    return table
 
 
-def check_alpaca_row(row: object, where: str) -> None:
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for key in ("instruction", "output"):
-        if not isinstance(row.get(key), str):
-            raise ValueError(f"{where}: missing or non-string {key!r} (alpaca rows need instruction and output)")
-    if not isinstance(row.get("input", ""), str):
-        raise ValueError(f"{where}: 'input' must be a string")
+def read_table(source: str, split: str = "train", subset: str | None = None, bad_rows: str = "error") -> Table:
+    """Rows of a local .jsonl/.json/.csv/.parquet file, a local dataset folder, or a Hub dataset id."""
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        return read_jsonl(path, bad_rows)
+    import datasets  # heavy: imported when data files are used
+
+    if path.suffix in FILE_KINDS:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: data file not found")
+        load = {"path": FILE_KINDS[path.suffix], "data_files": str(path), "split": "train"}
+        label, first_row = str(path), 2 if path.suffix == ".csv" else 1  # csv: line 1 is the header
+    else:
+        load = {"path": source, "name": subset, "split": split}
+        label, first_row = f"{source} ({split})", 1
+    try:
+        ds = datasets.load_dataset(**load)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{label}: could not be read as a dataset: {e}") from None
+    except Exception as e:  # datasets wraps parser errors (pyarrow, json) in its own types
+        raise ValueError(f"{label}: could not be read as a dataset ({type(e).__name__}: {e})") from None
+    rows = ds.to_list()
+    if path.suffix == ".csv":
+        return Table(rows, [f"{label}:{i + first_row}" for i in range(len(rows))], label)
+    return Table(rows, [f"{label} row {i + first_row}" for i in range(len(rows))], label)
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
@@ -103,7 +148,37 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-# ---- rendering and tokenization ----
+def _bad(table: Table, where: str, reason: str, bad_rows: str) -> None:
+    if bad_rows != "skip":
+        raise ValueError(f"{where}: {reason} (set data.bad_rows=skip to skip such rows)")
+    table.skipped.append(f"{where}: {reason}")
+
+
+# ---- formats: a row → segments of text, each trained on or not ----
+
+
+def detect_format(row: dict, where: str) -> str:
+    keys = set(row)
+    if "messages" in keys or "conversations" in keys:
+        return "chat"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if "text" in keys:
+        return "text"
+    raise ValueError(
+        f"{where}: cannot tell the data format from the columns {sorted(keys)}; expected messages (chat), "
+        "instruction + output (alpaca), prompt + completion, or text; or set data.format"
+    )
+
+
+@dataclass
+class Rendered:
+    segments: list[tuple[str, bool]]  # (text, trained on) in order
+    prompt: str | None  # the text before the final answer (for generation), None for raw text
+    answer: str | None  # the final answer (exact match)
+    chat: bool = False  # the chat template wrote the special tokens (BOS...) itself
 
 
 def alpaca_prompt(row: dict) -> str:
@@ -113,23 +188,204 @@ def alpaca_prompt(row: dict) -> str:
     return text + "### Response:\n"
 
 
+def render(row: dict, fmt: str, tokenizer) -> Rendered:
+    """Segments of one row; raises ValueError (without the locator) when the row is malformed."""
+    if fmt == "alpaca":
+        _need_strings(row, ("instruction", "output"), "alpaca rows need instruction and output")
+        if row.get("input") is not None and not isinstance(row["input"], str):
+            raise ValueError("'input' must be a string")
+        prompt = alpaca_prompt(row)
+        return Rendered([(prompt, False), (row["output"], True)], prompt, row["output"])
+    if fmt == "prompt_completion":
+        _need_strings(row, ("prompt", "completion"), "prompt_completion rows need prompt and completion")
+        return Rendered([(row["prompt"], False), (row["completion"], True)], row["prompt"], row["completion"])
+    if fmt == "text":
+        _need_strings(row, ("text",), "text rows need a text column")
+        return Rendered([(row["text"], True)], None, None)
+    return render_chat(chat_messages(row), tokenizer)
+
+
+def _need_strings(row: dict, keys: tuple[str, ...], why: str) -> None:
+    for key in keys:
+        if not isinstance(row.get(key), str):
+            raise ValueError(f"missing or non-string {key!r} ({why})")
+
+
+def chat_messages(row: dict) -> list[dict]:
+    """`messages` ({role, content}) or sharegpt `conversations` ({from, value}) as role/content dicts."""
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list of {role, content}")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be {{role: str, content: str}}, got {m!r}")
+            out.append({"role": m["role"], "content": m["content"]})
+        return out
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("chat rows need a non-empty 'messages' (or 'conversations') list")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES or not isinstance(t.get("value"), str):
+            raise ValueError(f"conversations[{i}] must be {{from: human|gpt|system, value: str}}, got {t!r}")
+        out.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    return out
+
+
+def render_chat(messages: list[dict], tokenizer) -> Rendered:
+    """Every assistant turn is trained on; the rest is context. Segments come from rendering growing
+    prefixes of the conversation, so the template must render each prefix as a prefix of the next."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("a chat row needs at least one assistant message")
+    segments, done, prompt, answer = [], "", "", ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _apply_template(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _apply_template(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (before.startswith(done) and upto.startswith(before)):
+            raise ValueError("the chat template does not render this conversation prefix by prefix")
+        segments += [(before[len(done) :], False), (upto[len(before) :], True)]
+        done, prompt, answer = upto, before, m["content"]
+    full = _apply_template(tokenizer, messages, add_generation_prompt=False)
+    if len(full) > len(done) and full.startswith(done):
+        segments.append((full[len(done) :], False))  # turns after the last assistant one
+    return Rendered([s for s in segments if s[0]], prompt, answer, chat=True)
+
+
+def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja raises its own errors (e.g. "roles must alternate")
+        raise ValueError(f"the chat template rejected this conversation: {e}") from None
+
+
+def ensure_chat_template(tokenizer) -> None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+# ---- tokenization ----
+
+
 @dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]
 
 
+def tokenize(tokenizer, rendered: Rendered, max_length: int, train_on_prompt: bool = False) -> Example:
+    """Segments → ids; labels copy the ids of trained segments, IGNORE_INDEX elsewhere.
+
+    Non-chat rows get the tokenizer's own specials (e.g. BOS) on the first segment and EOS at the
+    end; chat templates write theirs as text. The first label is always IGNORE_INDEX (no token
+    predicts it), which keeps packed rows from learning across row boundaries.
+    """
+    input_ids, labels = [], []
+    for i, (text, trained) in enumerate(rendered.segments):
+        ids = tokenizer(text, add_special_tokens=(i == 0 and not rendered.chat))["input_ids"]
+        input_ids += ids
+        labels += ids if (trained or train_on_prompt) else [IGNORE_INDEX] * len(ids)
+    if not rendered.chat and tokenizer.eos_token_id is not None:
+        input_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return Example(input_ids[:max_length], labels[:max_length])
+
+
 def tokenize_row(tokenizer, row: dict, max_length: int, train_on_prompt: bool = False) -> Example:
-    """Prompt + response + EOS; labels are IGNORE_INDEX on the prompt unless `train_on_prompt`."""
-    prompt_ids = tokenizer(alpaca_prompt(row))["input_ids"]
-    response_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = (prompt_ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)) + response_ids
-    return Example(input_ids, labels[:max_length])
+    """An alpaca row → Example (prompt + response + EOS)."""
+    return tokenize(tokenizer, render(row, "alpaca", tokenizer), max_length, train_on_prompt)
+
+
+# ---- the data of a run ----
+
+
+@dataclass
+class Dataset:
+    examples: list[Example]
+    rendered: list[Rendered]
+    format: str
+    source: str
+    skipped: list[str] = field(default_factory=list)  # malformed rows dropped (data.bad_rows=skip)
+    too_long: int = 0  # rows dropped because the prompt alone fills data.max_length
+
+
+def build_dataset(table: Table, fmt: str, tokenizer, max_length: int, train_on_prompt: bool, bad_rows: str) -> Dataset:
+    """Render and tokenize every row of `table`; a malformed row raises or is skipped (counted)."""
+    if not table.rows:
+        raise ValueError(f"{table.source}: no rows")
+    if fmt == "auto":
+        fmt = detect_format(table.rows[0], table.where[0])
+    if fmt == "chat":
+        ensure_chat_template(tokenizer)
+    ds = Dataset([], [], fmt, table.source, list(table.skipped))
+    for row, where in zip(table.rows, table.where):
+        try:
+            rendered = render(row, fmt, tokenizer)
+            example = tokenize(tokenizer, rendered, max_length, train_on_prompt)
+        except ValueError as e:
+            if bad_rows != "skip":
+                raise ValueError(f"{where}: {e} (set data.bad_rows=skip to skip such rows)") from None
+            ds.skipped.append(f"{where}: {e}")
+            continue
+        if all(label == IGNORE_INDEX for label in example.labels):  # nothing left to learn after truncation
+            ds.too_long += 1
+            continue
+        ds.examples.append(example)
+        ds.rendered.append(rendered)
+    if not ds.examples:
+        why = f"first: {ds.skipped[0]}" if ds.skipped else f"the prompts fill data.max_length={max_length}"
+        raise ValueError(f"{table.source}: every row was dropped; {why}")
+    return ds
+
+
+def load_data(cfg, tokenizer) -> tuple[Dataset, Dataset | None]:
+    """Train and eval data of a run (`cfg`: a DataConfig). Eval: data.eval, or a seeded
+    `eval_fraction` of the train rows, or held-out synthetic rows."""
+    if cfg.train == "synthetic":
+        train_rows, eval_rows = synthetic_split(cfg.num_train, cfg.num_eval, cfg.seed)
+        train = Table(train_rows, [f"synthetic row {i + 1}" for i in range(len(train_rows))], "synthetic")
+        held_out = Table(eval_rows, [f"synthetic eval row {i + 1}" for i in range(len(eval_rows))], "synthetic eval")
+    else:
+        train = read_table(cfg.train, cfg.train_split, cfg.subset, cfg.bad_rows)
+        train, held_out = split_table(train, cfg.eval_fraction, cfg.seed)
+    if cfg.eval:
+        held_out = read_table(cfg.eval, cfg.eval_split, cfg.subset, cfg.bad_rows)
+    args = (tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.bad_rows)
+    train_ds = build_dataset(train, cfg.format, *args)
+    eval_ds = build_dataset(held_out, train_ds.format, *args) if held_out is not None and held_out.rows else None
+    return train_ds, eval_ds
+
+
+def split_table(table: Table, fraction: float, seed: int) -> tuple[Table, Table | None]:
+    """Hold out round(fraction * n) rows chosen by a seeded shuffle; both keep file order."""
+    n_eval = round(fraction * len(table.rows)) if len(table.rows) > 1 else 0
+    if n_eval == 0:
+        return table, None
+    order = list(range(len(table.rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+
+    def pick(keep: bool, source: str) -> Table:
+        idx = [i for i in range(len(table.rows)) if (i in held) == keep]
+        return Table([table.rows[i] for i in idx], [table.where[i] for i in idx], source)
+
+    train = pick(False, table.source)
+    train.skipped = table.skipped
+    return train, pick(True, f"{table.source} (held out)")
+
+
+# ---- batches ----
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, labels, attention_mask, all [B, S]."""
+    """Right-pad to the longest example: input_ids, labels, attention_mask [B, S]; num_tokens []."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -139,27 +395,120 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "num_tokens": mask.sum()}
 
 
-def batches(examples: list[Example], batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches: a new permutation per epoch from (seed, epoch)."""
-    epoch = 0
-    while True:
-        order = list(range(len(examples)))
-        random.Random(seed + epoch).shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
-        epoch += 1
+def collate_packed(rows: list[list[Example]], pad_id: int, length: int) -> dict[str, torch.Tensor]:
+    """Each row: several examples back to back, padded to `length`. position_ids restart at 0 for
+    every example (and for the padding), which is how the model tells the examples apart: with no
+    attention_mask, transformers builds a block-diagonal causal mask from the resets.
+    input_ids, labels, position_ids [B, length]; num_tokens []."""
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    n_tokens = 0
+    for i, row in enumerate(rows):
+        start = 0
+        for e in row:
+            n = len(e.input_ids)
+            input_ids[i, start : start + n] = torch.tensor(e.input_ids)
+            labels[i, start : start + n] = torch.tensor(e.labels)
+            position_ids[i, start : start + n] = torch.arange(n)
+            start += n
+        position_ids[i, start:] = torch.arange(length - start)
+        n_tokens += start
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "num_tokens": torch.tensor(n_tokens)}
 
 
-def load_rows(source: str, eval_source: str | None, num_train: int, num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Train/eval rows: synthetic tasks, or jsonl files (eval: a file, or the last 5% of train)."""
-    if source == "synthetic":
-        train, held_out = synthetic_split(num_train, num_eval, seed)
-        return train, read_jsonl(eval_source) if eval_source else held_out
-    train = read_jsonl(source)
-    if eval_source:
-        return train, read_jsonl(eval_source)
-    n_eval = min(num_eval, len(train) // 20)
-    return train[: len(train) - n_eval], train[len(train) - n_eval :]
+def pack(order: list[int], lengths: list[int], max_length: int) -> list[list[int]]:
+    """Greedy, in order: example ids → bins whose lengths sum to at most max_length."""
+    bins, current, used = [], [], 0
+    for i in order:
+        if current and used + lengths[i] > max_length:
+            bins.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    if current:
+        bins.append(current)
+    return bins
+
+
+def group_by_length(order: list[int], lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Batches of similar length: sort windows of 50 batches by length, cut, shuffle the batches."""
+    window = 50 * batch_size
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size]
+    rng.shuffle(batches)
+    return batches
+
+
+class Batches:
+    """An endless, resumable stream of micro-batches. Epoch e's plan comes from (seed, e) alone, so
+    the position (epoch, index) is the whole state: `state_dict` / `load_state_dict` resume exactly.
+
+    mode: "pad" (shuffled, padded to the longest row), "group" (similar lengths together) or
+    "pack" (rows concatenated into max_length sequences). A partial last batch is dropped.
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, pad_id: int, seed: int, mode: str = "pad", max_length: int = 0):
+        if mode not in ("pad", "group", "pack"):
+            raise ValueError(f"mode {mode!r}: use pad, group or pack")
+        self.examples, self.batch_size, self.pad_id, self.seed, self.mode = examples, batch_size, pad_id, seed, mode
+        self.max_length = max_length
+        self.lengths = [len(e.input_ids) for e in examples]
+        self.epoch, self.index = 0, 0
+        self._plan_epoch, self._plan = -1, []
+        if not self.plan():
+            what = "packed sequences" if mode == "pack" else "rows"
+            raise ValueError(f"data.train: too few {what} for one batch of train.batch_size={batch_size}")
+
+    def plan(self, epoch: int | None = None) -> list[list[list[int]]]:
+        """Batches of `epoch`: each a list of sequences, each a list of example ids."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch != self._plan_epoch:
+            rng = random.Random(self.seed + epoch)
+            order = list(range(len(self.examples)))
+            rng.shuffle(order)
+            if self.mode == "pack":
+                seqs = pack(order, self.lengths, self.max_length)
+            elif self.mode == "group":
+                seqs = [[i] for batch in group_by_length(order, self.lengths, self.batch_size, rng) for i in batch]
+            else:
+                seqs = [[i] for i in order]
+            b = self.batch_size
+            self._plan = [seqs[j : j + b] for j in range(0, len(seqs) - b + 1, b)]
+            self._plan_epoch = epoch
+        return self._plan
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.index >= len(self.plan()):
+            self.epoch, self.index = self.epoch + 1, 0
+        seqs = self.plan()[self.index]
+        self.index += 1
+        if self.mode == "pack":
+            return collate_packed([[self.examples[i] for i in s] for s in seqs], self.pad_id, self.max_length)
+        return collate([self.examples[s[0]] for s in seqs], self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def batches(examples: list[Example], batch_size: int, pad_id: int, seed: int) -> Batches:
+    """Endless shuffled, padded batches (a new permutation per epoch from seed + epoch)."""
+    return Batches(examples, batch_size, pad_id, seed)
+
+
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The eval examples in order, padded, once."""
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start : start + batch_size], pad_id)

@@ -1,16 +1,26 @@
-"""Greedy-generation exact match: the score printed before and after training."""
+"""Generation, exact match and eval loss: the scores printed before, during and after training."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from qtrain.data import alpaca_prompt
+from qtrain.data import Rendered, alpaca_prompt
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy completions of `prompts` (left-padded batches), decoded without special tokens."""
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    add_special_tokens: bool = True,
+    temperature: float = 0.0,
+) -> list[str]:
+    """Completions of `prompts` (left-padded batches), decoded without special tokens: greedy, or
+    sampled when temperature > 0. `add_special_tokens=False` for prompts that already hold them
+    (rendered by a chat template)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -18,11 +28,14 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
     outputs = []
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            batch = tokenizer(
+                prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+            ).to(device)
+            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
             out = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                **sampling,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )  # [B, S + new]
@@ -34,9 +47,15 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
     return outputs
 
 
-def exact_match(model: nn.Module, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 32) -> float:
-    """Fraction of rows whose greedy answer equals `output` (surrounding whitespace ignored)."""
+def exact_match(model: nn.Module, tokenizer, rows: list[dict | Rendered], max_new_tokens: int, batch_size: int = 32) -> float:
+    """Fraction of rows whose greedy answer equals the reference (surrounding whitespace ignored).
+    Rows: alpaca dicts, or Rendered rows with a prompt and an answer (all chat, or none)."""
+    rows = [r for r in rows if not isinstance(r, Rendered) or r.answer is not None]
     if not rows:
         return float("nan")
-    answers = generate(model, tokenizer, [alpaca_prompt(r) for r in rows], max_new_tokens, batch_size)
-    return sum(a.strip() == r["output"].strip() for a, r in zip(answers, rows)) / len(rows)
+    if isinstance(rows[0], dict):
+        prompts, references, chat = [alpaca_prompt(r) for r in rows], [r["output"] for r in rows], False
+    else:
+        prompts, references, chat = [r.prompt for r in rows], [r.answer for r in rows], rows[0].chat
+    answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens=not chat)
+    return sum(a.strip() == ref.strip() for a, ref in zip(answers, references)) / len(rows)

@@ -1,14 +1,25 @@
 """The training recipe: read it top to bottom.
 
-    config → model (NF4 base + LoRA) → data → score before → train loop → adapter → score after
+    config → model (NF4 base + LoRA) → data → optimizer → [resume] → score before
+           → loop (step, log, eval, checkpoint) → adapter → score after → summary
+
+Stops cleanly: Ctrl-C saves a checkpoint and raises Interrupted; a NaN/inf loss raises
+FloatingPointError before the update (the last checkpoint stays the last good one); CUDA OOM
+raises OutOfMemory with what was running and settings to try.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import random
+import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,12 +30,29 @@ from transformers import AutoTokenizer
 
 from qtrain.adapter import load_adapter_weights, read_adapter_config, save_adapter
 from qtrain.config import DTYPES, Config, to_dict
-from qtrain.data import IGNORE_INDEX, batches, load_rows, tokenize_row
-from qtrain.evaluate import exact_match
+from qtrain.data import IGNORE_INDEX, Batches, eval_batches, load_data
+from qtrain.evaluate import exact_match, generate
 from qtrain.lora import LoRASpec
+from qtrain.memory import OffloadActivations, peak_memory_bytes, peak_memory_label
+from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
 from qtrain.model import load_model
+from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
+from qtrain.resume import load_state, resolve_resume, save_checkpoint, set_rng_state
 from qtrain.tiny import build_tiny_model
 
+GiB = 2**30
+
+
+class Interrupted(Exception):
+    """Training stopped on request (Ctrl-C) after saving a checkpoint."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"interrupted after step {step}; checkpoint saved to {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class OutOfMemory(RuntimeError):
+    pass
 
 
 def pick_device(name: str) -> torch.device:
@@ -33,6 +61,15 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
     return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
 def model_path(cfg: Config, output_dir: Path) -> str:
@@ -45,21 +82,7 @@ def model_path(cfg: Config, output_dir: Path) -> str:
     return str(base)
 
 
-def lr_lambda(cfg: Config):
-    """Linear warmup, then cosine / linear decay to 0, or constant."""
-    warmup, total = cfg.train.warmup_steps, cfg.train.max_steps
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if cfg.train.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if cfg.train.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-
-    return f
+# ---- one step ----
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -69,40 +92,126 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     )
 
 
-def train_step(model, micro_batches: list[dict], optimizer, trainable: list, max_grad_norm: float, device) -> tuple[float, int]:
+def loss_sum(model, batch: dict, offload: OffloadActivations | None = None) -> torch.Tensor:
+    """Forward one batch; summed loss over its target tokens. Packed batches carry position_ids
+    (restarting per row) and no attention_mask, which makes attention block-diagonal."""
+    with offload or contextlib.nullcontext():  # only the decoder's activations are offloaded
+        hidden = model.get_decoder()(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).last_hidden_state  # [B, S, D]
+    logits = model.get_output_embeddings()(hidden)  # [B, S, V]
+    return causal_lm_loss_sum(logits, batch["labels"])
+
+
+def n_targets(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def n_tokens(batch: dict) -> int:
+    return int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
+
+
+def train_step(
+    model,
+    micro_batches: list[dict],
+    optimizer,
+    trainable: list,
+    max_grad_norm: float,
+    device,
+    autocast: contextlib.AbstractContextManager | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    offload: OffloadActivations | None = None,
+) -> tuple[float, int]:
     """One optimizer step over `micro_batches` (gradient accumulation).
 
     The loss is the mean over the target tokens of the whole step, not a mean of per-micro-batch
     means, so accumulating k micro-batches equals one batch k times larger.
     Returns (loss, tokens processed).
     """
-    n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    total_targets = max(sum(n_targets(b) for b in micro_batches), 1)
     loss_total, tokens = 0.0, 0
     for batch in micro_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, S, V]
-        loss = causal_lm_loss_sum(logits, batch["labels"]) / max(n_targets, 1)
-        loss.backward()
+        with autocast or contextlib.nullcontext():
+            loss = loss_sum(model, batch, offload) / total_targets
+        (scaler.scale(loss) if scaler else loss).backward()
         loss_total += loss.item()
-        tokens += int(batch["attention_mask"].sum())
+        tokens += n_tokens(batch)
     if not math.isfinite(loss_total):  # before the update: the adapter keeps its last good values
         optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"loss is {loss_total}; lower train.lr or check the data")
+        raise FloatingPointError(f"loss is {loss_total}")
+    if scaler:
+        scaler.unscale_(optimizer)
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-    optimizer.step()
+    if scaler:
+        scaler.step(optimizer)  # skipped when fp16 gradients overflowed; the scale then shrinks
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_total, tokens
 
 
-def train(cfg: Config, console: Console | None = None) -> dict:
+@torch.no_grad()
+def eval_loss(model, examples: list, batch_size: int, pad_id: int, device, autocast=None) -> float:
+    """Mean next-token loss over the eval examples' target tokens."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in eval_batches(examples, batch_size, pad_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast or contextlib.nullcontext():
+                total += loss_sum(model, batch).item()
+            count += n_targets(batch)
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def oom_advice(cfg: Config, step: int, batch_shape: tuple[int, int], device: torch.device) -> str:
+    """What was running when CUDA ran out of memory, and settings that need less."""
+    b, s = batch_shape
+    t = cfg.train
+    peak = peak_memory_bytes(device) / GiB
+    total = torch.cuda.get_device_properties(device).total_memory / GiB if device.type == "cuda" else float("nan")
+    tips = []
+    if b > 1:
+        tips.append(f"train.batch_size={b // 2} train.grad_accum={t.grad_accum * 2} (same effective batch)")
+    if not t.gradient_checkpointing:
+        tips.append("train.gradient_checkpointing=true")
+    elif not t.offload_activations:
+        tips.append("train.offload_activations=true (activations wait in CPU RAM)")
+    if s > 256:
+        tips.append(f"data.max_length={s // 2}")
+    if t.optimizer != "paged_adamw_8bit":
+        tips.append("train.optimizer=paged_adamw_8bit")
+    if cfg.lora.rank > 8:
+        tips.append(f"lora.rank={cfg.lora.rank // 2}")
+    return (
+        f"CUDA out of memory at step {step}: micro-batch {b} x {s} tokens (train.batch_size={b}, "
+        f"data.max_length={cfg.data.max_length}, packing={cfg.data.packing}); peak {peak:.1f} GiB of {total:.1f} GiB. "
+        "Try, in this order: " + "; ".join(tips)
+    )
+
+
+# ---- the recipe ----
+
+
+def train(cfg: Config, console: Console | None = None, should_stop: Callable[[int], bool] | None = None) -> dict:
+    """Run `cfg`. `should_stop(step)` → True stops after that step like Ctrl-C (checkpoint + Interrupted)."""
     console = console or Console()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    torch.manual_seed(cfg.train.seed)
     device = pick_device(cfg.device)
+    optimizer_name = resolve_optimizer(cfg.train.optimizer, device)  # fails before the model loads
     dtype = DTYPES[cfg.model.dtype]
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
 
     # 1. model: NF4 base, LoRA adapters on the targets
     path = model_path(cfg, out)
@@ -127,70 +236,217 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     )
 
     # 2. data
-    train_rows, eval_rows = load_rows(cfg.data.train, cfg.data.eval, cfg.data.num_train, cfg.data.num_eval, cfg.data.seed)
-    examples = [tokenize_row(tokenizer, r, cfg.data.max_length, cfg.data.train_on_prompt) for r in train_rows]
-    if len(examples) < cfg.train.batch_size:
-        raise ValueError(f"data.train: {len(examples)} rows, fewer than train.batch_size={cfg.train.batch_size}")
-    console.print(f"[bold]data[/] {len(train_rows)} train rows, {len(eval_rows)} eval rows ({cfg.data.train})")
+    train_data, eval_data = load_data(cfg.data, tokenizer)
+    mode = "pack" if cfg.data.packing else "group" if cfg.data.group_by_length else "pad"
+    data = Batches(train_data.examples, cfg.train.batch_size, tokenizer.pad_token_id, cfg.data.seed, mode, cfg.data.max_length)
+    eval_examples = eval_data.examples[: cfg.eval.max_rows] if eval_data else []
+    eval_rendered = eval_data.rendered[: cfg.eval.max_rows] if eval_data else []
+    console.print(
+        f"[bold]data[/] {len(train_data.examples)} train rows ({train_data.source}, {train_data.format}), "
+        f"{len(eval_examples)} eval rows, {len(data.plan())} {mode} batches per epoch"
+    )
+    for ds in (train_data, eval_data) if eval_data else (train_data,):
+        if ds.skipped:
+            console.print(f"[yellow]skipped {len(ds.skipped)} malformed rows[/] of {ds.source} (data.bad_rows=skip); first: {ds.skipped[0]}")
+        if ds.too_long:
+            console.print(f"[yellow]dropped {ds.too_long} rows[/] of {ds.source}: the prompt fills data.max_length={cfg.data.max_length}")
 
-    # 3. score before
-    result: dict = {"trainable_params": n_trainable}
-    if cfg.eval.exact_match and eval_rows:
-        result["exact_match_before"] = exact_match(model, tokenizer, eval_rows, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        console.print(f"[bold]exact match before[/] {result['exact_match_before']:.1%}")
-
-    # 4. train
+    # 3. optimizer, schedule, precision
+    groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.lora_plus_ratio)
+    optimizer = build_optimizer(optimizer_name, groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.schedule)
+    )
+    use_autocast = cfg.train.autocast and dtype != torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else None
+    scaler = torch.amp.GradScaler(device.type) if use_autocast and dtype == torch.float16 else None
+    offload = OffloadActivations() if cfg.train.offload_activations else None
     if cfg.train.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     model.config.use_cache = False
-    model.train()
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    data = batches(examples, cfg.train.batch_size, tokenizer.pad_token_id, cfg.data.seed)
-    losses, tokens_seen, t_start = [], 0, time.perf_counter()
-    with open(out / "metrics.jsonl", "w") as log, _progress(console) as progress:
-        task = progress.add_task("train", total=cfg.train.max_steps, loss=float("nan"), lr=0.0, tps=0.0)
-        for step in range(1, cfg.train.max_steps + 1):
-            micro = [next(data) for _ in range(cfg.train.grad_accum)]
-            try:
-                loss_sum, n_tokens = train_step(model, micro, optimizer, trainable, cfg.train.max_grad_norm, device)
-            except FloatingPointError as e:
-                raise FloatingPointError(f"step {step}: {e}") from None
-            scheduler.step()
-            tokens_seen += n_tokens
-            losses.append(loss_sum)
-            lr = scheduler.get_last_lr()[0]
-            tps = tokens_seen / (time.perf_counter() - t_start)
-            log.write(json.dumps({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tps}) + "\n")
-            progress.update(task, advance=1, loss=loss_sum, lr=lr, tps=tps)
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                log.flush()
-    train_time = time.perf_counter() - t_start
-    model.config.use_cache = True
 
-    # 5. adapter (PEFT format), score after
-    adapter_dir = save_adapter(model, spec, loaded.targets, path, out / "adapter", dtype, cfg.model.quantize)
+    # 4. resume: adapter, optimizer, schedule, scaler, data position, RNG, counters
+    start, trainer = 0, {"losses": [], "tokens_seen": 0, "train_seconds": 0.0}
+    if cfg.checkpoint.resume:
+        ckpt = resolve_resume(cfg.checkpoint.resume, out)
+        state = load_state(ckpt)
+        load_adapter_weights(model, ckpt / "adapter")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        start, trainer = state["step"], state["trainer"]
+        _warn_config_changes(console, json.loads((ckpt / "checkpoint.json").read_text())["config"], to_dict(cfg))
+        console.print(f"[bold]resumed[/] from {ckpt} at step {start}")
+
+    def save(step: int) -> Path:
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+            "data": data.state_dict(),
+            "trainer": trainer,
+        }
+        return save_checkpoint(out, step, write_adapter, state, to_dict(cfg), cfg.checkpoint.keep_last)
+
+    def write_adapter(target: Path) -> Path:
+        info = {"data_format": train_data.format}
+        return save_adapter(model, spec, loaded.targets, path, target, dtype, cfg.model.quantize, extra_info=info)
+
+    # 5. score before
+    can_score = cfg.eval.exact_match and any(r.answer is not None for r in eval_rendered)
+    if can_score and "exact_match_before" not in trainer:
+        trainer["exact_match_before"] = exact_match(model, tokenizer, eval_rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        console.print(f"[bold]exact match before[/] {trainer['exact_match_before']:.1%}")
+
+    # 6. train
+    model.train()
+    logger = MetricsLogger(out, cfg.log, to_dict(cfg), resume_step=start if cfg.checkpoint.resume else None)
+    stop = _StopOnSigint()
+    last_checkpoint: Path | None = ckpt if cfg.checkpoint.resume else None
+    t_start, tokens_here, seconds_before = time.perf_counter(), 0, trainer["train_seconds"]
+    step = start
+    try:
+        with logger, stop, _progress(console, device) as progress:
+            task = progress.add_task("train", total=cfg.train.max_steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0, mem=0.0)
+            for step in range(start + 1, cfg.train.max_steps + 1):
+                micro = [next(data) for _ in range(cfg.train.grad_accum)]
+                try:
+                    loss, n_tok = train_step(
+                        model, micro, optimizer, trainable, cfg.train.max_grad_norm, device, autocast, scaler, offload
+                    )
+                except FloatingPointError as e:
+                    kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+                    raise FloatingPointError(
+                        f"step {step}: {e}; stopped before the update ({kept}). Lower train.lr, raise "
+                        "train.warmup_steps, or check the data"
+                    ) from None
+                except torch.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    shape = max((tuple(b["input_ids"].shape) for b in micro), key=lambda s: s[0] * s[1])
+                    raise OutOfMemory(oom_advice(cfg, step, shape, device)) from None
+                scheduler.step()
+                tokens_here += n_tok
+                trainer["tokens_seen"] += n_tok
+                trainer["losses"].append(loss)
+                elapsed = time.perf_counter() - t_start
+                record = {
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens_here / elapsed,
+                    "peak_mem_gib": peak_memory_bytes(device) / GiB,
+                }
+                logger.log(step, record)
+                progress.update(task, completed=step, loss=loss, lr=record["lr"], tps=record["tokens_per_s"], mem=record["peak_mem_gib"])
+                if step % cfg.train.log_every == 0:
+                    logger.flush()
+                if eval_examples and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
+                    _evaluate(cfg, model, tokenizer, eval_examples, train_data.format, device, autocast, logger, step, progress.console)
+                trainer["train_seconds"] = seconds_before + elapsed
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
+                    last_checkpoint = save(step)
+                if stop.requested or (should_stop and should_stop(step)):
+                    raise Interrupted(step, save(step))
+            eval_metrics = {}
+            if eval_examples:
+                eval_metrics = _evaluate(cfg, model, tokenizer, eval_examples, train_data.format, device, autocast, logger, step, console)
+            last_checkpoint = save(step)
+    finally:
+        model.config.use_cache = True
+
+    # 7. adapter (PEFT format), score after, summary
+    adapter_dir = write_adapter(out / "adapter")
+    losses = trainer["losses"]
     first, last = _mean(losses[: cfg.train.log_every]), _mean(losses[-cfg.train.log_every :])
-    result |= {"steps": len(losses), "loss_first": first, "loss_last": last, "train_seconds": train_time, "adapter": str(adapter_dir)}
-    console.print(f"[bold]loss[/] {first:.3f} → {last:.3f} over {len(losses)} steps in {train_time:.0f}s; adapter: {adapter_dir}")
-    if cfg.eval.exact_match and eval_rows:
-        result["exact_match_after"] = exact_match(model, tokenizer, eval_rows, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        console.print(f"[bold]exact match[/] before {result['exact_match_before']:.1%} → after {result['exact_match_after']:.1%}")
+    result = {
+        "steps": len(losses),
+        "loss_first": first,
+        "loss_last": last,
+        **eval_metrics,
+        "trainable_params": n_trainable,
+        "tokens_seen": trainer["tokens_seen"],
+        "train_seconds": trainer["train_seconds"],
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "adapter": str(adapter_dir),
+        "checkpoint": str(last_checkpoint),
+    }
+    if can_score:
+        result["exact_match_before"] = trainer["exact_match_before"]
+        result["exact_match_after"] = exact_match(model, tokenizer, eval_rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    if cfg.log.plot:
+        result["loss_plot"] = str(plot_loss(read_metrics(out / "metrics.jsonl"), out / "loss.png"))
     (out / "result.json").write_text(json.dumps(result, indent=2))
+    console.print(summary_table(result))
     return result
+
+
+def _evaluate(cfg, model, tokenizer, examples, data_format, device, autocast, logger, step, console) -> dict:
+    """Eval loss / perplexity, and the fixed sample prompts, logged at `step`."""
+    loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device, autocast)
+    metrics = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    logger.log(step, metrics)
+    console.print(f"[bold]eval[/] step {step}: loss {loss:.4f}, perplexity {metrics['eval_ppl']:.2f}")
+    if cfg.eval.samples:
+        from qtrain.generate import format_prompt
+
+        for prompt in cfg.eval.samples:
+            text, specials = format_prompt(prompt, data_format, tokenizer)
+            answer = generate(model, tokenizer, [text], cfg.eval.max_new_tokens, add_special_tokens=specials)[0]
+            console.print(f"  [dim]{prompt!r}[/] → {answer!r}")
+            logger.text(step, "samples", f"{prompt} → {answer}")
+    return metrics
+
+
+def _warn_config_changes(console: Console, saved: dict, now: dict, prefix: str = "") -> None:
+    """Resuming with different data or batch settings continues, but not bit-for-bit: say so."""
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            _warn_config_changes(console, a, b, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" not in ("checkpoint.resume", "train.max_steps", "output_dir"):
+            console.print(f"[yellow]resume:[/] {prefix}{key} was {a!r} in the checkpoint, now {b!r}")
+
+
+class _StopOnSigint:
+    """While active, the first Ctrl-C only sets `requested` (the loop saves and stops after the
+    current step); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C: default behaviour
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _progress(console: Console) -> Progress:
+def _progress(console: Console, device: torch.device) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
+        TextColumn(
+            "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s  "
+            f"{peak_memory_label(device)} " + "{task.fields[mem]:.2f} GiB"
+        ),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
     )

@@ -37,7 +37,8 @@ def test_train_returns_0_and_writes_adapter(trained):
     rc, out = trained
     assert rc == 0
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "qtrain.json"]
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train"]["max_steps"] == 2 and cfg["model"]["tiny"]["hidden_size"] == 64  # overrides applied
     assert json.loads((out / "result.json").read_text())["steps"] == 2
