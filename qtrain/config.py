@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -148,8 +149,7 @@ class Config:
                 "train.max_steps": t.max_steps,
                 "train.batch_size": t.batch_size,
                 "train.grad_accum": t.grad_accum,
-                "train.lr": t.lr,
-                "train.lora_plus_ratio": t.lora_plus_ratio,
+                "data.num_train": d.num_train,
                 "train.log_every": t.log_every,
                 "data.max_length": d.max_length,
                 "eval.batch_size": e.batch_size,
@@ -165,10 +165,12 @@ class Config:
                 "train.weight_decay": t.weight_decay,
                 "train.max_grad_norm": t.max_grad_norm,
                 "train.warmup_steps": t.warmup_steps,
+                "data.num_eval": d.num_eval,
                 "eval.every": e.every,
                 "checkpoint.every": c.every,
             },
         )
+        _check("> 0 and finite", lambda v: math.isfinite(v) and v > 0, {"train.lr": t.lr, "train.lora_plus_ratio": t.lora_plus_ratio})
         if not 0.0 <= self.lora.dropout < 1.0:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
         if not 0.0 <= d.eval_fraction < 1.0:
@@ -177,6 +179,10 @@ class Config:
             raise ConfigError(
                 f"lora.target_modules: {self.lora.target_modules!r}; use 'all-linear' or a list such as [q_proj, v_proj]"
             )
+        if e.every and d.train != "synthetic" and d.eval is None and d.eval_fraction == 0:
+            raise ConfigError("eval.every: there are no eval rows; set data.eval or data.eval_fraction > 0 (or eval.every=0)")
+        if c.resume == "":
+            raise ConfigError("checkpoint.resume: empty; use auto, a checkpoint directory, or leave it unset")
         if d.packing and d.group_by_length:
             raise ConfigError("data.packing and data.group_by_length: choose one (packed sequences all have max_length)")
         if d.train == "synthetic" and d.format not in ("auto", "alpaca"):

@@ -121,6 +121,8 @@ def read_table(source: str, split: str = "train", subset: str | None = None, bad
     path = Path(source)
     if path.suffix == ".jsonl":
         return read_jsonl(path, bad_rows)
+    if path.is_file() and path.suffix not in FILE_KINDS:
+        raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use {', '.join(FILE_KINDS)}")
     import datasets  # heavy: imported when data files are used
 
     if path.suffix in FILE_KINDS:

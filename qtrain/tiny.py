@@ -81,8 +81,9 @@ def build_tiny_model(
     """Write a random tiny model + the char tokenizer to `path` (a HF checkpoint directory)."""
     path = Path(path)
     config = tiny_config(arch, **config_kwargs)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     char_tokenizer().save_pretrained(path)
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ from qtrain.config import Config, ConfigError, LoRAConfig, TinyModelConfig, appl
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs").glob("*.yml"))
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
+# the ready GPU configs (QLoRA on a 7-8B model): 24 GB cards, then the 16 GB and 8 GB variants
+GPU_24GB = ["llama-3.1-8b.yaml", "llama-2-7b.yaml", "mistral-7b.yaml", "qwen2.5-7b.yaml"]
+GPU_16GB, GPU_8GB = "llama-3.1-8b-16gb.yaml", "llama-3.1-8b-8gb.yaml"
+GPU_CONFIGS = [p for p in CONFIGS if p != QUICKSTART]
 # a config with only the one required choice (which model) set: everything else is the default
 MINIMAL = ["model.name_or_path=some/model"]
 
@@ -46,6 +51,82 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def launch_overrides(path: Path) -> list[str]:
+    """The overrides of the launch command on the file's first line, `# qtrain train configs/<name> k=v ...`."""
+    first = path.read_text().splitlines()[0]
+    command = f"# qtrain train configs/{path.name}"
+    assert first == command or first.startswith(command + " "), f"{path.name}: first line {first!r}"
+    return shlex.split(first[len(command) :])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_opens_with_its_launch_command(path):
+    overrides = launch_overrides(path)
+    assert all("=" in o and not o.startswith("-") for o in overrides), overrides  # key=value only
+    cfg = load_config(path, overrides)  # the keys exist and the values type-check
+    cfg.validate()
+    flat = _flat(to_dict(cfg))
+    for override in overrides:
+        key, _ = override.split("=", 1)
+        assert key in flat, f"{path.name}: {override} sets a section, not a key"
+
+
+def test_expected_gpu_configs_exist():
+    names = {p.name for p in GPU_CONFIGS}
+    for name in [*GPU_24GB, GPU_16GB, GPU_8GB]:
+        assert name in names, f"configs/{name} is missing"
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.name)
+def test_gpu_config_is_qlora_on_cuda(path):
+    cfg = load_config(path)
+    assert cfg.device == "cuda"
+    assert cfg.model.name_or_path and cfg.model.tiny is None
+    assert cfg.model.quantize is True and cfg.model.dtype == "bf16"
+    assert cfg.train.gradient_checkpointing is True
+    assert cfg.train.optimizer in ("paged_adamw_32bit", "paged_adamw_8bit")
+    assert cfg.train.lr == pytest.approx(2e-4) and cfg.train.schedule == "cosine" and cfg.train.warmup_steps > 0
+    assert cfg.eval.exact_match is False and cfg.eval.every > 0 and cfg.checkpoint.every > 0
+    assert cfg.log.tensorboard is True
+    assert cfg.data.train == "data/train.jsonl"
+    # the launch command shows where the user's data goes
+    assert launch_overrides(path)[0].startswith("data.train=")
+    # the header says what the memory numbers are worth
+    header = path.read_text().split("\n\n", 1)[0].lower()
+    assert "estimate" in header and "measured" in header
+
+
+@pytest.mark.parametrize("name", GPU_24GB)
+def test_24gb_configs(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.train.optimizer == "paged_adamw_32bit"
+    assert cfg.data.packing is True and cfg.data.max_length == 2048
+    assert cfg.train.offload_activations is False
+
+
+def test_16gb_config():
+    cfg = load_config(REPO / "configs" / GPU_16GB)
+    assert cfg.data.max_length == 1024
+    assert cfg.model.name_or_path == load_config(REPO / "configs" / "llama-3.1-8b.yaml").model.name_or_path
+
+
+def test_8gb_config_offloads_and_uses_8bit_adam():
+    cfg = load_config(REPO / "configs" / GPU_8GB)
+    assert cfg.train.offload_activations is True
+    assert cfg.train.optimizer == "paged_adamw_8bit"
+    assert cfg.data.max_length == 512 and cfg.train.batch_size == 1
+    assert cfg.model.name_or_path == load_config(REPO / "configs" / "llama-3.1-8b.yaml").model.name_or_path
+
+
+def test_smaller_cards_trade_length_not_tokens_per_step():
+    # each variant keeps the 24 GB config's tokens per optimizer step, so lr 2e-4 carries over
+    def tokens_per_step(name: str) -> int:
+        t = load_config(REPO / "configs" / name)
+        return t.train.batch_size * t.train.grad_accum * t.data.max_length
+
+    assert tokens_per_step(GPU_16GB) == tokens_per_step(GPU_8GB) == tokens_per_step("llama-3.1-8b.yaml")
 
 
 def test_quickstart_values():
@@ -166,7 +247,7 @@ def test_unknown_key_names_it_and_suggests(override, key, suggestion):
 def test_unknown_key_without_close_match_lists_allowed():
     msg = error_of(["eval.zzzzzz=1"])
     assert msg.startswith("eval.zzzzzz: unknown key") and "did you mean" not in msg
-    assert "allowed: exact_match, max_new_tokens, batch_size" in msg
+    assert "allowed: every, exact_match, max_rows, max_new_tokens, batch_size, samples" in msg
 
 
 def test_unknown_key_in_yaml_file(tmp_path):
@@ -212,6 +293,9 @@ def test_section_given_a_scalar_has_clean_key():
         ("device=gpu", "device", "auto, cpu, cuda"),
         ("model.tiny.arch=gpt2", "model.tiny.arch", "llama, mistral, qwen2"),
         ("model.backend=cuda", "model.backend", "auto, torch, triton"),
+        ("data.format=sharegpt", "data.format", "auto, alpaca, chat, prompt_completion, text"),
+        ("data.bad_rows=ignore", "data.bad_rows", "error, skip"),
+        ("train.optimizer=sgd", "train.optimizer", "auto, adamw, paged_adamw_32bit, paged_adamw_8bit"),
     ],
 )
 def test_literal_not_allowed_lists_choices(override, key, choices):
@@ -262,13 +346,190 @@ def test_bad_target_modules_string(value):
     assert msg.startswith("lora.target_modules:") and "all-linear" in msg and "[q_proj, v_proj]" in msg
 
 
-@pytest.mark.parametrize("value", ["data.txt", "data.json", "train.jsonl.gz"])
-def test_data_train_must_be_synthetic_or_jsonl(value):
-    assert error_of([f"data.train={value}"]).startswith("data.train:")
+@pytest.mark.parametrize(
+    "value", ["my/data.jsonl", "data.json", "rows.csv", "/abs/path/train.parquet", "tatsu-lab/alpaca", "imdb"]
+)
+def test_data_train_files_and_hub_ids_are_accepted(value):
+    # the file is only opened when training starts: the config takes any local file or Hub id
+    assert load_config(QUICKSTART, [f"data.train={value}"]).data.train == value
 
 
-def test_data_train_jsonl_is_accepted():
-    assert load_config(QUICKSTART, ["data.train=my/data.jsonl"]).data.train == "my/data.jsonl"
+def test_hub_dataset_keys():
+    cfg = load_config(
+        QUICKSTART,
+        [
+            "data.train=HuggingFaceH4/ultrachat_200k",
+            "data.subset=default",
+            "data.train_split=train_sft",
+            "data.eval=HuggingFaceH4/ultrachat_200k",
+            "data.eval_split=test_sft",
+            "data.format=chat",
+        ],
+    )
+    d = cfg.data
+    assert (d.subset, d.train_split, d.eval_split, d.format) == ("default", "train_sft", "test_sft", "chat")
+
+
+def test_new_keys_from_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model:\n  name_or_path: m\n"
+        "data:\n  train: d.csv\n  format: prompt_completion\n  eval_fraction: 0.1\n  group_by_length: true\n"
+        "  bad_rows: skip\n"
+        "train:\n  optimizer: adamw\n  lora_plus_ratio: 16\n  autocast: false\n  deterministic: true\n"
+        'eval:\n  every: 50\n  max_rows: 20\n  samples: ["Hi", "2 + 2 ="]\n'
+        "checkpoint:\n  every: 100\n  keep_last: 1\n  resume: auto\n"
+        "log:\n  tensorboard: false\n  wandb: true\n  wandb_project: p\n  plot: false\n"
+    )
+    cfg = load_config(path)
+    d, t, e, c, lg = cfg.data, cfg.train, cfg.eval, cfg.checkpoint, cfg.log
+    assert (d.format, d.eval_fraction, d.group_by_length, d.bad_rows) == ("prompt_completion", 0.1, True, "skip")
+    assert (t.optimizer, t.lora_plus_ratio, t.autocast, t.deterministic) == ("adamw", 16.0, False, True)
+    assert type(t.lora_plus_ratio) is float
+    assert (e.every, e.max_rows, e.samples) == (50, 20, ["Hi", "2 + 2 ="])
+    assert (c.every, c.keep_last, c.resume) == (100, 1, "auto")
+    assert (lg.tensorboard, lg.wandb, lg.wandb_project, lg.plot) == (False, True, "p", False)
+
+
+def test_new_key_defaults():
+    cfg = load_config(None, MINIMAL)
+    assert (cfg.data.format, cfg.data.packing, cfg.data.group_by_length, cfg.data.bad_rows) == (
+        "auto",
+        False,
+        False,
+        "error",
+    )
+    assert (cfg.train.optimizer, cfg.train.lora_plus_ratio, cfg.train.offload_activations) == ("auto", 1.0, False)
+    assert cfg.eval.samples == [] and cfg.checkpoint.resume is None and cfg.checkpoint.every == 0
+
+
+# ---- validation of the new keys -----------------------------------------------------------------
+
+
+def test_packing_and_group_by_length_exclude_each_other():
+    msg = error_of(["data.packing=true", "data.group_by_length=true"])
+    assert "data.packing" in msg and "data.group_by_length" in msg
+    assert load_config(QUICKSTART, ["data.packing=true"]).data.packing is True
+    assert load_config(QUICKSTART, ["data.group_by_length=true"]).data.group_by_length is True
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit"])
+def test_paged_optimizer_needs_cuda(optimizer):
+    msg = error_of([f"train.optimizer={optimizer}", "device=cpu"])
+    assert msg.startswith("train.optimizer:") and optimizer in msg and "device=cpu" in msg
+    # device=auto is resolved (and a paged optimizer on a CPU refused) when training starts
+    for device in ("cuda", "auto"):
+        assert (
+            load_config(QUICKSTART, [f"train.optimizer={optimizer}", f"device={device}"]).train.optimizer == optimizer
+        )
+
+
+@pytest.mark.parametrize("optimizer", ["auto", "adamw"])
+def test_unpaged_optimizers_run_on_cpu(optimizer):
+    assert load_config(QUICKSTART, [f"train.optimizer={optimizer}", "device=cpu"]).train.optimizer == optimizer
+
+
+def test_offload_activations_needs_gradient_checkpointing():
+    msg = error_of(["train.offload_activations=true", "train.gradient_checkpointing=false"])
+    assert "train.offload_activations" in msg and "train.gradient_checkpointing" in msg
+    cfg = load_config(QUICKSTART, ["train.offload_activations=true", "train.gradient_checkpointing=true"])
+    assert cfg.train.offload_activations is True
+
+
+@pytest.mark.parametrize("value", ["1.0", "1", "-0.1", "nan", ".nan", "inf"])
+def test_eval_fraction_range(value):
+    assert error_of([f"data.eval_fraction={value}"]).startswith("data.eval_fraction: must be in [0, 1)")
+
+
+@pytest.mark.parametrize("value", [0.0, 0.05, 0.99])
+def test_eval_fraction_in_range_is_fine(value):
+    assert load_config(QUICKSTART, [f"data.eval_fraction={value}"]).data.eval_fraction == value
+
+
+@pytest.mark.parametrize("fmt", ["chat", "prompt_completion", "text"])
+def test_synthetic_data_is_alpaca(fmt):
+    msg = error_of([f"data.format={fmt}"])  # quickstart: data.train=synthetic
+    assert msg.startswith("data.format:") and "data.train=synthetic" in msg and fmt in msg
+    assert load_config(QUICKSTART, ["data.train=d.jsonl", f"data.format={fmt}"]).data.format == fmt
+
+
+@pytest.mark.parametrize("fmt", ["auto", "alpaca"])
+def test_synthetic_data_with_alpaca_or_auto(fmt):
+    assert load_config(QUICKSTART, [f"data.format={fmt}"]).data.format == fmt
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("train.lora_plus_ratio", "0"),
+        ("train.lora_plus_ratio", "-16"),
+        ("train.lora_plus_ratio", "nan"),
+        ("eval.max_rows", "0"),
+        ("eval.max_rows", "-5"),
+        ("checkpoint.keep_last", "0"),
+        ("checkpoint.keep_last", "-1"),
+    ],
+)
+def test_new_non_positive_values(key, value):
+    assert error_of([f"{key}={value}"]).startswith(f"{key}: must be > 0")
+
+
+@pytest.mark.parametrize("key", ["train.lr", "train.lora_plus_ratio"])
+@pytest.mark.parametrize("value", [".inf", "inf"])
+def test_infinite_rates_are_rejected(key, value):
+    assert error_of([f"{key}={value}"]).startswith(f"{key}: must be > 0 and finite")
+
+
+@pytest.mark.parametrize("override, key", [("data.num_train=-5", "data.num_train"), ("data.num_train=0", "data.num_train"), ("data.num_eval=-1", "data.num_eval")])
+def test_synthetic_row_counts(override, key):
+    assert error_of([override]).startswith(f"{key}: must be")
+
+
+def test_eval_every_needs_eval_rows():
+    msg = error_of(["data.train=rows.csv", "data.eval_fraction=0", "eval.every=50"])
+    assert msg.startswith("eval.every: there are no eval rows") and "data.eval_fraction" in msg
+    load_config(QUICKSTART, ["data.train=rows.csv", "data.eval=eval.csv", "data.eval_fraction=0", "eval.every=50"])
+
+
+def test_empty_resume_is_rejected():
+    assert error_of(["checkpoint.resume="]).startswith("checkpoint.resume: empty")
+
+
+@pytest.mark.parametrize("key", ["eval.every", "checkpoint.every"])
+def test_negative_every(key):
+    assert error_of([f"{key}=-1"]).startswith(f"{key}: must be >= 0, got -1")
+    assert getattr(load_config(QUICKSTART, [f"{key}=0"]), key.split(".")[0]).every == 0  # 0: only at the end
+
+
+def test_lora_plus_ratio_accepts_the_paper_value():
+    assert load_config(QUICKSTART, ["train.lora_plus_ratio=16"]).train.lora_plus_ratio == 16.0
+
+
+def test_eval_samples_list_of_strings():
+    cfg = load_config(QUICKSTART, ["eval.samples=['Which letter comes next? c', 'Is 12 even: or odd?', plain words]"])
+    assert cfg.eval.samples == ["Which letter comes next? c", "Is 12 even: or odd?", "plain words"]
+    assert load_config(QUICKSTART, ["eval.samples=[]"]).eval.samples == []
+
+
+def test_eval_samples_rejects_a_non_string_item():
+    msg = error_of(["eval.samples=[hello, 3]"])
+    assert msg.startswith("eval.samples[1]: expected a string, got 3")
+
+
+def test_eval_samples_must_be_a_list():
+    assert error_of(["eval.samples=hello"]).startswith("eval.samples: expected a list")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("auto", "auto"), ("runs/x/checkpoints/step-200", "runs/x/checkpoints/step-200"), ("null", None)],
+)
+def test_checkpoint_resume(value, expected):
+    assert load_config(QUICKSTART, [f"checkpoint.resume={value}"]).checkpoint.resume == expected
+
+
+def test_checkpoint_resume_must_be_a_string():
+    assert error_of(["checkpoint.resume=5"]).startswith("checkpoint.resume: expected a string")
 
 
 def test_nan_lr_is_rejected():

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from qtrain.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_INFO, load_adapter_weights, read_adapter_config
 from qtrain.config import Config, load_config
@@ -240,3 +241,88 @@ def test_nan_loss_stops_before_the_update(tiny_checkpoint):
     with pytest.raises(FloatingPointError, match="loss is nan"):
         train_step(loaded.model, [batch], opt, trainable, 1.0, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(before, trainable))
+
+
+# ---- precision, determinism ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_autocast_runs_keep_fp32_adapters(tmp_path, dtype):
+    # bf16/fp16 base and autocast on CPU; fp16 adds loss scaling (GradScaler), saved in checkpoints
+    result, _ = run(
+        tmp_path, "train.max_steps=4", "data.num_train=32", f"model.dtype={dtype}", "eval.exact_match=false",
+        "log.tensorboard=false", "log.plot=false",
+    )
+    assert all(math.isfinite(x) for x in train_losses(tmp_path))
+    tensors = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS)
+    assert {t.dtype for t in tensors.values()} == {torch.float32}  # master weights stay fp32
+    state = torch.load(Path(result["checkpoint"]) / "trainer_state.pt", weights_only=False)
+    assert (state["scaler"] is not None) == (dtype == "fp16")
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path):
+    common = ["train.max_steps=3", "data.num_train=32", "eval.exact_match=false", "lora.dropout=0.1", "log.plot=false"]
+    run(tmp_path / "a", *common, "train.deterministic=true")
+    run(tmp_path / "b", *common, "train.deterministic=true")
+    run(tmp_path / "c", *common, "train.deterministic=true", "train.seed=7")
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    assert train_losses(tmp_path / "a") != train_losses(tmp_path / "c")
+
+
+# ---- eval during training, logs, summary -----------------------------------------------------
+
+
+def test_eval_every_n_steps_with_samples_tensorboard_and_plot(tmp_path):
+    result, _ = run(
+        tmp_path, "train.max_steps=4", "data.num_train=32", "data.num_eval=6", "eval.every=2",
+        "eval.max_new_tokens=3", 'eval.samples=["Is this number even or odd?", "b"]',
+    )
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert evals[-1]["eval_loss"] == pytest.approx(result["eval_loss"])
+    assert all(r["peak_mem_gib"] > 0 and r["tokens_per_s"] > 0 for r in records if "loss" in r)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2, 2, 4, 4]
+    assert samples[0]["text"].startswith("Is this number even or odd? → ")
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_table_is_printed(tmp_path, capsys):
+    run(tmp_path, "train.max_steps=2", "data.num_train=16", "eval.exact_match=false", "log.plot=false")
+    out = capsys.readouterr().out
+    assert "run summary" in out and "loss_last" in out and "peak_mem_bytes" in out
+
+
+# ---- CUDA out of memory ----------------------------------------------------------------------
+
+
+def test_oom_reports_what_ran_and_what_to_try(tmp_path, monkeypatch):
+    import qtrain.train as recipe
+
+    real, calls = recipe.loss_sum, {"n": 0}
+
+    def oom_at_step_2(model, batch, offload=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, batch, offload)
+
+    monkeypatch.setattr(recipe, "loss_sum", oom_at_step_2)
+    with pytest.raises(recipe.OutOfMemory) as info:
+        run(tmp_path, "train.max_steps=4", "data.num_train=32", "eval.exact_match=false", "data.max_length=512")
+    msg = str(info.value)
+    assert msg.startswith("CUDA out of memory at step 2: micro-batch 8 x ")
+    assert "train.batch_size=4 train.grad_accum=2 (same effective batch)" in msg
+    assert "train.offload_activations=true" in msg and "train.optimizer=paged_adamw_8bit" in msg
+    assert "lora.rank=8" in msg
+
+
+def test_oom_advice_for_a_lean_setup():
+    from qtrain.train import oom_advice
+
+    cfg = load_config(QUICKSTART, ["train.batch_size=1", "train.offload_activations=true", "train.optimizer=paged_adamw_8bit", "lora.rank=8"])
+    msg = oom_advice(cfg, 7, (1, 2048), torch.device("cpu"))
+    assert "step 7: micro-batch 1 x 2048 tokens" in msg and "data.max_length=1024" in msg
+    assert "batch_size=0" not in msg and "offload_activations" not in msg.split("Try")[1]
