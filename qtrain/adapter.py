@@ -101,6 +101,20 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def read_training_info(adapter_dir: str | Path) -> dict:
+    """The adapter's qtrain.json ({base_dtype, quantized, data_format}), or {} for adapters trained elsewhere."""
+    path = Path(adapter_dir) / TRAINING_INFO
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    return info
+
+
 def read_adapter_config(adapter_dir: str | Path) -> LoRASpec:
     """The LoRASpec of a PEFT LoRA adapter directory."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
@@ -191,8 +205,7 @@ def merge_adapter(
     spec = read_adapter_config(adapter_dir)
     adapter = {_parse_key(k, Path(adapter_dir)): v.float() for k, v in load_file(Path(adapter_dir) / ADAPTER_WEIGHTS).items()}
     scale = spec.scale()
-    info_path = Path(adapter_dir) / TRAINING_INFO
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info = read_training_info(adapter_dir)
     quant_dtype = getattr(torch, info.get("base_dtype", str(dtype).removeprefix("torch.")))
     if not info.get("quantized", True):
         base_weights = "original"  # trained on an unquantized base: there is no NF4 base to rebuild

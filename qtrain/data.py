@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 
 IGNORE_INDEX = -100
 FORMATS = ("alpaca", "chat", "prompt_completion", "text")
@@ -137,7 +138,7 @@ def read_table(source: str, split: str = "train", subset: str | None = None, bad
         ds = datasets.load_dataset(**load)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"{label}: could not be read as a dataset: {e}") from None
-    except Exception as e:  # datasets wraps parser errors (pyarrow, json) in its own types
+    except Exception as e:  # noqa: BLE001 - datasets wraps parser errors (pyarrow, json...) in many types
         raise ValueError(f"{label}: could not be read as a dataset ({type(e).__name__}: {e})") from None
     rows = ds.to_list()
     if path.suffix == ".csv":
@@ -262,7 +263,7 @@ def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool
         return ""
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # jinja raises its own errors (e.g. "roles must alternate")
+    except (TemplateError, TypeError, KeyError) as e:  # e.g. a template's "roles must alternate"
         raise ValueError(f"the chat template rejected this conversation: {e}") from None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from itertools import islice, pairwise
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -17,8 +17,8 @@ from qtrain.config import Config, load_config
 from qtrain.data import IGNORE_INDEX, batches, synthetic_split, tokenize_row
 from qtrain.lora import LoRASpec, lora_modules
 from qtrain.model import load_model
-from qtrain.tiny import char_tokenizer
 from qtrain.optim import lr_lambda
+from qtrain.tiny import char_tokenizer
 from qtrain.train import causal_lm_loss_sum, pick_device, train
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,236 @@
+"""`qtrain generate`: load a base model + a trained LoRA adapter and complete prompts with it.
+
+The base is held the way it was in training (NF4 or not, and the dtype it was quantized from, both
+recorded in the adapter's qtrain.json), so the model generating is the one that was trained.
+Prompts are rendered with the training data's format (alpaca, a chat template, or as is).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qtrain.adapter import ADAPTER_CONFIG, TRAINING_INFO, load_adapter_weights, read_adapter_config, read_training_info
+from qtrain.config import DTYPES
+from qtrain.data import FORMATS, alpaca_prompt, ensure_chat_template
+
+TEMPLATES = ("auto", "alpaca", "chat", "none")  # `none`: the prompt as is
+PROMPT_FORMATS = (*FORMATS, "none")  # what format_prompt renders
+
+
+@dataclass
+class Prompt:
+    """One prompt; `input` is alpaca's optional input (from a .jsonl prompts file)."""
+
+    text: str
+    input: str = ""
+
+
+# ---- loading ----
+
+
+def _dtype_from_info(info: dict, path: Path) -> torch.dtype | None:
+    name = info.get("base_dtype")
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{path}: base_dtype {name!r} is not a floating-point torch dtype")
+    return dtype
+
+
+def resolve_base(adapter_dir: str | Path, base: str | None) -> tuple[Path, str]:
+    """(the base checkpoint directory, the name it was given by): `base`, else the adapter's
+    base_model_name_or_path. Errors name where the name came from."""
+    from qtrain.checkpoint import resolve_model_dir
+
+    cfg_path = Path(adapter_dir) / ADAPTER_CONFIG
+    source = "--base"
+    if base is None:
+        base = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{cfg_path}: records no base_model_name_or_path; pass --base PATH_OR_ID")
+        source = f"base_model_name_or_path in {cfg_path}"
+    try:
+        return resolve_model_dir(base), base
+    except (OSError, ValueError) as e:  # not a directory; the Hub's errors (offline, unknown or invalid id)
+        hint = "; pass --base PATH_OR_ID" if source != "--base" else ""
+        raise FileNotFoundError(f"base model {base!r} ({source}) could not be found or downloaded: {e}{hint}") from None
+
+
+def load_for_inference(
+    adapter_dir: str | Path,
+    base: str | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    backend: str = "auto",
+    base_only: bool = False,
+) -> tuple[nn.Module, object, dict]:
+    """(model in eval mode, tokenizer, info) for an adapter directory.
+
+    `base` defaults to the adapter's base_model_name_or_path; NF4 or not and the dtype come from
+    the adapter's qtrain.json (defaults without one: NF4, bf16 on CUDA, fp32 on CPU), `dtype`
+    ("bf16"/"fp16"/"fp32") overrides the dtype. `base_only` loads the same base without the
+    adapter's weights, to compare with. `info`: adapter, base, model_dir, device, dtype,
+    quantized, data_format (None when not recorded), base_only.
+    """
+    from transformers import AutoTokenizer
+
+    from qtrain.model import load_model
+    from qtrain.train import pick_device
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
+    spec = read_adapter_config(adapter_dir)  # names adapter_config.json when it is missing
+    info = read_training_info(adapter_dir)
+    model_dir, base_name = resolve_base(adapter_dir, base)
+    torch_device = pick_device(device)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        compute_dtype = DTYPES[dtype]
+    else:
+        compute_dtype = _dtype_from_info(info, adapter_dir / TRAINING_INFO)
+        if compute_dtype is None:
+            compute_dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    quantized = bool(info.get("quantized", True))
+    data_format = info.get("data_format")
+    if data_format is not None and data_format not in PROMPT_FORMATS:
+        raise ValueError(
+            f"{adapter_dir / TRAINING_INFO}: data_format {data_format!r} is not one of {', '.join(FORMATS)}"
+        )
+
+    loaded = load_model(
+        str(model_dir),
+        None if base_only else spec,
+        compute_dtype=compute_dtype,
+        device=torch_device,
+        quantize=quantized,
+        backend=backend,
+    )
+    model = loaded.model
+    if not base_only:
+        load_adapter_weights(model, adapter_dir)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(loaded.model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return (
+        model,
+        tokenizer,
+        {
+            "adapter": str(adapter_dir),
+            "base": base_name,
+            "model_dir": str(loaded.model_dir),
+            "device": str(torch_device),
+            "dtype": str(compute_dtype).removeprefix("torch."),
+            "quantized": quantized,
+            "data_format": data_format,
+            "base_only": base_only,
+        },
+    )
+
+
+# ---- prompts ----
+
+
+def format_prompt(prompt: str, data_format: str, tokenizer, input: str = "") -> tuple[str, bool]:
+    """(text to complete, add_special_tokens) for a user prompt, rendered as in training.
+
+    alpaca: the alpaca instruction block (`input` as its input); chat: the tokenizer's chat template
+    (a default one when it has none) for one user turn plus the assistant header, which already
+    holds its special tokens; prompt_completion, text, none: the prompt as is."""
+    if data_format == "alpaca":
+        return alpaca_prompt({"instruction": prompt, "input": input}), True
+    if input:
+        prompt = f"{prompt}\n\n{input}"
+    if data_format == "chat":
+        ensure_chat_template(tokenizer)
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    if data_format in ("prompt_completion", "text", "none"):
+        return prompt, True
+    raise ValueError(f"prompt format {data_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
+
+
+def resolve_template(template: str, info: dict) -> str:
+    """--template auto → the adapter's recorded data format (alpaca when none is recorded)."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    return (info.get("data_format") or "alpaca") if template == "auto" else template
+
+
+def read_prompts_file(path: str | Path) -> list[Prompt]:
+    """One prompt per non-empty line; or, for .jsonl, one JSON object per line with a "prompt" or
+    "instruction" string (and an optional alpaca "input")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such prompts file")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        return [Prompt(line) for line in lines if line.strip()]
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f'{path}:{n}: expected a JSON object with a "prompt" or "instruction" string')
+        text = row.get("prompt", row.get("instruction"))
+        if not isinstance(text, str):
+            raise ValueError(f'{path}:{n}: needs a "prompt" or "instruction" string, has keys {sorted(row)}')
+        extra = row.get("input") or ""
+        if not isinstance(extra, str):
+            raise ValueError(f'{path}:{n}: "input" must be a string')
+        prompts.append(Prompt(text, extra))
+    return prompts
+
+
+def check_options(max_new_tokens: int, temperature: float, batch_size: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}; must be at least 1")
+    if not temperature >= 0:  # also refuses nan
+        raise ValueError(f"temperature={temperature}; must be >= 0 (0 is greedy)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; must be at least 1")
+
+
+def complete(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[Prompt],
+    data_format: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+) -> Iterator[tuple[Prompt, str]]:
+    """(prompt, completion) pairs, generated lazily batch by batch (the arguments are checked at
+    once), each prompt rendered with `data_format`."""
+    check_options(max_new_tokens, temperature, batch_size)
+    if data_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt format {data_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
+    return _complete(model, tokenizer, prompts, data_format, max_new_tokens, temperature, batch_size)
+
+
+def _complete(
+    model, tokenizer, prompts, data_format, max_new_tokens, temperature, batch_size
+) -> Iterator[tuple[Prompt, str]]:
+    from qtrain.evaluate import generate
+
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        rendered = [format_prompt(p.text, data_format, tokenizer, p.input) for p in chunk]
+        texts, specials = [t for t, _ in rendered], rendered[0][1]  # one format: the same for all
+        answers = generate(
+            model, tokenizer, texts, max_new_tokens, len(texts), add_special_tokens=specials, temperature=temperature
+        )
+        yield from zip(chunk, answers)
