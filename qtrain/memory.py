@@ -49,7 +49,3 @@ def peak_memory_bytes(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
-
-
-def peak_memory_label(device: torch.device) -> str:
-    return "peak GPU mem" if device.type == "cuda" else "peak RSS"

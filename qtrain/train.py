@@ -33,7 +33,7 @@ from qtrain.config import DTYPES, Config, to_dict
 from qtrain.data import IGNORE_INDEX, Batches, eval_batches, load_data
 from qtrain.evaluate import exact_match, generate
 from qtrain.lora import LoRASpec
-from qtrain.memory import OffloadActivations, peak_memory_bytes, peak_memory_label
+from qtrain.memory import OffloadActivations, peak_memory_bytes
 from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
 from qtrain.model import load_model
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
@@ -437,14 +437,11 @@ def _mean(xs: list[float]) -> float:
 
 
 def _progress(console: Console, device: torch.device) -> Progress:
+    mem = "GPU" if device.type == "cuda" else "RSS"
     return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=16),
         TextColumn("{task.completed}/{task.total}"),
-        TextColumn(
-            "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s  "
-            f"{peak_memory_label(device)} " + "{task.fields[mem]:.2f} GiB"
-        ),
+        TextColumn("loss {task.fields[loss]:.3f} lr {task.fields[lr]:.1e} {task.fields[tps]:.0f} tok/s " + mem + " {task.fields[mem]:.2f}G"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
