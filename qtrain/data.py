@@ -16,6 +16,7 @@ on the untrained segments (the prompt, user turns) unless `train_on_prompt`.
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import string
@@ -31,10 +32,11 @@ FORMATS = ("alpaca", "chat", "prompt_completion", "text")
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 # Used when a tokenizer has no chat template: role headers, and EOS closing each assistant turn
-# so the model learns to stop.
+# so the model learns to stop. The blank line between turns is an expression: transformers renders
+# templates with trim_blocks, which would eat a newline written right after a block tag.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}### {{ m['role'] | capitalize }}:\n{{ m['content'] }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n\n{% endfor %}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
 )
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -130,6 +132,11 @@ def read_table(source: str, split: str = "train", subset: str | None = None, bad
         if not path.exists():
             raise FileNotFoundError(f"{path}: data file not found")
         load = {"path": FILE_KINDS[path.suffix], "data_files": str(path), "split": "train"}
+        if path.suffix == ".csv":  # csv cells are text: a column of digits stays strings, not int64
+            with open(path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), None)
+            if header:
+                load["features"] = datasets.Features({name: datasets.Value("string") for name in header})
         label, first_row = str(path), 2 if path.suffix == ".csv" else 1  # csv: line 1 is the header
     else:
         load = {"path": source, "name": subset, "split": split}
@@ -174,6 +181,19 @@ def detect_format(row: dict, where: str) -> str:
         f"{where}: cannot tell the data format from the columns {sorted(keys)}; expected messages (chat), "
         "instruction + output (alpaca), prompt + completion, or text; or set data.format"
     )
+
+
+def _detect(table: Table, bad_rows: str) -> str:
+    """The format of the first row; with bad_rows=skip, of the first row that has one."""
+    first_error = None
+    for row, where in zip(table.rows, table.where):
+        try:
+            return detect_format(row, where)
+        except ValueError as e:
+            if bad_rows != "skip":
+                raise
+            first_error = first_error or e
+    raise first_error
 
 
 @dataclass
@@ -322,9 +342,10 @@ class Dataset:
 def build_dataset(table: Table, fmt: str, tokenizer, max_length: int, train_on_prompt: bool, bad_rows: str) -> Dataset:
     """Render and tokenize every row of `table`; a malformed row raises or is skipped (counted)."""
     if not table.rows:
-        raise ValueError(f"{table.source}: no rows")
+        why = f"; every row was malformed, first: {table.skipped[0]}" if table.skipped else ""
+        raise ValueError(f"{table.source}: no rows{why}")
     if fmt == "auto":
-        fmt = detect_format(table.rows[0], table.where[0])
+        fmt = _detect(table, bad_rows)
     if fmt == "chat":
         ensure_chat_template(tokenizer)
     ds = Dataset([], [], fmt, table.source, list(table.skipped))
@@ -357,7 +378,8 @@ def load_data(cfg, tokenizer) -> tuple[Dataset, Dataset | None]:
         held_out = Table(eval_rows, [f"synthetic eval row {i + 1}" for i in range(len(eval_rows))], "synthetic eval")
     else:
         train = read_table(cfg.train, cfg.train_split, cfg.subset, cfg.bad_rows)
-        train, held_out = split_table(train, cfg.eval_fraction, cfg.seed)
+        # eval_fraction only when there is no data.eval: with one, every train row is trained on
+        train, held_out = split_table(train, 0.0 if cfg.eval else cfg.eval_fraction, cfg.seed)
     if cfg.eval:
         held_out = read_table(cfg.eval, cfg.eval_split, cfg.subset, cfg.bad_rows)
     args = (tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.bad_rows)
@@ -491,7 +513,7 @@ class Batches:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.index >= len(self.plan()):
+        while self.index >= len(self.plan()):  # (packed, an epoch can fall short of one batch: skip it)
             self.epoch, self.index = self.epoch + 1, 0
         seqs = self.plan()[self.index]
         self.index += 1

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from qtrain.data import alpaca_prompt, synthetic_rows
+import qtrain.evaluate
+from qtrain.data import Rendered, alpaca_prompt, render, render_chat, synthetic_rows
 from qtrain.evaluate import exact_match, generate
 from qtrain.lora import LoRASpec, lora_modules
 from qtrain.model import load_model
@@ -117,3 +118,65 @@ def test_exact_match_compares_the_whole_answer(model_and_tok):
 def test_exact_match_no_rows_is_nan(model_and_tok):
     model, tok = model_and_tok
     assert math.isnan(exact_match(model, tok, [], max_new_tokens=4))
+
+
+# ---- Rendered rows (chat, prompt_completion, text): prompt and answer come from the rendering ----
+
+CHATS = [[{"role": "user", "content": f"{r['instruction']} {r['input']}"}] for r in ROWS]
+
+
+def chat_rows(tok, answers: list[str], history: bool = False) -> list[Rendered]:
+    """One Rendered chat row per question, its (last) assistant turn being `answers[i]`."""
+    rows = []
+    for messages, answer in zip(CHATS, answers):
+        if history:  # an earlier exchange: the answer scored is the last assistant turn
+            messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}] + messages
+        rows.append(render_chat(messages + [{"role": "assistant", "content": answer}], tok))
+    return rows
+
+
+@pytest.mark.parametrize("history", [False, True], ids=["one-turn", "multi-turn"])
+def test_exact_match_on_rendered_chat_rows(model_and_tok, history):
+    model, tok = model_and_tok
+    assert tok.chat_template  # the tiny checkpoint's tokenizer has one
+    prompts = [r.prompt for r in chat_rows(tok, ["?"] * len(CHATS), history)]
+    assert all(p.endswith("<|assistant|>\n") for p in prompts)
+    assert all(("Hello</s>" in p) == history for p in prompts)  # earlier turns are in the prompt
+    answers = generate(model, tok, prompts, max_new_tokens=4, add_special_tokens=False)
+    own = chat_rows(tok, answers, history)
+    assert [r.prompt for r in own] == prompts and all(r.chat for r in own)
+    assert exact_match(model, tok, own, max_new_tokens=4, batch_size=5) == 1.0
+    wrong = chat_rows(tok, [a + "#" for a in answers], history)
+    assert exact_match(model, tok, wrong, max_new_tokens=4) == 0.0
+    assert exact_match(model, tok, own[:6] + wrong[6:], max_new_tokens=4) == pytest.approx(0.5)
+
+
+def test_exact_match_rendered_rows_prompting(model_and_tok, monkeypatch):
+    # chat prompts already hold the template's special tokens: no second BOS; other rows get them
+    model, tok = model_and_tok
+    calls = []
+
+    def fake_generate(
+        model, tokenizer, prompts, max_new_tokens, batch_size=32, add_special_tokens=True, temperature=0.0
+    ):
+        calls.append((list(prompts), add_special_tokens))
+        return ["Paris"] * len(prompts)
+
+    monkeypatch.setattr(qtrain.evaluate, "generate", fake_generate)
+    chat = render_chat(
+        [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"}], tok
+    )
+    assert exact_match(model, tok, [chat], max_new_tokens=4) == 1.0
+    assert calls[-1] == (["<|user|>\nCapital of France?\n<|assistant|>\n"], False)
+    pc = render({"prompt": "Capital of Italy? ", "completion": "Rome"}, "prompt_completion", tok)
+    assert exact_match(model, tok, [pc], max_new_tokens=4) == 0.0
+    assert calls[-1] == (["Capital of Italy? "], True)
+    assert exact_match(model, tok, [dict(ROWS[0], output="Paris")], max_new_tokens=4) == 1.0
+    assert calls[-1] == ([alpaca_prompt(ROWS[0])], True)
+    # text rows have no answer: left out, and with nothing left the score is NaN
+    text = render({"text": "free text"}, "text", tok)
+    n_calls = len(calls)
+    assert math.isnan(exact_match(model, tok, [text, text], max_new_tokens=4))
+    assert len(calls) == n_calls
+    assert exact_match(model, tok, [text, pc, text], max_new_tokens=4) == 0.0
+    assert calls[-1][0] == ["Capital of Italy? "]
