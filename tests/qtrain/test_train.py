@@ -326,3 +326,17 @@ def test_oom_advice_for_a_lean_setup():
     msg = oom_advice(cfg, 7, (1, 2048), torch.device("cpu"))
     assert "step 7: micro-batch 1 x 2048 tokens" in msg and "data.max_length=1024" in msg
     assert "batch_size=0" not in msg and "offload_activations" not in msg.split("Try")[1]
+
+
+@pytest.mark.parametrize(
+    "data, fmt",
+    [("chat_tiny.jsonl", "chat"), ("sharegpt_tiny.jsonl", "chat"), ("prompt_completion_tiny.csv", "prompt_completion")],
+)
+def test_train_on_other_formats_with_packing(tmp_path, data, fmt):
+    result, _ = run(
+        tmp_path, "train.max_steps=2", "train.batch_size=1", f"data.train={REPO / 'tests' / 'assets' / data}",
+        "data.packing=true", "data.max_length=256", "data.eval_fraction=0.3", "eval.max_new_tokens=2", "log.plot=false",
+    )
+    assert result["steps"] == 2 and math.isfinite(result["eval_loss"])
+    assert 0.0 <= result["exact_match_after"] <= 1.0  # chat and completion rows have reference answers
+    assert json.loads((tmp_path / "adapter" / TRAINING_INFO).read_text())["data_format"] == fmt
