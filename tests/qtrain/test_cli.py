@@ -136,3 +136,19 @@ def test_console_script(tmp_path):
         [exe, "train", "nope.yaml"], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and "nope.yaml" in proc.stderr
+
+
+@pytest.mark.parametrize("resume_first", [False, True], ids=["resume_last", "resume_before_overrides"])
+def test_resume_flag_continues_the_run(tmp_path, resume_first):
+    out = tmp_path / "run"
+    assert main(["train", str(QUICKSTART), *TINY, f"output_dir={out}"]) == 0  # 2 steps, checkpoint at the end
+    more = [*TINY, "train.max_steps=4", f"output_dir={out}"]
+    argv = ["train", str(QUICKSTART), "--resume", *more] if resume_first else ["train", str(QUICKSTART), *more, "--resume"]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3, 4]
+
+
+def test_resume_without_checkpoint_returns_2(tmp_path, capsys):
+    assert main(["train", str(QUICKSTART), *TINY, f"output_dir={tmp_path}", "--resume"]) == 2
+    assert "checkpoint.resume=auto: no checkpoint in" in capsys.readouterr().err
