@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qtrain.data import Rendered, alpaca_prompt
+from qtrain.data import Rendered, render
 
 
 @torch.no_grad()
@@ -50,12 +50,10 @@ def generate(
 def exact_match(model: nn.Module, tokenizer, rows: list[dict | Rendered], max_new_tokens: int, batch_size: int = 32) -> float:
     """Fraction of rows whose greedy answer equals the reference (surrounding whitespace ignored).
     Rows: alpaca dicts, or Rendered rows with a prompt and an answer (all chat, or none)."""
-    rows = [r for r in rows if not isinstance(r, Rendered) or r.answer is not None]
+    rows = [render(r, "alpaca", tokenizer) if isinstance(r, dict) else r for r in rows]
+    rows = [r for r in rows if r.answer is not None]
     if not rows:
         return float("nan")
-    if isinstance(rows[0], dict):
-        prompts, references, chat = [alpaca_prompt(r) for r in rows], [r["output"] for r in rows], False
-    else:
-        prompts, references, chat = [r.prompt for r in rows], [r.answer for r in rows], rows[0].chat
-    answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens=not chat)
-    return sum(a.strip() == ref.strip() for a, ref in zip(answers, references)) / len(rows)
+    prompts = [r.prompt for r in rows]
+    answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens=not rows[0].chat)
+    return sum(a.strip() == r.answer.strip() for a, r in zip(answers, rows)) / len(rows)

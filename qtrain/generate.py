@@ -79,9 +79,7 @@ def load_for_inference(
     adapter's weights, to compare with. `info`: adapter, base, model_dir, device, dtype,
     quantized, data_format (None when not recorded), base_only.
     """
-    from transformers import AutoTokenizer
-
-    from qtrain.model import load_model
+    from qtrain.model import load_model, load_tokenizer
     from qtrain.train import pick_device
 
     adapter_dir = Path(adapter_dir)
@@ -118,9 +116,7 @@ def load_for_inference(
     if not base_only:
         load_adapter_weights(model, adapter_dir)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(loaded.model_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(loaded.model_dir)
     return (
         model,
         tokenizer,

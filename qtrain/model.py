@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
 from qtrain.lora import LoRALinear, LoRASpec, mark_only_lora_trainable, swap_linears
@@ -199,3 +199,12 @@ def _tie_or_check(model: nn.Module, config: PretrainedConfig, model_dir: Path) -
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{model_dir}: checkpoint lacks weights for {shown}")
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The checkpoint's tokenizer, padding with EOS when it defines no pad token (batched training
+    and generation need one)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

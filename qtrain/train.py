@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import AutoTokenizer
 
 from qtrain.adapter import load_adapter_weights, read_adapter_config, save_adapter
 from qtrain.config import DTYPES, Config, to_dict
@@ -35,7 +34,7 @@ from qtrain.evaluate import exact_match, generate
 from qtrain.lora import LoRASpec
 from qtrain.memory import OffloadActivations, peak_memory_bytes
 from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
-from qtrain.model import load_model
+from qtrain.model import load_model, load_tokenizer
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
 from qtrain.resume import load_state, resolve_resume, save_checkpoint, set_rng_state
 from qtrain.tiny import build_tiny_model
@@ -221,9 +220,7 @@ def train(cfg: Config, console: Console | None = None, should_stop: Callable[[in
     model = loaded.model
     if cfg.lora.init_from:
         load_adapter_weights(model, cfg.lora.init_from)
-    tokenizer = AutoTokenizer.from_pretrained(loaded.model_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(loaded.model_dir)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters()) + sum(
