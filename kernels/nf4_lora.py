@@ -86,9 +86,15 @@ def nf4_lora_torch(
 def lora_delta(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout: float, training: bool
 ) -> torch.Tensor:
-    """`s * (dropout(X) @ A^T) @ B^T`, computed in the adapter's dtype and returned in X's."""
+    """`s * (dropout(X) @ A^T) @ B^T`, computed in the adapter's dtype and returned in X's.
+
+    Under autocast the matmuls run in the autocast dtype whatever the operands: X is then left as
+    it is, so that the projections reading the same X save that one tensor for the backward, not
+    a cast copy each."""
     h = F.dropout(x, p=dropout, training=training) if dropout > 0 else x
-    h = h.to(lora_a.dtype)
+    device = x.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        h = h.to(lora_a.dtype)
     return (scale * F.linear(F.linear(h, lora_a), lora_b)).to(x.dtype)
 
 

@@ -1,4 +1,4 @@
-"""`qtrain` command line: train, merge, generate."""
+"""`qtrain` command line: train, memory (estimate, profile), merge, generate."""
 
 from __future__ import annotations
 
@@ -20,13 +20,100 @@ def _train(args: argparse.Namespace) -> int:
     from qtrain.train import Interrupted, OutOfMemory, train
 
     try:
-        train(cfg)
+        train(cfg, profile_memory=args.profile_memory)
     except Interrupted as e:
         print(f"qtrain train: {e}; continue with: qtrain train {args.config} {' '.join(args.overrides)} --resume".rstrip())
         return 130  # the shell convention for Ctrl-C
     except OutOfMemory as e:
         print(f"qtrain train: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+BUDGETS_GIB = (8, 12, 16, 24)
+
+
+def _memory_estimate(args: argparse.Namespace) -> int:
+    """`qtrain memory estimate`: from a config (+ overrides), or from --model and flags."""
+    import json
+    from dataclasses import replace
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from qtrain.estimate import GiB, estimate, estimate_table, fmt_gib, max_seq_len, workload_for
+    from qtrain.lora import LoRASpec
+    from qtrain.presets import resolve_config
+    from qtrain.tiny import tiny_config
+
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        args.overrides.insert(0, args.config)  # `qtrain memory estimate lora.rank=8 --model ...`: no config file
+        args.config = None
+    if args.config is None and args.model is None:
+        raise ValueError("give a config (qtrain memory estimate configs/llama-3.1-8b.yaml) or --model ID_OR_PATH")
+    model_keys = [f"model.name_or_path={args.model}", "model.tiny=null"] if args.model else []
+    cfg = load_config(args.config, [*args.overrides, *model_keys])
+    model = cfg.model.name_or_path
+    if model is not None:
+        config = resolve_config(model)
+    else:
+        tiny = cfg.model.tiny
+        config = tiny_config(tiny.arch, tiny.hidden_size, tiny.intermediate_size, tiny.num_layers, tiny.num_heads, tiny.num_kv_heads)
+        model = "tiny " + tiny.arch
+    spec = LoRASpec(**{f: getattr(cfg.lora, f) for f in ("rank", "alpha", "dropout", "use_rslora", "target_modules", "exclude_modules")})
+    if args.rank is not None:
+        spec = replace(spec, rank=args.rank, alpha=spec.alpha * args.rank / spec.rank)
+    w = workload_for(cfg, args.device)
+    flags = {
+        "seq_len": args.seq,
+        "batch_size": args.batch,
+        "optimizer": args.optimizer,
+        "gradient_checkpointing": False if args.no_checkpointing else None,
+        "offload_activations": True if args.offload else None,
+    }
+    w = replace(w, **{k: v for k, v in flags.items() if v is not None})
+    w = replace(w, attention_mask=cfg.data.packing or w.batch_size > 1)  # padded or packed rows carry a mask
+    est = estimate(config, spec, w)
+    fits = {b: max_seq_len(config, spec, w, b * GiB) for b in args.budgets}
+    if args.json:
+        print(json.dumps({"model": model, **est.to_dict(), "max_seq_len": {f"{b}GiB": n for b, n in fits.items()}}, indent=2))
+        return 0
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # files and pipes: no wrapping
+    what = f"{model}: LoRA r={spec.rank}, batch {w.batch_size} x {w.seq_len} tokens, {str(w.dtype).removeprefix('torch.')}, "
+    what += f"{'NF4' if w.quantize else '16-bit'} base, {w.backend} kernels, checkpointing {'on' if w.gradient_checkpointing else 'off'}"
+    what += (", offload on" if w.offload_activations else "") + f", {w.optimizer}, on {w.device}"
+    console.print(estimate_table(est, title=what))
+    table = Table(title=f"longest seq_len that fits (batch {w.batch_size})", title_justify="left")
+    table.add_column("GPU memory")
+    table.add_column("max seq_len", justify="right")
+    table.add_column(f"at seq_len {w.seq_len}")
+    for b, n in fits.items():
+        table.add_row(f"{b} GiB", f"{n:,}" if n else "does not fit", "fits" if est.device_total <= b * GiB else f"needs {fmt_gib(est.device_total)}")
+    console.print(table)
+    return 0
+
+
+def _memory_profile(args: argparse.Namespace) -> int:
+    """`qtrain memory profile CONFIG`: a few real training steps, measured, and the report."""
+    overrides = list(args.overrides) + [
+        f"train.max_steps={args.steps}",
+        "eval.exact_match=false",
+        "eval.every=0",
+        "eval.samples=[]",
+        "data.eval=null",
+        "data.eval_fraction=0",
+        "data.num_eval=0",
+        "checkpoint.every=0",
+        "log.tensorboard=false",
+        "log.plot=false",
+    ]
+    cfg = load_config(args.config, overrides)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    from qtrain.train import train
+
+    result = train(cfg, profile_memory=args.steps)
+    print(f"memory report: {result['memory_report']}")
     return 0
 
 
@@ -108,7 +195,47 @@ def parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="continue from the newest checkpoint in output_dir (or from CHECKPOINT, a checkpoint dir)",
     )
+    t.add_argument(
+        "--profile-memory",
+        nargs="?",
+        type=int,
+        const=3,
+        default=0,
+        metavar="STEPS",
+        help="measure the first STEPS steps (default 3) and write a memory report to output_dir/memory",
+    )
     t.set_defaults(func=_train)
+
+    mem = sub.add_parser("memory", help="will it fit? estimate or measure training memory")
+    msub = mem.add_subparsers(dest="memory_command", required=True)
+    e = msub.add_parser(
+        "estimate",
+        help="analytic peak-memory breakdown (no GPU, no weights)",
+        description="qtrain memory estimate [CONFIG] [key=value ...] [--model ID] [--seq N] ...; flags override the config",
+    )
+    e.add_argument("config", nargs="?", help="YAML config (default: the built-in defaults)")
+    e.add_argument("overrides", nargs="*", help="config overrides such as lora.rank=8 data.max_length=4096")
+    e.add_argument("--model", metavar="ID_OR_PATH", help="Hub id, checkpoint dir, config.json, or a preset: llama-2-7b, llama-3.1-8b, mistral-7b, qwen2.5-7b")
+    e.add_argument("--rank", type=int, help="LoRA rank (alpha scales with it)")
+    e.add_argument("--seq", type=int, help="sequence length (default: data.max_length)")
+    e.add_argument("--batch", type=int, help="micro-batch size (default: train.batch_size)")
+    e.add_argument("--optimizer", choices=("adamw", "paged_adamw_32bit", "paged_adamw_8bit"))
+    e.add_argument("--no-checkpointing", action="store_true", help="gradient checkpointing off")
+    e.add_argument("--offload", action="store_true", help="offload checkpointed activations to CPU RAM")
+    e.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where training runs (default cuda)")
+    e.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS_GIB), metavar="GIB", help="GPU sizes for the max seq_len table")
+    e.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    e.set_defaults(func=_memory_estimate)
+    pr = msub.add_parser(
+        "profile",
+        help="run a few real training steps and write a memory report (HTML, Markdown, PNG)",
+        description="qtrain memory profile CONFIG [key=value ...] [--steps N]",
+    )
+    pr.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    pr.add_argument("overrides", nargs="*", help="overrides such as data.max_length=4096")
+    pr.add_argument("--steps", type=int, default=3, help="training steps measured (default 3; the first includes optimizer set-up)")
+    pr.add_argument("--output-dir", help="default: the config's output_dir")
+    pr.set_defaults(func=_memory_profile)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into a 16-bit checkpoint")
     m.add_argument("--base", required=True, help="base model directory or Hub id")
@@ -170,8 +297,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args, extra = p.parse_known_args(argv)
-    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides += extra  # overrides after `--resume CHECKPOINT`
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # overrides after an option (`--resume CHECKPOINT k=v`, `--steps 2 k=v`)
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

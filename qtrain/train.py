@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,12 +31,17 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from qtrain.adapter import load_adapter_weights, read_adapter_config, save_adapter
 from qtrain.config import DTYPES, Config, to_dict
 from qtrain.data import IGNORE_INDEX, Batches, eval_batches, load_data
+from qtrain.estimate import estimate, suggestions, workload_for
 from qtrain.evaluate import exact_match, generate
+from qtrain.kernels.linear_cross_entropy import linear_cross_entropy
+from qtrain.kernels.nf4_lora import resolve_backend, triton_available
 from qtrain.lora import LoRASpec
 from qtrain.memory import OffloadActivations, peak_memory_bytes
+from qtrain.memprof import MemoryProfiler
 from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
 from qtrain.model import load_model, load_tokenizer
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
+from qtrain.presets import resolve_config
 from qtrain.resume import load_state, resolve_resume, save_checkpoint, set_rng_state
 from qtrain.tiny import build_tiny_model
 
@@ -91,9 +97,12 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     )
 
 
-def loss_sum(model, batch: dict, offload: OffloadActivations | None = None) -> torch.Tensor:
+def loss_sum(model, batch: dict, offload: OffloadActivations | None = None, chunk: int | None = None) -> torch.Tensor:
     """Forward one batch; summed loss over its target tokens. Packed batches carry position_ids
-    (restarting per row) and no attention_mask, which makes attention block-diagonal."""
+    (restarting per row) and no attention_mask, which makes attention block-diagonal.
+
+    lm_head + cross-entropy run over chunks of `chunk` tokens (None: automatic) and never hold the
+    full [B, S, V] logits; `chunk=0` computes the full logits (the plain path)."""
     with offload or contextlib.nullcontext():  # only the decoder's activations are offloaded
         hidden = model.get_decoder()(
             input_ids=batch["input_ids"],
@@ -101,8 +110,11 @@ def loss_sum(model, batch: dict, offload: OffloadActivations | None = None) -> t
             position_ids=batch.get("position_ids"),
             use_cache=False,
         ).last_hidden_state  # [B, S, D]
-    logits = model.get_output_embeddings()(hidden)  # [B, S, V]
-    return causal_lm_loss_sum(logits, batch["labels"])
+    head = model.get_output_embeddings()
+    if chunk == 0 or type(head) is not torch.nn.Linear or head.bias is not None:
+        return causal_lm_loss_sum(head(hidden), batch["labels"])  # logits [B, S, V]
+    next_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, S]: token t predicts t+1
+    return linear_cross_entropy(hidden, head.weight, next_labels, chunk_size=chunk, ignore_index=IGNORE_INDEX)
 
 
 def n_targets(batch: dict) -> int:
@@ -123,25 +135,32 @@ def train_step(
     autocast: contextlib.AbstractContextManager | None = None,
     scaler: torch.amp.GradScaler | None = None,
     offload: OffloadActivations | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    loss_chunk: int | None = None,
 ) -> tuple[float, int]:
     """One optimizer step over `micro_batches` (gradient accumulation).
 
     The loss is the mean over the target tokens of the whole step, not a mean of per-micro-batch
     means, so accumulating k micro-batches equals one batch k times larger.
+    `on_phase` (memory profiling) is told "forward", "backward", "optimizer" and "end" as they start.
     Returns (loss, tokens processed).
     """
+    phase = on_phase or (lambda name: None)
     total_targets = max(sum(n_targets(b) for b in micro_batches), 1)
     loss_total, tokens = 0.0, 0
     for batch in micro_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
+        phase("forward")
         with autocast or contextlib.nullcontext():
-            loss = loss_sum(model, batch, offload) / total_targets
+            loss = loss_sum(model, batch, offload, loss_chunk) / total_targets
+        phase("backward")
         (scaler.scale(loss) if scaler else loss).backward()
         loss_total += loss.item()
         tokens += n_tokens(batch)
     if not math.isfinite(loss_total):  # before the update: the adapter keeps its last good values
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"loss is {loss_total}")
+    phase("optimizer")
     if scaler:
         scaler.unscale_(optimizer)
     if max_grad_norm > 0:
@@ -152,11 +171,12 @@ def train_step(
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    phase("end")
     return loss_total, tokens
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list, batch_size: int, pad_id: int, device, autocast=None) -> float:
+def eval_loss(model, examples: list, batch_size: int, pad_id: int, device, autocast=None, loss_chunk: int | None = None) -> float:
     """Mean next-token loss over the eval examples' target tokens."""
     was_training = model.training
     model.eval()
@@ -165,44 +185,66 @@ def eval_loss(model, examples: list, batch_size: int, pad_id: int, device, autoc
         for batch in eval_batches(examples, batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast or contextlib.nullcontext():
-                total += loss_sum(model, batch).item()
+                total += loss_sum(model, batch, chunk=loss_chunk).item()
             count += n_targets(batch)
     finally:
         model.train(was_training)
     return total / max(count, 1)
 
 
-def oom_advice(cfg: Config, step: int, batch_shape: tuple[int, int], device: torch.device) -> str:
-    """What was running when CUDA ran out of memory, and settings that need less."""
+def oom_advice(cfg: Config, step: int, batch_shape: tuple[int, int], device: torch.device, config, spec: LoRASpec) -> str:
+    """What was running when CUDA ran out of memory, and settings that need less, with the
+    estimated GPU memory each needs."""
     b, s = batch_shape
-    t = cfg.train
     peak = peak_memory_bytes(device) / GiB
-    total = torch.cuda.get_device_properties(device).total_memory / GiB if device.type == "cuda" else float("nan")
-    tips = []
-    if b > 1:
-        tips.append(f"train.batch_size={b // 2} train.grad_accum={t.grad_accum * 2} (same effective batch)")
-    if not t.gradient_checkpointing:
-        tips.append("train.gradient_checkpointing=true")
-    elif not t.offload_activations:
-        tips.append("train.offload_activations=true (activations wait in CPU RAM)")
-    if s > 256:
-        tips.append(f"data.max_length={s // 2}")
-    if t.optimizer != "paged_adamw_8bit":
-        tips.append("train.optimizer=paged_adamw_8bit")
-    if cfg.lora.rank > 8:
-        tips.append(f"lora.rank={cfg.lora.rank // 2}")
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    w = replace(workload_for(cfg, "cuda"), batch_size=b, seq_len=s)
+    tips = suggestions(config, spec, w, cfg.train.grad_accum, budget=total)
+    of = f" of {total / GiB:.1f} GiB" if total else ""
     return (
         f"CUDA out of memory at step {step}: micro-batch {b} x {s} tokens (train.batch_size={b}, "
-        f"data.max_length={cfg.data.max_length}, packing={cfg.data.packing}); peak {peak:.1f} GiB of {total:.1f} GiB. "
-        "Try, in this order: " + "; ".join(tips)
+        f"data.max_length={cfg.data.max_length}, packing={cfg.data.packing}); peak {peak:.1f} GiB{of}. "
+        "Try, in this order: " + "; ".join(f"{text} (est. {need / GiB:.1f} GiB)" for text, need in tips)
     )
+
+
+def check_memory(cfg: Config, path: str, spec: LoRASpec, device: torch.device, console: Console) -> None:
+    """Before loading: the estimated peak against the GPU's free memory; when it will not fit, say
+    so with the settings that would (training still starts: paged memory can absorb some excess)."""
+    if device.type != "cuda":
+        return
+    try:
+        config = resolve_config(path)
+    except (OSError, ValueError):  # no config.json to read: loading will say why
+        return
+    backend = cfg.model.backend
+    if backend == "auto":
+        backend = "triton" if triton_available() and torch.cuda.get_device_capability(device) >= (8, 0) else "torch"
+    w = workload_for(cfg, "cuda", backend)
+    need = estimate(config, spec, w).device_total
+    free, total = torch.cuda.mem_get_info(device)
+    if need <= free:
+        console.print(f"[bold]memory[/] estimated {need / GiB:.1f} GiB of the {free / GiB:.1f} GiB free")
+        return
+    console.print(
+        f"[yellow]memory: this run needs about {need / GiB:.1f} GiB but {free / GiB:.1f} GiB of {total / GiB:.1f} GiB "
+        "is free; it will likely run out of memory. Settings that need less (estimated GPU total):[/]"
+    )
+    for text, n in suggestions(config, spec, w, cfg.train.grad_accum, budget=free):
+        console.print(f"  {text}: {n / GiB:.1f} GiB" + (" [green](fits)[/]" if n <= free else ""))
 
 
 # ---- the recipe ----
 
 
-def train(cfg: Config, console: Console | None = None, should_stop: Callable[[int], bool] | None = None) -> dict:
-    """Run `cfg`. `should_stop(step)` → True stops after that step like Ctrl-C (checkpoint + Interrupted)."""
+def train(
+    cfg: Config,
+    console: Console | None = None,
+    should_stop: Callable[[int], bool] | None = None,
+    profile_memory: int = 0,
+) -> dict:
+    """Run `cfg`. `should_stop(step)` → True stops after that step like Ctrl-C (checkpoint + Interrupted).
+    `profile_memory=N` measures the first N steps and writes a report to output_dir/memory."""
     console = console or Console()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +257,7 @@ def train(cfg: Config, console: Console | None = None, should_stop: Callable[[in
     # 1. model: NF4 base, LoRA adapters on the targets
     path = model_path(cfg, out)
     spec: LoRASpec = read_adapter_config(cfg.lora.init_from) if cfg.lora.init_from else cfg.lora
+    check_memory(cfg, path, spec, device, console)
     t0 = time.perf_counter()
     loaded = load_model(path, spec, compute_dtype=dtype, device=device, quantize=cfg.model.quantize, backend=cfg.model.backend)
     model = loaded.model
@@ -298,7 +341,12 @@ def train(cfg: Config, console: Console | None = None, should_stop: Callable[[in
         trainer["exact_match_before"] = exact_match(model, tokenizer, eval_rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         console.print(f"[bold]exact match before[/] {trainer['exact_match_before']:.1%}")
 
-    # 6. train
+    # 6. train (the first `profile_memory` steps measured)
+    profiler, profiled_shapes, memory_report = None, [], None
+    if profile_memory:
+        profiler = MemoryProfiler(model, optimizer, device)
+        if offload:
+            offload.keep = profiler.saved  # what stays on the GPU is still counted
     model.train()
     logger = MetricsLogger(out, cfg.log, to_dict(cfg), resume_step=start if cfg.checkpoint.resume else None)
     stop = _StopOnSigint()
@@ -310,10 +358,13 @@ def train(cfg: Config, console: Console | None = None, should_stop: Callable[[in
             task = progress.add_task("train", total=cfg.train.max_steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0, mem=0.0)
             for step in range(start + 1, cfg.train.max_steps + 1):
                 micro = [next(data) for _ in range(cfg.train.grad_accum)]
+                measure = profiler is not None and step - start <= profile_memory
                 try:
-                    loss, n_tok = train_step(
-                        model, micro, optimizer, trainable, cfg.train.max_grad_norm, device, autocast, scaler, offload
-                    )
+                    with profiler.step(step) if measure else contextlib.nullcontext():
+                        loss, n_tok = train_step(
+                            model, micro, optimizer, trainable, cfg.train.max_grad_norm, device, autocast, scaler, offload,
+                            on_phase=profiler.phase if measure else None, loss_chunk=cfg.train.loss_chunk_tokens,
+                        )  # fmt: skip
                 except FloatingPointError as e:
                     kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
                     raise FloatingPointError(
@@ -323,7 +374,14 @@ def train(cfg: Config, console: Console | None = None, should_stop: Callable[[in
                 except torch.OutOfMemoryError:
                     optimizer.zero_grad(set_to_none=True)
                     shape = max((tuple(b["input_ids"].shape) for b in micro), key=lambda s: s[0] * s[1])
-                    raise OutOfMemory(oom_advice(cfg, step, shape, device)) from None
+                    raise OutOfMemory(oom_advice(cfg, step, shape, device, loaded.config, spec)) from None
+                if measure:
+                    profiled_shapes += [(*b["input_ids"].shape, "position_ids" in b or not b["attention_mask"].all()) for b in micro]
+                    if step - start == profile_memory or step == cfg.train.max_steps:
+                        memory_report = _memory_report(cfg, profiler, loaded, spec, device, profiled_shapes, out, progress.console)
+                        profiler = None
+                        if offload:
+                            offload.keep = None
                 scheduler.step()
                 tokens_here += n_tok
                 trainer["tokens_seen"] += n_tok
@@ -372,6 +430,8 @@ def train(cfg: Config, console: Console | None = None, should_stop: Callable[[in
     if can_score:
         result["exact_match_before"] = trainer["exact_match_before"]
         result["exact_match_after"] = exact_match(model, tokenizer, eval_rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    if memory_report:
+        result["memory_report"] = str(memory_report)
     if cfg.log.plot:
         result["loss_plot"] = str(plot_loss(read_metrics(out / "metrics.jsonl"), out / "loss.png"))
     (out / "result.json").write_text(json.dumps(result, indent=2))
@@ -379,9 +439,40 @@ def train(cfg: Config, console: Console | None = None, should_stop: Callable[[in
     return result
 
 
+def _memory_report(cfg, profiler, loaded, spec, device, shapes, out: Path, console: Console) -> Path:
+    """Stop measuring; write output_dir/memory/ with the measurement beside the estimate for the
+    largest micro-batch the measured steps ran."""
+    from qtrain.memreport import write_report
+
+    samples = profiler.samples()
+    profiler.detach()
+    b, s, masked = max(shapes, key=lambda shape: shape[0] * shape[1])  # masked: padded or packed rows
+    backend = resolve_backend(cfg.model.backend, torch.empty(0, device=device))
+    w = replace(workload_for(cfg, device.type, backend), batch_size=b, seq_len=s, attention_mask=bool(masked))
+    est = estimate(loaded.config, spec, w)
+    info = {
+        "title": f"qtrain memory: {cfg.model.name_or_path or 'tiny ' + cfg.model.tiny.arch}",
+        "model": str(cfg.model.name_or_path or loaded.model_dir),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": cfg.model.dtype,
+        "micro-batch": f"{b} x {s} tokens",
+        "LoRA": f"r={spec.rank} on {len(loaded.targets)} linears",
+        "gradient checkpointing": cfg.train.gradient_checkpointing,
+        "offload activations": cfg.train.offload_activations,
+        "optimizer": w.optimizer,
+        "NF4 kernels": w.backend,
+        "loss chunk": "full logits" if w.loss_chunk == 0 else (w.loss_chunk or "auto"),
+        "torch": torch.__version__,
+    }
+    path = write_report(out / "memory", samples, est, info)
+    peak = max(x.peak for x in samples)
+    console.print(f"[bold]memory[/] measured peak {peak / GiB:.2f} GiB, estimated {est.peak / GiB:.2f} GiB; report: {path}")
+    return path
+
+
 def _evaluate(cfg, model, tokenizer, examples, data_format, device, autocast, logger, step, console) -> dict:
     """Eval loss / perplexity, and the fixed sample prompts, logged at `step`."""
-    loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device, autocast)
+    loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device, autocast, cfg.train.loss_chunk_tokens)
     metrics = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
     logger.log(step, metrics)
     console.print(f"[bold]eval[/] step {step}: loss {loss:.4f}, perplexity {metrics['eval_ppl']:.2f}")

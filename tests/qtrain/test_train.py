@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from itertools import islice
 from pathlib import Path
 
@@ -303,11 +304,11 @@ def test_oom_reports_what_ran_and_what_to_try(tmp_path, monkeypatch):
 
     real, calls = recipe.loss_sum, {"n": 0}
 
-    def oom_at_step_2(model, batch, offload=None):
+    def oom_at_step_2(model, batch, offload=None, chunk=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, batch, offload)
+        return real(model, batch, offload, chunk)
 
     monkeypatch.setattr(recipe, "loss_sum", oom_at_step_2)
     with pytest.raises(recipe.OutOfMemory) as info:
@@ -317,13 +318,15 @@ def test_oom_reports_what_ran_and_what_to_try(tmp_path, monkeypatch):
     assert "train.batch_size=4 train.grad_accum=2 (same effective batch)" in msg
     assert "train.offload_activations=true" in msg and "train.optimizer=paged_adamw_8bit" in msg
     assert "lora.rank=8" in msg
+    assert re.search(r"\(est\. \d+\.\d GiB\)", msg)  # each with the estimated memory it needs
 
 
 def test_oom_advice_for_a_lean_setup():
+    from qtrain.tiny import tiny_config
     from qtrain.train import oom_advice
 
     cfg = load_config(QUICKSTART, ["train.batch_size=1", "train.offload_activations=true", "train.optimizer=paged_adamw_8bit", "lora.rank=8"])
-    msg = oom_advice(cfg, 7, (1, 2048), torch.device("cpu"))
+    msg = oom_advice(cfg, 7, (1, 2048), torch.device("cpu"), tiny_config(), cfg.lora)
     assert "step 7: micro-batch 1 x 2048 tokens" in msg and "data.max_length=1024" in msg
     assert "batch_size=0" not in msg and "offload_activations" not in msg.split("Try")[1]
 

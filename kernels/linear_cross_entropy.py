@@ -1,0 +1,222 @@
+"""Chunked lm_head + cross-entropy: `loss = sum_i [lse(h_i @ W^T) - (h_i @ W^T)[y_i]]` over rows with y_i != ignore.
+
+The full logits `Z = H @ W^T` [N, V] are never built: with Llama-3's 128k vocabulary they would
+take GBs in fp32. Tokens are processed in chunks of C rows; for each chunk
+
+    z = h @ W^T                    # [C, V], in H's dtype (what F.linear does under bf16 autocast), then fp32
+    lse = m + log(sum_j exp(z_j - m)),  m = max_j z_j
+    loss += sum_i (lse_i - z_i[y_i])          (ignored rows contribute 0)
+
+and, when a gradient is needed, the gradient is computed right away in the forward (the loss is a
+scalar, so backward only has to scale it by d(out)/d(loss)):
+
+    dz = softmax(z) - onehot(y)    # [C, V] fp32, zero rows for ignored labels
+    dH[chunk] = dz @ W             # dz cast to W's dtype, result in H's dtype
+    dW += dz^T @ h                 # [V, D], fp32 accumulator, returned in W's dtype
+
+Only one chunk of logits (plus its fp32 copy) is alive at a time, and softmax, `dz` and the loss
+are computed in place on that fp32 copy. The op returns the SUM of the losses (fp32); the caller
+divides by its own token count. File layout as in `nf4_lora.py`: `linear_cross_entropy_reference`
+(fp32, ground truth), the chunked autograd.Function, the public `linear_cross_entropy`, and
+`linear_cross_entropy_workspace_bytes` for the memory estimator.
+
+Shapes: H [N, D] (or [B, S, D]), W [V, D], labels [N] (or [B, S]) int64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Ground truth in fp32: full logits, then the summed cross-entropy over non-ignored labels."""
+    logits = hidden.float() @ weight.float().T  # [N, V]
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+
+
+def default_chunk_size(n_tokens: int, vocab: int, hidden_size: int) -> int:
+    """Tokens per chunk such that one chunk of logits [C, V] has about as many elements as H [N, D].
+
+    Liger-Kernel's rule: C = next_power_of_2(ceil(N / ceil(V / D))), clamped to [1, N]. Rounding up
+    to a power of two can make the chunk up to 2x H's element count. Llama-3 8B (V=128256,
+    D=4096) with N=8192 tokens: ceil(V/D)=32, C=256, 256 x 128256 logits (131 MB in fp32).
+    """
+    chunk = max(1, math.ceil(n_tokens / math.ceil(vocab / hidden_size)))
+    return max(1, min(n_tokens, 1 << (chunk - 1).bit_length()))
+
+
+def _chunk_loss_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, grad: bool) -> torch.Tensor:
+    """Summed loss of one chunk; with `grad`, turns `logits` [C, V] fp32 IN PLACE into dlogits."""
+    valid = labels != ignore_index  # [C]
+    target = labels.where(valid, 0)[:, None]  # [C, 1], ignored rows point at class 0
+    target_logit = logits.gather(1, target).squeeze(1)  # [C]
+    row_max = logits.amax(dim=1, keepdim=True)  # [C, 1]
+    exp = logits.sub_(row_max).exp_()  # [C, V], in place
+    sum_exp = exp.sum(dim=1, keepdim=True)  # [C, 1]
+    lse = (sum_exp.log() + row_max).squeeze(1)  # [C]
+    loss = torch.where(valid, lse - target_logit, 0.0).sum()
+    if grad:  # softmax - onehot, zero for ignored rows
+        row_scale = valid[:, None] / sum_exp  # [C, 1]
+        exp.mul_(row_scale).scatter_add_(1, target, -valid[:, None].to(exp.dtype))
+    return loss
+
+
+def _chunked_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int,
+    ignore_index: int,
+    grad_hidden: bool,
+    grad_weight: bool,
+):
+    """(loss, dH or None, dW or None): the loop over token chunks, in hidden's dtype + fp32."""
+    n, d = hidden.shape
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    g_hidden = torch.empty(n, d, dtype=hidden.dtype, device=hidden.device) if grad_hidden else None  # [N, D]
+    g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None  # [V, D]
+    for start in range(0, n, chunk_size):
+        h = hidden[start : start + chunk_size]  # [C, D]
+        y = labels[start : start + chunk_size]  # [C]
+        logits = (h @ weight.T).float()  # [C, V]: in hidden's dtype, then an fp32 copy (none for fp32)
+        loss += _chunk_loss_(logits, y, ignore_index, grad_hidden or grad_weight)
+        if g_hidden is not None:
+            torch.mm(logits.to(weight.dtype), weight, out=g_hidden[start : start + chunk_size])  # [C, D]
+        if g_weight is not None:
+            g_weight.addmm_(logits.T, h.float())  # [V, D] += [V, C] @ [C, D], fp32
+        del logits  # free this chunk's [C, V] before the next one is allocated
+    if g_weight is not None:
+        g_weight = g_weight.to(weight.dtype)
+    return loss, g_hidden, g_weight
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight^T`, chunked over tokens, gradients computed in forward.
+
+    Saves only dH [N, D] (and dW [V, D] when weight needs a gradient); backward scales them by the
+    incoming scalar gradient. Called with autocast disabled and hidden.dtype == weight.dtype (see
+    `linear_cross_entropy`).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        loss, g_hidden, g_weight = _chunked_forward(hidden, weight, labels, chunk_size, ignore_index, need_h, need_w)
+        ctx.save_for_backward(g_hidden, g_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        g_hidden, g_weight = ctx.saved_tensors
+        # out of place (one more [N, D] for a moment) so that retain_graph=True stays correct
+        g_hidden = None if g_hidden is None else g_hidden * grad_loss
+        g_weight = None if g_weight is None else g_weight * grad_loss
+        return g_hidden, g_weight, None, None, None
+
+
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size) -> None:
+    if hidden.dim() < 2 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy: hidden {tuple(hidden.shape)} must be [..., D] and weight "
+            f"{tuple(weight.shape)} [V, D] with the same D"
+        )
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"linear_cross_entropy: labels {tuple(labels.shape)} must have hidden's leading shape "
+            f"{tuple(hidden.shape[:-1])} (hidden is {tuple(hidden.shape)})"
+        )
+    if labels.dtype != torch.int64:
+        raise ValueError(f"linear_cross_entropy: labels must be int64 (torch.long), got {labels.dtype}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 0):
+        raise ValueError(f"linear_cross_entropy: chunk_size must be None or an int >= 0, got {chunk_size!r}")
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight^T` against `labels` (fp32 scalar), chunked over tokens.
+
+    hidden [N, D] or [B, S, D], weight [V, D], labels [N] or [B, S] int64. chunk_size: tokens per
+    chunk; None -> `default_chunk_size`; 0 -> the unchunked path (full logits, for comparison).
+
+    Autocast: inside `torch.autocast(device_type, dtype)` both hidden and weight are cast to the
+    autocast dtype, as F.linear would do (a no-op for bf16 inputs under bf16 autocast), and the op
+    then runs with autocast disabled, so every step uses the dtype chosen explicitly above: logits
+    in hidden's dtype, softmax/loss in fp32. (custom_fwd needs a fixed device_type; this works on
+    any device.) Outside autocast, hidden and weight must have the same dtype, as for F.linear.
+    """
+    _check_inputs(hidden, weight, labels, chunk_size)
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # [N, D], [N]
+    device_type = hidden.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast:
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if chunk_size == 0:
+        return F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=ignore_index, reduction="sum")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.shape[1])
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return LinearCrossEntropyFunction.apply(hidden, weight, labels, chunk_size, ignore_index)
+        return _chunked_forward(hidden, weight, labels, chunk_size, ignore_index, False, False)[0]  # no dH/dW work
+
+
+ROW_BYTES = 40  # per-row vectors of a chunk (mask, targets, target logits, max, sum, lse, ...): ~33-37 B measured
+
+
+def linear_cross_entropy_workspace_bytes(
+    n_tokens: int,
+    vocab: int,
+    hidden_size: int,
+    chunk_size: int | None,
+    dtype: torch.dtype,
+    needs_grad: bool = True,
+    weight_grad: bool = False,
+) -> int:
+    """Peak bytes the op allocates beyond its inputs (forward + backward), from the code above.
+
+    N tokens, V vocab, D hidden, s = dtype's itemsize, f = s for 16-bit dtypes and 0 for fp32 (the
+    fp32 "copy" of fp32 logits is the same tensor), C = min(chunk_size, N) (None: the default).
+    `needs_grad`: hidden gets a gradient; `weight_grad`: weight gets one too.
+
+        chunk  = C*V*(f + 4) + 40*C    logits in dtype + their fp32 copy, later dlogits fp32 + its
+                                       dtype copy for dH (never more than two [C, V] at once)
+        no gradient:        chunk
+        dH only (gH = N*D*s): max(gH + chunk, 2*gH)    forward; backward returns gH * grad (one more)
+        dW too:  max(gH + V*D*4 + max(chunk, C*V*4 + C*D*f),   fp32 dW accumulator, h.float() for addmm
+                     gH + V*D*(4 + f),                          dW cast to dtype at the end of forward
+                     2*(gH + V*D*s))                            backward
+        chunk_size=0 (unchunked F.cross_entropy on full logits): 12*N*V with a gradient (autograd holds
+                     the saved log-probs, their grad from nll_loss and the log_softmax grad, all fp32
+                     [N, V]), 8*N*V without (fp32 logits + log-probs).
+
+    Not counted: the scalar loss and BLAS scratch. cuBLAS's workspace is allocated once per handle;
+    on CPU, oneDNN's bf16 matmul packs W for `dz @ W`, up to another V*D*s per chunk (measured: 2x
+    the formula at N=512, D=64, V=4096, C=8; fp32 and fp16 on CPU match it to within 0.5%).
+    """
+    n, v, d, s = n_tokens, vocab, hidden_size, dtype.itemsize
+    if chunk_size == 0:
+        return (12 if needs_grad or weight_grad else 8) * n * v
+    c = min(n, default_chunk_size(n, v, d) if chunk_size is None else chunk_size)
+    f = 0 if dtype == torch.float32 else s
+    chunk = c * v * (f + 4) + ROW_BYTES * c
+    if not (needs_grad or weight_grad):
+        return chunk
+    g_hidden = n * d * s if needs_grad else 0
+    if not weight_grad:
+        return max(g_hidden + chunk, 2 * g_hidden)
+    forward = g_hidden + v * d * 4 + max(chunk, c * v * 4 + c * d * f)
+    return max(forward, g_hidden + v * d * (4 + f), 2 * (g_hidden + v * d * s))

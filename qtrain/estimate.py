@@ -1,0 +1,442 @@
+"""Will it fit? An analytic estimate of a training step's peak memory, without a GPU or weights.
+
+The model is built on the meta device exactly as training builds it (NF4 linears, adapters on the
+targets), so parameter counts are exact; the rest follows from the shapes of what the training
+step keeps alive. Per token and per decoder layer, with D hidden, I intermediate, H/K query/KV
+heads of size d, e bytes per compute-dtype element, a bytes per adapter activation:
+
+    saved for the backward  4D (fp32 norm input) + 4 (rsqrt), twice       attention and MLP norms
+                            eD + eD                                       normed inputs, once each
+                            e(2Hd + 2Kd) + 4H                              q, k, v, output, logsumexp
+                            3eI + eI                                       gate, act, up; down's input
+                            Σ r·a                                          X @ A^T of each adapter
+    under checkpointing     eD per layer (its input); one layer's saved set is rebuilt in backward
+
+The peak is the largest of three moments: the end of the forward (everything saved, plus the
+loss), the backward of the last layer (checkpointed inputs, one recomputed layer and its gradient
+buffers) and the optimizer step (gradients and state). Weights, adapters and optimizer state are
+there throughout. `peak` is what `torch.cuda.max_memory_allocated` reports; `device_total` adds
+the CUDA context and the allocator's slack, which that counter does not see.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from qtrain.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_workspace_bytes
+from qtrain.lora import LoRALinear, LoRASpec, swap_linears
+from qtrain.model import build_skeleton
+from qtrain.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
+
+GiB = 2**30
+CUDA_CONTEXT = 512 * 2**20  # CUDA context + kernels (not in torch's allocator); 0.3-0.6 GiB in practice
+ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, as a fraction of the peak
+CUBLAS_WORKSPACE = 32 * 2**20
+PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages optimizer state only for tensors this large
+MIN_8BIT_NUMEL = 4096  # ...and keeps 32-bit state below this size in its 8-bit optimizers
+CATEGORIES = ("weights", "adapters", "gradients", "optimizer", "activations", "other")
+
+
+@dataclass
+class Workload:
+    """What a training step does, beside the model: the keys of a config that move memory."""
+
+    batch_size: int = 1
+    seq_len: int = 2048
+    dtype: torch.dtype = torch.bfloat16  # compute dtype of the base
+    quantize: bool = True
+    backend: str = "triton"  # NF4 kernels: "triton" (CUDA, sm80+) or "torch" (dequantizes each weight)
+    gradient_checkpointing: bool = True
+    offload_activations: bool = False
+    optimizer: str = "paged_adamw_32bit"  # adamw | paged_adamw_32bit | paged_adamw_8bit
+    loss_chunk: int | None = None  # tokens per lm_head + loss chunk; None: automatic; 0: full logits
+    autocast: bool = True
+    attention_mask: bool = False  # padded or packed batches carry a [B, 1, S, S] mask
+    device: str = "cuda"
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+@dataclass
+class Item:
+    category: str
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class Estimate:
+    items: list[Item]  # what is allocated at the peak
+    phase: str  # "forward end" | "backward" | "optimizer step"
+    peak: int  # bytes allocated at the peak (torch.cuda.max_memory_allocated)
+    paged: int = 0  # bitsandbytes paged optimizer state: CUDA unified memory, outside torch's allocator
+    host: int = 0  # pinned CPU RAM holding offloaded activations
+    phases: dict[str, int] = field(default_factory=dict)  # peak of each phase
+    workload: Workload | None = None
+
+    @property
+    def device_total(self) -> int:
+        """What the GPU must hold: the peak, paged state, cuBLAS + CUDA context and allocator slack."""
+        return int(self.peak * (1 + ALLOCATOR_SLACK)) + self.paged + CUDA_CONTEXT
+
+    def by_category(self) -> dict[str, int]:
+        out = dict.fromkeys(CATEGORIES, 0)
+        for item in self.items:
+            out[item.category] += item.bytes
+        return out
+
+    def to_dict(self) -> dict:
+        w = asdict(self.workload) if self.workload else {}
+        w["dtype"] = str(w.get("dtype", "")).removeprefix("torch.")
+        return {
+            "phase": self.phase,
+            "peak_bytes": self.peak,
+            "device_total_bytes": self.device_total,
+            "paged_bytes": self.paged,
+            "host_bytes": self.host,
+            "by_category": self.by_category(),
+            "phases": self.phases,
+            "items": [asdict(i) for i in self.items],
+            "workload": w,
+        }
+
+
+# ---- the model, on meta ----
+
+
+def meta_model(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> nn.Module:
+    """The training model without memory: skeleton + adapters on the meta device."""
+    model = build_skeleton(config, w.dtype)
+    with torch.device("meta"):
+        swap_linears(model, spec, quantize_base=w.quantize, backend="torch")
+    return model
+
+
+def nf4_bytes(numel: int) -> int:
+    """Packed 4-bit codes, 8-bit absmax per 64, fp32 scale per 256 absmax, and the two code tables."""
+    blocks = math.ceil(numel / BLOCKSIZE)
+    return (numel + 1) // 2 + blocks + 4 * math.ceil(blocks / ABSMAX_BLOCKSIZE) + 4 * 16 + 4 * 256
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def weight_items(model: nn.Module, w: Workload) -> list[Item]:
+    linears = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    lora_params = {id(p) for m in linears if m.rank for p in (m.lora_a.weight, m.lora_b.weight)}
+    base = sum(m.in_features * m.out_features for m in linears)
+    seen, dense = set(), 0
+    for p in [*model.parameters(), *model.buffers()]:
+        if id(p) not in lora_params and id(p) not in seen:  # tied embeddings count once
+            seen.add(id(p))
+            dense += _nbytes(p)
+    items = [Item("weights", "16-bit embeddings, lm_head, norms", dense, f"{str(w.dtype).removeprefix('torch.')}")]
+    if w.quantize:
+        items.insert(0, Item("weights", "NF4 linears", sum(nf4_bytes(m.in_features * m.out_features) for m in linears), f"{_count(base)} weights, 4-bit + double-quantized absmax"))
+    else:
+        items.insert(0, Item("weights", "16-bit linears", base * torch.finfo(w.dtype).bits // 8, "not quantized"))
+    return items
+
+
+def adapter_params(model: nn.Module) -> list[torch.Tensor]:
+    return [p for m in model.modules() if isinstance(m, LoRALinear) and m.rank for p in (m.lora_a.weight, m.lora_b.weight)]
+
+
+def optimizer_bytes(params, name: str, device: str) -> tuple[int, int]:
+    """(bytes in torch's allocator, bytes in paged memory) of Adam's two moments for `params`."""
+    in_allocator, paged = 0, 0
+    for p in params:
+        n = p.numel()
+        if name == "paged_adamw_8bit" and n >= MIN_8BIT_NUMEL:
+            state, absmax = 2 * n, 2 * 4 * math.ceil(n / 256)  # uint8 moments + fp32 absmax per 256
+        else:
+            state, absmax = 2 * 4 * n, 0  # fp32 moments
+        if name == "adamw":
+            absmax = 4  # torch keeps the step count as an fp32 tensor per parameter
+        if name.startswith("paged") and device == "cuda" and n >= PAGED_MIN_NUMEL:
+            paged += state
+            in_allocator += absmax
+        else:
+            in_allocator += state + absmax
+    return in_allocator, paged
+
+
+# ---- activations ----
+
+
+@dataclass
+class LayerShape:
+    D: int
+    I: int  # the intermediate size, as in the papers
+    H: int
+    K: int  # KV heads
+    d: int  # head size
+    ranks: dict[str, int]  # projection name → adapter rank (targets only)
+    in_out: dict[str, tuple[int, int]]
+
+
+def layer_shape(model: nn.Module, config: PretrainedConfig) -> LayerShape:
+    c = config.get_text_config()
+    layer = model.get_decoder().layers[0]
+    projections = {n.rpartition(".")[2]: m for n, m in layer.named_modules() if isinstance(m, LoRALinear)}
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return LayerShape(
+        D=c.hidden_size,
+        I=c.intermediate_size,
+        H=c.num_attention_heads,
+        K=c.num_key_value_heads,
+        d=head,
+        ranks={n: m.rank for n, m in projections.items() if m.rank},
+        in_out={n: (m.in_features, m.out_features) for n, m in projections.items()},
+    )
+
+
+def layer_saved_bytes(s: LayerShape, w: Workload) -> int:
+    """Bytes per token one decoder layer keeps for its backward (no checkpointing)."""
+    e = torch.finfo(w.dtype).bits // 8
+    a = e if w.autocast and e < 4 else 4  # the adapter's X @ A^T: autocast dtype, else fp32
+    has = s.ranks.keys()
+    attn_in = e * s.D if has & {"q_proj", "k_proj", "v_proj"} else 0
+    mlp_in = e * s.D if has & {"gate_proj", "up_proj"} else 0
+    down_in = e * s.I if "down_proj" in has else 0
+    norms = 2 * (4 * s.D + 4)
+    attention = e * (2 * s.H * s.d + 2 * s.K * s.d) + 4 * s.H
+    mlp = 3 * e * s.I
+    return norms + attn_in + mlp_in + attention + mlp + down_in + a * sum(s.ranks.values())
+
+
+def autocast_weight_bytes(s: LayerShape, w: Workload) -> int:
+    """Per layer: autocast's cached half copies of the fp32 adapter weights (torch backend)."""
+    if not (w.autocast and w.dtype != torch.float32 and w.backend == "torch"):
+        return 0
+    return sum(2 * r * sum(s.in_out[n]) for n, r in s.ranks.items())
+
+
+def dequant_bytes(largest: int, w: Workload) -> int:
+    """The torch backend's transient for the largest NF4 weight (`largest` elements): int32 codes +
+    fp32 values (6 B per element), or the fp32 values and the fp32 output (8 B) in fp32. Triton
+    dequantizes in tiles."""
+    if not w.quantize or w.backend != "torch":
+        return 0
+    return largest * (8 if w.dtype == torch.float32 else 6)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the estimate needs from the meta model (built once per config, spec, dtype, quantize)."""
+
+    shape: LayerShape
+    adapters: tuple[torch.Tensor, ...]  # meta tensors
+    weights: tuple[Item, ...]
+    largest_linear: int
+
+
+_FACTS: dict[tuple, ModelFacts] = {}
+
+
+def model_facts(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> ModelFacts:
+    key = (config.to_json_string(use_diff=False), repr(spec), w.dtype, w.quantize)
+    if key not in _FACTS:
+        model = meta_model(config, spec, w)
+        linears = [m for m in model.modules() if isinstance(m, LoRALinear)]
+        if len(_FACTS) > 16:
+            _FACTS.clear()
+        _FACTS[key] = ModelFacts(
+            shape=layer_shape(model, config),
+            adapters=tuple(adapter_params(model)),
+            weights=tuple(weight_items(model, w)),
+            largest_linear=max(m.in_features * m.out_features for m in linears),
+        )
+    return _FACTS[key]
+
+
+# ---- the estimate ----
+
+
+def estimate(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> Estimate:
+    facts = model_facts(config, spec, w)
+    c = config.get_text_config()
+    s = facts.shape
+    L, T, V, e = c.num_hidden_layers, w.tokens, c.vocab_size, torch.finfo(w.dtype).bits // 8
+
+    adapters = facts.adapters
+    adapter_bytes = sum(_nbytes(p) for p in adapters)
+    opt, paged = optimizer_bytes(adapters, w.optimizer, w.device)
+    static = list(facts.weights) + [
+        Item("adapters", "adapter parameters", adapter_bytes, f"{_count(sum(p.numel() for p in adapters))}, fp32"),
+        Item("optimizer", "Adam moments", opt, w.optimizer + (" (the rest is paged)" if paged else "")),
+    ]
+    if w.device == "cuda":
+        static.append(Item("other", "cuBLAS workspace", CUBLAS_WORKSPACE))
+
+    per_layer = layer_saved_bytes(s, w)
+    rope = 2 * e * s.d * (T if w.attention_mask else w.seq_len)  # cos, sin; per row when packed
+    mask = w.batch_size * w.seq_len**2 if w.attention_mask else 0  # bool [B, 1, S, S]
+    host = 0
+    if w.gradient_checkpointing:
+        layer_inputs = L * e * s.D * T
+        host = layer_inputs if w.offload_activations else 0
+        where = " (offloaded: in CPU RAM)" if host else ""
+        kept = [Item("activations", "checkpointed layer inputs", layer_inputs - host, f"{L} x [{w.batch_size}, {w.seq_len}, {s.D}]{where}")]
+    else:
+        kept = [Item("activations", "saved layer activations", L * per_layer * T, f"{L} layers x {per_layer / 1024:.1f} KiB/token")]
+    kept.append(Item("activations", "rotary tables" + (", attention mask" if mask else ""), rope + mask))
+    casts = autocast_weight_bytes(s, w) * L
+    if casts:
+        kept.append(Item("activations", "autocast copies of the adapters", casts, "half copies of A, B"))
+    final_norm = Item("activations", "final norm input", (4 * s.D + 4) * T, "fp32")
+
+    # the loss: lm_head + cross-entropy, on full logits or chunked over tokens
+    if w.loss_chunk == 0:
+        note = f"full logits [{T}, {V}]"
+        loss_saved = Item("activations", "log-softmax (saved)", 4 * V * T, note)
+        loss_fwd = Item("other", "logits and their fp32 copy", (e + 4) * V * T, note)
+        loss_bwd = Item("other", "logits gradients", (4 + (2 * e if e < 4 else 4)) * V * T, note)
+    else:
+        chunk = w.loss_chunk or default_chunk_size(T, V, s.D)
+        note = f"{math.ceil(T / chunk)} chunks of {chunk} tokens"
+        loss_saved = Item("activations", "hidden-state gradient (saved)", e * s.D * T, note)
+        workspace = linear_cross_entropy_workspace_bytes(T, V, s.D, chunk, w.dtype) - loss_saved.bytes
+        loss_fwd = Item("other", "lm_head + loss chunk", workspace, note)
+        loss_bwd = None
+
+    # Layer i's backward holds what layers 0..i keep (checkpointed inputs, autocast copies) and the
+    # adapter gradients of layers i..L-1: the worse of the last layer (i = L-1) and the first (i = 0).
+    grads = Item("gradients", "adapter gradients", adapter_bytes)
+    per_layer_kept = [i for i in kept if i.name in ("checkpointed layer inputs", "saved layer activations", "autocast copies of the adapters")]
+    first_layer_is_worse = adapter_bytes > sum(i.bytes for i in per_layer_kept)
+    layer = "first layer's backward" if first_layer_is_worse else "last layer's backward"
+    layer_backward = [
+        *(replace(i, bytes=i.bytes // L) if first_layer_is_worse and i in per_layer_kept else i for i in kept),
+        Item("gradients", "adapter gradients", adapter_bytes if first_layer_is_worse else adapter_bytes // L),
+        Item("other", "layer backward buffers", e * (s.I + s.D) * T, "gradients of the layer's activations"),
+        Item("other", "dequantized weight (torch backend)", dequant_bytes(facts.largest_linear, w)),
+    ]
+    if w.gradient_checkpointing:
+        recompute = per_layer * T - (4 * s.D * T if e == 4 else 0)  # fp32: the norm reads the checkpointed input
+        layer_backward.append(Item("other", "recomputed layer", recompute, "one layer's saved set, rebuilt for its backward"))
+    phases = {
+        "loss forward": kept + [final_norm, loss_saved, loss_fwd],
+        layer: layer_backward,
+        "optimizer step": [grads],
+    }
+    if loss_bwd:
+        phases["loss backward"] = kept + [final_norm, loss_saved, loss_bwd]
+    totals = {name: sum(i.bytes for i in static + items) for name, items in phases.items()}
+    phase = max(totals, key=totals.get)
+    return Estimate(
+        items=[i for i in static + phases[phase] if i.bytes],
+        phase=phase,
+        peak=totals[phase],
+        paged=paged,
+        host=host,
+        phases=totals,
+        workload=w,
+    )
+
+
+def max_seq_len(config: PretrainedConfig, spec: LoRASpec, w: Workload, budget: int, limit: int = 1 << 20) -> int:
+    """The longest seq_len (a multiple of 64) whose estimated device total fits in `budget` bytes; 0 if none."""
+    def fits(n: int) -> bool:
+        return estimate(config, spec, replace(w, seq_len=n)).device_total <= budget
+
+    lo, hi = 0, limit // 64
+    if not fits(64):
+        return 0
+    while lo < hi:  # largest k with fits(64 k)
+        mid = (lo + hi + 1) // 2
+        if fits(64 * mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return 64 * lo
+
+
+# ---- from a training config; what to change when it does not fit ----
+
+
+def workload_for(cfg, device: str = "cuda", backend: str | None = None) -> Workload:
+    """The Workload of a qtrain Config on `device` ("cuda" or "cpu"). The NF4 backend is the one
+    `auto` picks there (Triton on CUDA, assuming an Ampere or newer GPU), unless `backend` says."""
+    from qtrain.config import DTYPES
+
+    t, d = cfg.train, cfg.data
+    optimizer = t.optimizer if t.optimizer != "auto" else ("paged_adamw_32bit" if device == "cuda" else "adamw")
+    if backend is None:
+        backend = cfg.model.backend if cfg.model.backend != "auto" else ("triton" if device == "cuda" else "torch")
+    return Workload(
+        batch_size=t.batch_size,
+        seq_len=d.max_length,
+        dtype=DTYPES[cfg.model.dtype],
+        quantize=cfg.model.quantize,
+        backend=backend,
+        gradient_checkpointing=t.gradient_checkpointing,
+        offload_activations=t.offload_activations,
+        optimizer=optimizer,
+        loss_chunk=t.loss_chunk_tokens,
+        autocast=t.autocast,
+        attention_mask=d.packing or t.batch_size > 1,
+        device=device,
+    )
+
+
+def suggestions(config: PretrainedConfig, spec: LoRASpec, w: Workload, grad_accum: int = 1, budget: int | None = None) -> list[tuple[str, int]]:
+    """Config changes that need less memory, in the order to try them (the first ones keep the
+    effective batch and the model's quality), each with the estimated GPU total it leads to."""
+    candidates: list[tuple[str, Workload, LoRASpec]] = []
+    if w.batch_size > 1:
+        b = w.batch_size // 2
+        text = f"train.batch_size={b} train.grad_accum={grad_accum * 2} (same effective batch)"
+        candidates.append((text, replace(w, batch_size=b), spec))
+    if not w.gradient_checkpointing:
+        candidates.append(("train.gradient_checkpointing=true", replace(w, gradient_checkpointing=True), spec))
+    elif not w.offload_activations:
+        candidates.append(("train.offload_activations=true (activations wait in CPU RAM)", replace(w, offload_activations=True), spec))
+    if w.loss_chunk == 0:
+        candidates.append(("train.loss_chunk_tokens=null (chunked lm_head + loss)", replace(w, loss_chunk=None), spec))
+    fit = max_seq_len(config, spec, w, budget, limit=w.seq_len) if budget else 0
+    shorter = fit if 0 < fit < w.seq_len else w.seq_len // 2
+    if shorter >= 64:
+        candidates.append((f"data.max_length={shorter}", replace(w, seq_len=shorter), spec))
+    if w.optimizer != "paged_adamw_8bit" and w.device == "cuda":
+        candidates.append(("train.optimizer=paged_adamw_8bit", replace(w, optimizer="paged_adamw_8bit"), spec))
+    if spec.rank > 8:
+        candidates.append((f"lora.rank={spec.rank // 2}", w, replace(spec, rank=spec.rank // 2)))
+    return [(text, estimate(config, s, wl).device_total) for text, wl, s in candidates]
+
+
+def fmt_gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def estimate_table(est: Estimate, title: str = "memory estimate"):
+    """A rich Table of the estimate's items, with the totals as the last rows."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col, justify in (("category", "left"), ("item", "left"), ("size", "right"), ("note", "left")):
+        table.add_column(col, justify=justify)
+    for item in est.items:
+        table.add_row(item.category, item.name, fmt_gib(item.bytes), item.note)
+    table.add_section()
+    table.add_row("", f"[bold]peak allocated[/] ({est.phase})", f"[bold]{fmt_gib(est.peak)}[/]", "what torch.cuda.max_memory_allocated reports")
+    if est.paged:
+        table.add_row("", "paged optimizer state", fmt_gib(est.paged), "CUDA unified memory: moves to CPU RAM under pressure")
+    if est.host:
+        table.add_row("", "offloaded activations", fmt_gib(est.host), "pinned CPU RAM, not GPU")
+    if est.workload is None or est.workload.device == "cuda":
+        table.add_row("", "[bold]GPU total[/]", f"[bold]{fmt_gib(est.device_total)}[/]", "+ CUDA context 0.5 GiB, allocator slack 5%")
+    return table

@@ -1,0 +1,66 @@
+"""The architectures of common 7-8B models, from their config.json, so that memory estimates and the
+GPU memory benchmark need neither a download nor a Hub login (Llama repositories are gated).
+
+`resolve_config("meta-llama/Llama-3.1-8B-Instruct")` gives the preset when the name is a known Hub
+id or preset name; a local checkpoint directory or config.json is read; any other Hub id is fetched
+by transformers (config.json only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoConfig, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
+
+_LLAMA = dict(hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False, num_hidden_layers=32, hidden_size=4096)
+
+# name → (config class, config.json fields that matter for memory and shapes)
+PRESETS: dict[str, tuple[type, dict]] = {
+    "llama-2-7b": (LlamaConfig, dict(_LLAMA, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                                      vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0)),
+    "llama-3.1-8b": (LlamaConfig, dict(_LLAMA, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                                        vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    "mistral-7b": (MistralConfig, dict(_LLAMA, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                                        vocab_size=32768, max_position_embeddings=32768, rope_theta=1e6, sliding_window=None)),
+    "qwen2.5-7b": (Qwen2Config, dict(hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False, num_hidden_layers=28,
+                                      hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                                      vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6)),
+}  # fmt: skip
+
+# Hub ids with these architectures (base and instruct models share them).
+HUB_IDS = {
+    "meta-llama/Llama-2-7b-hf": "llama-2-7b",
+    "meta-llama/Llama-2-7b-chat-hf": "llama-2-7b",
+    "meta-llama/Llama-3.1-8B": "llama-3.1-8b",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "meta-llama/Meta-Llama-3.1-8B": "llama-3.1-8b",
+    "meta-llama/Meta-Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "mistralai/Mistral-7B-v0.3": "mistral-7b",
+    "mistralai/Mistral-7B-Instruct-v0.3": "mistral-7b",
+    "Qwen/Qwen2.5-7B": "qwen2.5-7b",
+    "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b",
+}
+
+
+def preset_config(name: str) -> PretrainedConfig:
+    cls, fields = PRESETS[name]
+    return cls(**fields)
+
+
+def resolve_config(name_or_path: str) -> PretrainedConfig:
+    """A preset (by name or known Hub id), a local checkpoint dir / config.json, or a Hub id's config."""
+    key = HUB_IDS.get(name_or_path, name_or_path.lower())
+    if key in PRESETS:
+        return preset_config(key)
+    path = Path(name_or_path)
+    if path.is_file() and path.name.endswith(".json"):
+        return AutoConfig.from_pretrained(path.parent) if path.name == "config.json" else AutoConfig.from_pretrained(path)
+    if path.is_dir() and not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json in this directory")
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except OSError as e:
+        known = ", ".join(PRESETS)
+        raise ValueError(f"{name_or_path}: not a local checkpoint and its config.json could not be fetched ({e}); known architectures: {known}") from None

@@ -1,0 +1,179 @@
+"""qtrain.estimate: the analytic peak against exact measurement (CPU allocator events + tensor
+accounting) on tiny models across settings; the exact parts (NF4 bytes, adapters, optimizer state);
+the 7-8B presets; what fits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from qtrain.estimate import (
+    GiB,
+    Workload,
+    estimate,
+    max_seq_len,
+    meta_model,
+    nf4_bytes,
+    optimizer_bytes,
+    suggestions,
+)
+from qtrain.lora import LoRASpec
+from qtrain.memprof import MemoryProfiler, peak_sample
+from qtrain.model import load_model
+from qtrain.nf4 import quantize_nf4
+from qtrain.presets import preset_config, resolve_config
+from qtrain.train import train_step
+
+TOLERANCE = 0.10  # the issue's target: estimate within 10% of the measured peak
+
+# (name, model kwargs, workload changes, LoRA spec). Tiny models whose peak has different causes:
+# recomputed layers, saved activations without checkpointing, full logits of a large vocabulary,
+# the chunked loss, many adapters, unquantized bases.
+SETTINGS = [
+    ("bf16 checkpointed", {}, {}, LoRASpec(rank=8)),
+    ("fp32 checkpointed", {}, {"dtype": torch.float32}, LoRASpec(rank=8)),
+    ("bf16 no checkpointing", {}, {"gradient_checkpointing": False}, LoRASpec(rank=8)),
+    ("fp32 no checkpointing, full logits", {}, {"dtype": torch.float32, "gradient_checkpointing": False, "loss_chunk": 0}, LoRASpec(rank=8)),
+    ("rank 32, q/v only", {}, {}, LoRASpec(rank=32, alpha=64, target_modules=["q_proj", "v_proj"])),
+    ("rank 64 all-linear", {}, {"seq_len": 64}, LoRASpec(rank=64, alpha=128)),
+    ("rsLoRA, longer rows", {}, {"batch_size": 2, "seq_len": 512}, LoRASpec(rank=16, use_rslora=True)),
+    ("large vocab, full logits", {"vocab_size": 8192}, {"loss_chunk": 0}, LoRASpec(rank=8)),
+    ("large vocab, chunked loss", {"vocab_size": 8192}, {"dtype": torch.float32}, LoRASpec(rank=8)),
+    ("16-bit base (LoRA without Q)", {}, {"quantize": False, "dtype": torch.float32}, LoRASpec(rank=8)),
+    ("qwen2 (biases)", {"arch": "qwen2"}, {}, LoRASpec(rank=8)),
+    ("mistral", {"arch": "mistral"}, {"gradient_checkpointing": False}, LoRASpec(rank=8)),
+]
+MODEL = {"hidden_size": 192, "intermediate_size": 512, "num_layers": 3, "num_heads": 6, "num_kv_heads": 2, "vocab_size": 1024}
+BASE = Workload(batch_size=4, seq_len=128, dtype=torch.bfloat16, backend="torch", optimizer="adamw", device="cpu")
+
+
+def measure(path, spec: LoRASpec, w: Workload):
+    """Peak and the sample at it of one profiled training step (after one unprofiled step)."""
+    model = load_model(str(path), spec, compute_dtype=w.dtype, quantize=w.quantize, backend="torch").model
+    if w.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, model.config.vocab_size, (w.batch_size, w.seq_len), generator=g)
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    autocast = torch.autocast("cpu", dtype=w.dtype) if w.dtype != torch.float32 else None
+    args = (model, [batch], optimizer, trainable, 1.0, "cpu", autocast)
+    train_step(*args, loss_chunk=w.loss_chunk)  # creates the optimizer state
+    profiler = MemoryProfiler(model, optimizer, torch.device("cpu"))
+    with profiler.step(2):
+        train_step(*args, on_phase=profiler.phase, loss_chunk=w.loss_chunk)
+    samples = profiler.samples()
+    profiler.detach()
+    return model, samples
+
+
+@pytest.mark.parametrize("name,model_kw,changes,spec", SETTINGS, ids=[s[0] for s in SETTINGS])
+def test_estimate_within_10_percent_of_the_measured_peak(tiny_checkpoint, name, model_kw, changes, spec):
+    torch.set_num_threads(1)  # deterministic BLAS scratch; faster on the 2-core CI machine
+    kw = {**MODEL, **model_kw}
+    path = tiny_checkpoint(kw.pop("arch", "llama"), **kw)
+    w = replace(BASE, **changes)
+    _, samples = measure(path, spec, w)
+    est = estimate(resolve_config(str(path)), spec, w)
+    peak = peak_sample(samples)
+    print(f"{name}: estimate / measured = {est.peak / peak.peak:.3f}")
+    assert abs(est.peak / peak.peak - 1) < TOLERANCE, (name, est.peak, peak.peak, est.phases)
+    # the persistent parts are exact: same bytes as the live tensors
+    parts, cats = samples[0].parts, est.by_category()
+    assert cats["weights"] == pytest.approx(parts["weights"], rel=0.01)
+    assert sum(i.bytes for i in est.items if i.category == "adapters") == parts["adapters"]
+    assert sum(i.bytes for i in est.items if i.name == "Adam moments") == parts["optimizer"]
+
+
+def test_nf4_bytes_is_what_quantize_nf4_stores():
+    for shape in [(64, 64), (37, 96), (513, 128), (3, 5)]:
+        assert nf4_bytes(math.prod(shape)) == quantize_nf4(torch.randn(shape)).nbytes(), shape
+
+
+def test_8bit_optimizer_state_formula_matches_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (1000, 4096, 70_000, 130_001)]  # below/above 4096
+    opt = bnb.optim.AdamW8bit(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state = [t for s in opt.state.values() for k, t in s.items() if isinstance(t, torch.Tensor) and k not in ("qmap1", "qmap2", "step")]
+    real = sum(t.numel() * t.element_size() for t in state)
+    in_allocator, paged = optimizer_bytes(params, "paged_adamw_8bit", "cpu")
+    assert paged == 0 and in_allocator == real
+
+
+def test_paged_state_is_outside_the_allocator_on_cuda_only():
+    params = [torch.nn.Parameter(torch.empty(n, device="meta")) for n in (50_000, 200_000)]
+    cuda = optimizer_bytes(params, "paged_adamw_32bit", "cuda")
+    assert cuda == (8 * 50_000, 8 * 200_000)  # bitsandbytes pages tensors of 1e5 elements or more
+    assert optimizer_bytes(params, "adamw", "cuda") == (8 * 250_000 + 2 * 4, 0)  # + torch's step tensors
+
+
+@pytest.mark.parametrize(
+    "name,params_b", [("llama-2-7b", 6.74), ("llama-3.1-8b", 8.03), ("mistral-7b", 7.25), ("qwen2.5-7b", 7.62)]
+)
+def test_presets_have_the_published_parameter_counts(name, params_b):
+    config = preset_config(name)
+    model = meta_model(config, LoRASpec(rank=16), Workload())
+    linears = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "_nf4_meta"))
+    dense = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    assert (linears + dense) / 1e9 == pytest.approx(params_b, abs=0.01)
+
+
+def test_hub_ids_resolve_to_presets_without_network():
+    assert resolve_config("meta-llama/Llama-3.1-8B-Instruct").vocab_size == 128256
+    assert resolve_config("Qwen/Qwen2.5-7B-Instruct").num_hidden_layers == 28
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_config("/tmp")
+
+
+def test_llama_3_1_8b_qlora_at_2048_is_estimated_under_8_gib():
+    config, spec = preset_config("llama-3.1-8b"), LoRASpec(rank=16, alpha=32)
+    est = estimate(config, spec, Workload(batch_size=1, seq_len=2048))
+    cats = est.by_category()
+    assert 5.2 * GiB < cats["weights"] < 5.4 * GiB  # 6.98B NF4 linear weights + 2 x 128256 x 4096 bf16
+    assert sum(p for p in [cats["adapters"]]) == 41_943_040 * 4  # r=16 on all 224 linears, fp32
+    assert est.peak < 8 * GiB and est.device_total < 8 * GiB
+    full = estimate(config, spec, Workload(batch_size=1, seq_len=2048, loss_chunk=0))
+    assert full.peak > est.peak + 2 * GiB  # [2048, 128256] fp32 logits and their gradient
+
+
+def test_what_lowers_memory_lowers_the_estimate():
+    config, spec = preset_config("llama-3.1-8b"), LoRASpec(rank=16)
+    w = Workload(batch_size=2, seq_len=4096)
+    peak = estimate(config, spec, w).peak
+    assert estimate(config, spec, replace(w, offload_activations=True)).peak < peak
+    assert estimate(config, spec, replace(w, gradient_checkpointing=False)).peak > 3 * peak
+    assert estimate(config, spec, replace(w, seq_len=2048)).peak < peak
+    assert estimate(config, LoRASpec(rank=64), w).peak > peak
+
+
+def test_max_seq_len_is_the_longest_that_fits():
+    config, spec, w = preset_config("llama-3.1-8b"), LoRASpec(rank=16), Workload(batch_size=1)
+    for budget in (8 * GiB, 24 * GiB):
+        n = max_seq_len(config, spec, w, budget)
+        assert n % 64 == 0
+        assert estimate(config, spec, replace(w, seq_len=n)).device_total <= budget
+        assert estimate(config, spec, replace(w, seq_len=n + 64)).device_total > budget
+    assert max_seq_len(config, spec, w, 4 * GiB) == 0  # the NF4 weights alone take 5.3 GiB
+
+
+def test_suggestions_name_config_keys_and_lower_the_estimate():
+    config, spec = preset_config("llama-3.1-8b"), LoRASpec(rank=16)
+    w = Workload(batch_size=4, seq_len=4096, loss_chunk=0)
+    need = estimate(config, spec, w).device_total
+    tips = suggestions(config, spec, w, grad_accum=2, budget=12 * GiB)
+    texts = [t for t, _ in tips]
+    assert texts[0] == "train.batch_size=2 train.grad_accum=4 (same effective batch)"
+    assert any(t.startswith("train.offload_activations=true") for t in texts)
+    assert any(t.startswith("train.loss_chunk_tokens=null") for t in texts)
+    assert "train.optimizer=paged_adamw_8bit" in texts and "lora.rank=8" in texts
+    shorter = next(t for t in texts if t.startswith("data.max_length="))
+    assert int(shorter.split("=")[1]) < 4096
+    assert all(n < need for _, n in tips)

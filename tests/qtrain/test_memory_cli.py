@@ -1,0 +1,110 @@
+"""`qtrain memory estimate|profile`, `qtrain train --profile-memory`, and the memory check before
+training on a GPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from qtrain.cli import main
+from qtrain.config import load_config
+from qtrain.estimate import GiB
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+TINY = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=192", "model.tiny.num_layers=2", "train.batch_size=4", "data.num_train=16"]
+
+
+def test_estimate_from_a_model_id_needs_no_network_or_gpu(capsys):
+    assert main(["memory", "estimate", "--model", "meta-llama/Llama-3.1-8B-Instruct", "--seq", "2048", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    for text in ("NF4 linears", "checkpointed layer inputs", "peak allocated", "GPU total", "longest seq_len that fits", "24 GiB"):
+        assert text in out, text
+
+
+def test_estimate_json_from_a_config_with_flags(capsys):
+    argv = ["memory", "estimate", str(REPO / "configs" / "llama-3.1-8b.yaml"), "lora.rank=8", "--seq", "4096", "--offload", "--json"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+    w = data["workload"]
+    assert (w["seq_len"], w["batch_size"], w["offload_activations"], w["optimizer"]) == (4096, 2, True, "paged_adamw_32bit")
+    assert data["host_bytes"] == 32 * 2 * 4096 * 4096 * 2  # 32 layer inputs [2, 4096, 4096] bf16 in CPU RAM
+    assert set(data["max_seq_len"]) == {"8GiB", "12GiB", "16GiB", "24GiB"}
+    assert data["peak_bytes"] < data["device_total_bytes"]
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_fits_the_card_it_is_written_for(config, capsys):
+    """The GPU configs say in their name (or 24 GB by default) what they fit; the estimate agrees."""
+    assert main(["memory", "estimate", str(config), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    if config.name == "quickstart.yaml":
+        assert data["model"] == "tiny llama"
+        return
+    card = 8 if config.name.endswith("8gb.yaml") else 16 if config.name.endswith("16gb.yaml") else 24
+    assert data["device_total_bytes"] < card * GiB, (config.name, data["device_total_bytes"] / GiB)
+
+
+def test_estimate_without_model_is_a_usage_error(capsys):
+    assert main(["memory", "estimate", "--seq", "128"]) == 2
+    assert "model" in capsys.readouterr().err
+
+
+def test_profile_writes_the_report(tmp_path, capsys):
+    assert main(["memory", "profile", str(QUICKSTART), "--steps", "2", *TINY, f"output_dir={tmp_path}"]) == 0
+    report = tmp_path / "memory"
+    assert {p.name for p in report.iterdir()} >= {"memory.json", "memory_report.html", "memory_report.md", "memory_timeline.png", "memory_breakdown.png"}
+    data = json.loads((report / "memory.json").read_text())
+    steps = {s["step"] for s in data["samples"]}
+    assert steps == {1, 2}
+    assert data["measured"]["peak_bytes"] == max(s["peak"] for s in data["samples"])
+    assert 0.85 < data["ratio_estimate_over_measured"] < 1.15  # tiny model, padded batches, fp32 on CPU
+    phases = {s["phase"] for s in data["samples"]}
+    assert phases == {"forward", "backward", "optimizer"}
+    assert "memory report:" in capsys.readouterr().out
+
+
+def test_train_profile_memory_measures_only_the_first_steps(tmp_path):
+    from qtrain.train import train
+
+    cfg = load_config(QUICKSTART, [*TINY, "train.max_steps=4", "eval.exact_match=false", f"output_dir={tmp_path}"])
+    result = train(cfg, Console(quiet=True), profile_memory=2)
+    assert result["steps"] == 4 and Path(result["memory_report"]).exists()
+    data = json.loads((tmp_path / "memory" / "memory.json").read_text())
+    assert {s["step"] for s in data["samples"]} == {1, 2}
+
+
+def test_train_profile_memory_flag(tmp_path):
+    assert main(["train", str(QUICKSTART), *TINY, "train.max_steps=1", "eval.exact_match=false", f"output_dir={tmp_path}", "--profile-memory", "1"]) == 0
+    assert (tmp_path / "memory" / "memory_report.html").exists()
+
+
+def test_gpu_check_warns_with_settings_that_fit(monkeypatch, tmp_path):
+    """On a GPU with too little free memory, training warns before loading and lists what fits."""
+    from qtrain import train as recipe
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(7.9 * GiB), 8 * GiB))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    cfg = load_config(REPO / "configs" / "llama-3.1-8b.yaml")
+    console = Console(record=True, width=200)
+    recipe.check_memory(cfg, "meta-llama/Llama-3.1-8B-Instruct", cfg.lora, torch.device("cuda"), console)
+    text = console.export_text()
+    assert "this run needs about" in text and "7.9 GiB of 8.0 GiB is free" in text
+    assert "train.batch_size=1 train.grad_accum=16 (same effective batch)" in text
+    assert "(fits)" in text
+
+
+def test_gpu_check_is_quiet_when_it_fits(monkeypatch):
+    from qtrain import train as recipe
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (23 * GiB, 24 * GiB))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    cfg = load_config(REPO / "configs" / "llama-3.1-8b.yaml")
+    console = Console(record=True, width=200)
+    recipe.check_memory(cfg, "meta-llama/Llama-3.1-8B-Instruct", cfg.lora, torch.device("cuda"), console)
+    assert "estimated" in console.export_text() and "needs about" not in console.export_text()
