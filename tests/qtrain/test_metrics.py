@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import types
 
 import pytest
@@ -138,6 +139,13 @@ def test_tensorboard_resume_purges_later_steps(tmp_path):
     with MetricsLogger(tmp_path, cfg, {}) as logger:
         for step in range(1, 6):
             logger.log(step, {"loss": float(step)})
+    # TensorBoard reads event files in name order: <seconds>.<host>.<pid>.<writer number>. A resumed
+    # run is a new process, so its file sorts after by time; in this one process, the writer number
+    # could pass from 9 to 10 within the same second and sort before: start the resumed writer a
+    # second later, as a real resume is.
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.05)
     with MetricsLogger(tmp_path, cfg, {}, resume_step=3) as logger:
         for step in range(4, 7):
             logger.log(step, {"loss": 10.0 * step})
