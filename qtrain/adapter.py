@@ -3,6 +3,7 @@
     adapter_config.json         {"peft_type": "LORA", "r": .., "lora_alpha": .., "target_modules": [..], ...}
     adapter_model.safetensors   base_model.model.<module>.lora_A.weight [r, in]
                                 base_model.model.<module>.lora_B.weight [out, r]
+                                base_model.model.<module>.lora_magnitude_vector [out]   (DoRA, "use_dora": true)
 
 `peft.PeftModel.from_pretrained(base, dir)` loads what we save, and we load what PEFT saves.
 """
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,6 +31,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINING_INFO = "qtrain.json"  # how the base was held in training (dtype, NF4 or not); PEFT ignores it
 PEFT_PREFIX = "base_model.model."
 _KEY_SUFFIX = {"lora_a": "lora_A", "lora_b": "lora_B"}
+# PEFT saves DoRA's magnitude as `<module>.lora_magnitude_vector` (no ".weight": its pre-0.12 format,
+# which it keeps); in the model it is `lora_magnitude_vector.<adapter>.weight`. We read either.
+DORA_KEY = "lora_magnitude_vector"
+_KINDS = {"lora_A": "lora_a", "lora_B": "lora_b", DORA_KEY: "lora_magnitude"}
 
 
 # ---- save / load ----
@@ -48,17 +54,19 @@ def peft_config(spec: LoRASpec, targets: list[str], base_model: str) -> dict:
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": spec.use_dora,
         "inference_mode": True,
     }
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-named copies of every LoRA weight (contiguous, on CPU)."""
+    """PEFT-named copies of every LoRA weight and DoRA magnitude (contiguous, on CPU)."""
     out = {}
     for name, m in lora_modules(model).items():
         out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_a.weight.detach().cpu().contiguous()
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_b.weight.detach().cpu().contiguous()
+        if m.use_dora:
+            out[f"{PEFT_PREFIX}{name}.{DORA_KEY}"] = m.lora_magnitude.detach().cpu().contiguous()
     return out
 
 
@@ -71,20 +79,33 @@ def save_adapter(
     base_dtype: torch.dtype | None = None,
     quantized: bool = True,
     extra_info: dict | None = None,
+    methods: list | None = None,
 ) -> Path:
     """Write the adapter atomically: into a temp dir beside `out_dir`, then rename over it.
 
     `base_dtype`/`quantized` record how the frozen base was held during training, so that
     `merge_adapter` can rebuild exactly that base; `extra_info` (e.g. the data format, which
-    `qtrain generate` renders prompts with) joins them in qtrain.json."""
+    `qtrain generate` renders prompts with) joins them in qtrain.json. `methods`: the run's other
+    PEFT methods (qtrain.methods), each written into its own subfolder (see qtrain.methods.io);
+    with `spec.rank == 0` the run has no LoRA and no LoRA files are written."""
+    from qtrain.methods.io import save_method
+
+    methods = methods or []
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    save_file(adapter_state_dict(model), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(spec, targets, base_model), indent=2) + "\n")
-    if base_dtype is not None:
-        info = {"base_dtype": str(base_dtype).removeprefix("torch."), "quantized": quantized} | (extra_info or {})
-        (tmp / TRAINING_INFO).write_text(json.dumps(info) + "\n")
+    if spec.rank:
+        save_file(adapter_state_dict(model), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(spec, targets, base_model), indent=2) + "\n")
+    for method in methods:
+        save_method(model, method, tmp, base_model)
+    if base_dtype is not None or methods:
+        info = {"quantized": quantized, "base_model_name_or_path": base_model}
+        if base_dtype is not None:
+            info["base_dtype"] = str(base_dtype).removeprefix("torch.")
+        if methods:
+            info["methods"] = [m.config_dict() for m in methods]
+        (tmp / TRAINING_INFO).write_text(json.dumps(info | (extra_info or {})) + "\n")
     replace_dir(tmp, out_dir)
     return out_dir
 
@@ -116,7 +137,7 @@ def read_training_info(adapter_dir: str | Path) -> dict:
 
 
 def read_adapter_config(adapter_dir: str | Path) -> LoRASpec:
-    """The LoRASpec of a PEFT LoRA adapter directory."""
+    """The LoRASpec of a PEFT LoRA (or DoRA: `use_dora`) adapter directory."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
@@ -124,7 +145,6 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRASpec:
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters load here")
     unsupported = {
-        "use_dora": bool(cfg.get("use_dora")),
         "bias": cfg.get("bias", "none") != "none",
         "modules_to_save": bool(cfg.get("modules_to_save")),
         "rank_pattern": bool(cfg.get("rank_pattern")),
@@ -141,12 +161,19 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRASpec:
         dropout=float(cfg.get("lora_dropout", 0.0)),
         use_rslora=bool(cfg.get("use_rslora", False)),
         target_modules="all-linear" if targets == "all-linear" else list(targets) if isinstance(targets, list) else [targets],
+        use_dora=bool(cfg.get("use_dora", False)),
     )
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if spec.use_dora and weights.exists():
+        with safe_open(weights, framework="pt") as f:  # names only, no tensor is read
+            has_magnitudes = any(_is_dora_key(k) for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+        if not has_magnitudes:
+            raise ValueError(f"{path}: use_dora is true, but {weights} holds no DoRA {DORA_KEY} tensors")
     return spec
 
 
 def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
-    """Copy a PEFT LoRA adapter's weights into the model's LoRALinear modules (shapes checked)."""
+    """Copy a PEFT LoRA adapter's weights (and DoRA magnitudes) into the model's LoRALinear modules (shapes checked)."""
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found")
@@ -157,27 +184,40 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
         name, which = _parse_key(key, path)
         if name not in modules:
             raise ValueError(f"{path}: {key!r} targets {name!r}, which has no LoRA adapter in this model")
-        param = getattr(modules[name], which).weight
+        if which == "lora_magnitude" and not modules[name].use_dora:
+            raise ValueError(
+                f"{path}: {key!r} is a DoRA magnitude, not a lora_A/lora_B weight, and this model's LoRA has no DoRA"
+                f" (use_dora is false in {ADAPTER_CONFIG}?)"
+            )
+        param = modules[name].lora_magnitude if which == "lora_magnitude" else getattr(modules[name], which).weight
         if param.shape != value.shape:
             raise ValueError(f"{path}: {key!r} has shape {list(value.shape)}, the model expects {list(param.shape)}")
         with torch.no_grad():
             param.copy_(value)
         seen.add((name, which))
-    missing = [f"{n}.{w}" for n in modules for w in _KEY_SUFFIX if (n, w) not in seen]
+    wanted = [(n, w) for n, m in modules.items() for w in (*_KEY_SUFFIX, *(("lora_magnitude",) if m.use_dora else ()))]
+    missing = [f"{n}.{w}" for n, w in wanted if (n, w) not in seen]
     if missing:
         raise ValueError(f"{path}: no weights for {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
 
 
+def _is_dora_key(key: str) -> bool:
+    return DORA_KEY in key.split(".")[-3:]
+
+
 def _parse_key(key: str, path: Path) -> tuple[str, str]:
-    """'base_model.model.<name>.lora_A[.default].weight' → (<name>, 'lora_a')."""
-    if not key.startswith(PEFT_PREFIX) or not key.endswith(".weight"):
+    """'base_model.model.<name>.lora_A[.default].weight' → (<name>, 'lora_a'); DoRA's
+    '<name>.lora_magnitude_vector[.default][.weight]' → (<name>, 'lora_magnitude')."""
+    if not key.startswith(PEFT_PREFIX) or not (key.endswith(".weight") or _is_dora_key(key)):
         raise ValueError(f"{path}: {key!r} is not a PEFT LoRA weight name")
-    parts = key[len(PEFT_PREFIX) : -len(".weight")].split(".")
-    if parts[-1] not in ("lora_A", "lora_B"):  # PEFT may keep the adapter name: lora_A.default
+    parts = key[len(PEFT_PREFIX) :].split(".")
+    if parts[-1] == "weight":
         parts = parts[:-1]
-    if parts[-1] not in ("lora_A", "lora_B"):
-        raise ValueError(f"{path}: {key!r} is not a lora_A/lora_B weight")
-    return ".".join(parts[:-1]), "lora_a" if parts[-1] == "lora_A" else "lora_b"
+    if parts[-1] not in _KINDS:  # PEFT may keep the adapter name: lora_A.default
+        parts = parts[:-1]
+    if len(parts) < 2 or parts[-1] not in _KINDS:
+        raise ValueError(f"{path}: {key!r} is not a lora_A/lora_B weight (nor a DoRA {DORA_KEY})")
+    return ".".join(parts[:-1]), _KINDS[parts[-1]]
 
 
 # ---- merge ----
@@ -191,7 +231,8 @@ def merge_adapter(
     base_weights: str = "nf4",
     max_shard_bytes: int = 2 << 30,
 ) -> Path:
-    """Write `base + scale * B @ A` as a 16-bit HF checkpoint, one tensor at a time.
+    """Write `base + scale * B @ A` as a 16-bit HF checkpoint, one tensor at a time (DoRA adapters:
+    `m * (base + scale * B @ A) / ||base + scale * B @ A||_row`, the norm over each output row, as PEFT merges).
 
     `base_weights="nf4"` (default) merges into the dequantized NF4 weights, the base the adapter
     was trained against: every linear layer but lm_head goes through NF4, as it did in training,
@@ -200,6 +241,9 @@ def merge_adapter(
     """
     if base_weights not in ("nf4", "original"):
         raise ValueError(f"base_weights={base_weights!r}; choose 'nf4' or 'original'")
+    methods = [m.get("method") for m in read_training_info(adapter_dir).get("methods", [])]
+    if methods:
+        raise ValueError(f"{adapter_dir}: merging supports LoRA (and DoRA) adapters; this one also holds {', '.join(methods)}")
     model_dir = resolve_model_dir(base)
     ckpt = SafetensorsCheckpoint(model_dir)
     spec = read_adapter_config(adapter_dir)
@@ -232,6 +276,11 @@ def merge_adapter(
             w = dequantize_nf4(quantize_nf4(w.to(quant_dtype)), torch.float32)
         if (name, "lora_a") in adapter and key == f"{name}.weight":
             w = w.float() + scale * adapter[(name, "lora_b")] @ adapter[(name, "lora_a")]
+            if spec.use_dora:
+                if (name, "lora_magnitude") not in adapter:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise ValueError(f"{adapter_dir}: use_dora, but no {DORA_KEY} for {name!r}")
+                w = (adapter[(name, "lora_magnitude")] / torch.linalg.vector_norm(w, dim=1))[:, None] * w
             used.add(name)
         writer.add(key, w.to(dtype) if w.is_floating_point() else w)
     unused = {n for n, _ in adapter} - used

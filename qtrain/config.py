@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from qtrain.lora import LoRASpec
+from qtrain.methods import IA3, METHODS, BitFit, Houlsby, ParallelAdapter, Pfeiffer
 
 
 class ConfigError(ValueError):
@@ -128,7 +129,13 @@ class LogConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: list[str] | str = "lora"  # PEFT method, or a list to compose (e.g. [lora, bitfit]); its settings are the section of that name
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    bitfit: BitFit = field(default_factory=BitFit)
+    ia3: IA3 = field(default_factory=IA3)
+    houlsby: Houlsby = field(default_factory=Houlsby)
+    pfeiffer: Pfeiffer = field(default_factory=Pfeiffer)
+    parallel_adapter: ParallelAdapter = field(default_factory=ParallelAdapter)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -137,8 +144,23 @@ class Config:
     output_dir: str = "runs/qtrain"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    def methods(self) -> list[str]:
+        """The `method` key as a list of names."""
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
     def validate(self) -> None:
         """Checks across keys; runs before anything loads."""
+        names = self.methods()
+        known = ["lora", *METHODS]
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ConfigError(f"method: unknown method {name!r}{hint} (known: {', '.join(known)})")
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"method: {self.method!r}; give one method or a list without repeats")
+        if self.lora.init_from and "lora" not in names:
+            raise ConfigError("lora.init_from: the run does not use LoRA; add lora to method")
         if (self.model.name_or_path is None) == (self.model.tiny is None):
             raise ConfigError("model: set exactly one of model.name_or_path and model.tiny")
         t, d, e, c = self.train, self.data, self.eval, self.checkpoint

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from qtrain.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_workspace_bytes
-from qtrain.lora import LoRALinear, LoRASpec, swap_linears
+from qtrain.lora import LoRALinear, LoRASpec, is_lora_parameter, swap_linears
 from qtrain.model import build_skeleton
 from qtrain.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
 
@@ -136,7 +136,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def weight_items(model: nn.Module, w: Workload) -> list[Item]:
     linears = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    lora_params = {id(p) for m in linears if m.rank for p in (m.lora_a.weight, m.lora_b.weight)}
+    lora_params = {id(p) for p in adapter_params(model)}
     base = sum(m.in_features * m.out_features for m in linears)
     seen, dense = set(), 0
     for p in [*model.parameters(), *model.buffers()]:
@@ -152,7 +152,8 @@ def weight_items(model: nn.Module, w: Workload) -> list[Item]:
 
 
 def adapter_params(model: nn.Module) -> list[torch.Tensor]:
-    return [p for m in model.modules() if isinstance(m, LoRALinear) and m.rank for p in (m.lora_a.weight, m.lora_b.weight)]
+    """The trainable LoRA tensors: A, B (and DoRA's magnitude)."""
+    return [p for n, p in model.named_parameters() if is_lora_parameter(n)]
 
 
 def optimizer_bytes(params, name: str, device: str) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from torch import nn
 from qtrain.adapter import ADAPTER_CONFIG, TRAINING_INFO, load_adapter_weights, read_adapter_config, read_training_info
 from qtrain.config import DTYPES
 from qtrain.data import FORMATS, alpaca_prompt, ensure_chat_template
+from qtrain.methods.io import load_method, read_methods
 
 TEMPLATES = ("auto", "alpaca", "chat", "none")  # `none`: the prompt as is
 PROMPT_FORMATS = (*FORMATS, "none")  # what format_prompt renders
@@ -50,6 +51,8 @@ def resolve_base(adapter_dir: str | Path, base: str | None) -> tuple[Path, str]:
     from qtrain.checkpoint import resolve_model_dir
 
     cfg_path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not cfg_path.exists() and (Path(adapter_dir) / TRAINING_INFO).exists():  # no LoRA: qtrain.json names the base
+        cfg_path = Path(adapter_dir) / TRAINING_INFO
     source = "--base"
     if base is None:
         base = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
@@ -85,8 +88,10 @@ def load_for_inference(
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
-    spec = read_adapter_config(adapter_dir)  # names adapter_config.json when it is missing
     info = read_training_info(adapter_dir)
+    methods = read_methods(info)  # the non-LoRA methods of the run, if any
+    has_lora = (adapter_dir / ADAPTER_CONFIG).exists() or not methods
+    spec = read_adapter_config(adapter_dir) if has_lora else None  # names adapter_config.json when it is missing
     model_dir, base_name = resolve_base(adapter_dir, base)
     torch_device = pick_device(device)
     if dtype is not None:
@@ -114,7 +119,11 @@ def load_for_inference(
     )
     model = loaded.model
     if not base_only:
-        load_adapter_weights(model, adapter_dir)
+        if has_lora:
+            load_adapter_weights(model, adapter_dir)
+        for method in methods:
+            method.apply(model)
+            load_method(model, method, adapter_dir)
     model.eval()
     tokenizer = load_tokenizer(loaded.model_dir)
     return (

@@ -7,6 +7,19 @@ W is frozen: stored in NF4 (4-bit, bitsandbytes layout) when `quantize_base`, el
 16-bit parameter. A is Kaiming-uniform (a=sqrt(5), as nn.Linear and PEFT), B is zero, so the
 adapter starts as the identity. `rank=0` gives a frozen NF4 linear with no adapter: QLoRA
 quantizes every linear layer of the base, targeted or not.
+
+DoRA (Liu et al. 2024, `use_dora`) splits the adapted weight into a trained magnitude and a direction:
+
+    W' = m * (W + s B A) / ||W + s B A||_row          m [out], initialised to ||W||_row (W' = W)
+
+as Hugging Face PEFT implements it: the row norm is detached from the graph (the paper's §4.3), and
+
+    y = W x + bias + (m/n - 1) * (W dropout(x)) + (m/n) * s * B A dropout(x)        n = ||W + s B A||_row
+
+which without dropout is `(m/n) * (W x + s B A x) + bias`, one fused NF4 + LoRA product scaled per
+output. n is computed without the dequantized W: ||W||^2 is stored at load (W is frozen), and
+||W + sBA||^2 = ||W||^2 + 2s rowsum(B * (W A^T)) + s^2 rowsum(B * (B A A^T)), where W A^T [out, r]
+is one NF4 product of A's r rows.
 """
 
 from __future__ import annotations
@@ -35,12 +48,14 @@ class LoRASpec:
     use_rslora: bool = False
     target_modules: list[str] | str = "all-linear"  # 'all-linear' or module names (suffix match)
     exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    use_dora: bool = False  # DoRA: a trained magnitude per output row on top of LoRA (Liu et al. 2024)
 
     def scale(self) -> float:
         return lora_scale(self.alpha, self.rank, self.use_rslora)
 
 
 _NF4_FP32_BUFFERS = ("nf4_code", "nf4_absmax_scale", "nf4_absmax_code")
+_FP32_BUFFERS = (*_NF4_FP32_BUFFERS, "dora_weight_sqnorm")  # kept in fp32 by .to(dtype)/.half()
 
 
 class LoRALinear(nn.Module):
@@ -57,6 +72,7 @@ class LoRALinear(nn.Module):
         backend: str = "auto",
         adapter_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        use_dora: bool = False,
     ):
         super().__init__()
         if backend not in BACKENDS:
@@ -74,6 +90,12 @@ class LoRALinear(nn.Module):
             self.reset_lora_parameters()
         else:
             self.lora_a = self.lora_b = None
+        self.use_dora = bool(use_dora and rank)
+        if self.use_dora:
+            # DoRA's magnitude m [out], fp32 whatever the adapter dtype (it moves by small steps around
+            # ||W||); set to ||W||_row when the base weight is set. ||W||^2 [out]: a fp32 buffer, not saved.
+            self.lora_magnitude = nn.Parameter(torch.ones(out_features, device=device, dtype=torch.float32))
+            self.register_buffer("dora_weight_sqnorm", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> LoRALinear:
@@ -100,6 +122,7 @@ class LoRALinear(nn.Module):
             self.set_nf4_weight(quantize_nf4(weight))
         else:
             self.weight = nn.Parameter(weight, requires_grad=False)
+            self._init_dora()
 
     def set_nf4_weight(self, nf4: NF4Tensor) -> None:
         if tuple(nf4.shape) != (self.out_features, self.in_features):
@@ -116,11 +139,34 @@ class LoRALinear(nn.Module):
             absmax_offset=nf4.absmax_offset,
             absmax_blocksize=nf4.absmax_blocksize,
         )
+        self._init_dora()
+
+    def _init_dora(self) -> None:
+        """DoRA: store ||W||_row^2 (fp32, on the weight's device) and set the magnitude m = ||W||_row.
+
+        The row norms are those of the base in fp32 (NF4 dequantized to fp32), the W that the norm's
+        cross term W A^T sees. With B = 0 the forward's n is computed from the same numbers, so m / n
+        is exactly 1 at init."""
+        if not self.use_dora:
+            return
+        with torch.no_grad():
+            if self.quantize_base:
+                w = dequantize_nf4(self.nf4_weight, torch.float32)  # transient, once per layer at load
+                norm = torch.linalg.vector_norm(w, dim=1)
+                del w
+            else:
+                norm = torch.linalg.vector_norm(self.weight, dim=1, dtype=torch.float32)
+            sqnorm = norm.square()
+            self.register_buffer("dora_weight_sqnorm", sqnorm, persistent=False)
+            if self.lora_magnitude.device.type == "meta":  # built on meta (no memory): materialize it here
+                self.lora_magnitude = nn.Parameter(sqnorm.sqrt(), requires_grad=self.lora_magnitude.requires_grad)
+            else:
+                self.lora_magnitude.copy_(sqnorm.sqrt())
 
     def _apply(self, fn, recurse=True):
         """`.to(dtype)`/`.half()` must not touch the NF4 quantization state (kept in fp32, as
         bitsandbytes does); device moves do apply to it."""
-        kept = {n: b for n, b in self._buffers.items() if n in _NF4_FP32_BUFFERS and b is not None}
+        kept = {n: b for n, b in self._buffers.items() if n in _FP32_BUFFERS and b is not None}
         super()._apply(fn, recurse)
         for name, old in kept.items():
             self._buffers[name] = old.to(self._buffers[name].device)
@@ -151,16 +197,21 @@ class LoRALinear(nn.Module):
         return self.weight.data.to(dtype or self.weight.dtype)
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W + scale * B @ A, computed in fp32 and cast to `dtype` (default: the base dtype)."""
+        """W + scale * B @ A (DoRA: m * (W + sBA) / ||W + sBA||_row), computed in fp32 and cast to
+        `dtype` (default: the base dtype)."""
         w = self.base_weight(torch.float32)
         if self.rank:
             w = w + self.scale * (self.lora_b.weight.float() @ self.lora_a.weight.float())
+        if self.use_dora:
+            w = (self.lora_magnitude.detach().float() / torch.linalg.vector_norm(w, dim=1))[:, None] * w
         out_dtype = dtype or (self._nf4_meta["dtype"] if self.quantize_base else self.weight.dtype)
         return w.to(out_dtype)
 
     # ---- forward ----
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_dora:
+            return self._dora_forward(x)
         lora_a = self.lora_a.weight if self.rank else None
         lora_b = self.lora_b.weight if self.rank else None
         if not self.quantize_base:
@@ -171,9 +222,63 @@ class LoRALinear(nn.Module):
             x, self.nf4_weight, lora_a, lora_b, self.scale, self.bias, self.dropout, self.training, self.backend
         )
 
+    # ---- DoRA ----
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """n = ||W + s B A||_row [out], fp32, detached (DoRA §4.3: the norm is a constant to autograd).
+
+        ||W||^2 + 2s rowsum(B * (W A^T)) + s^2 rowsum(B * (B (A A^T))): one NF4 product of the r rows
+        of A (W A^T [out, r]) and rank-sized products; W is never materialized on the fused backend."""
+        if self.dora_weight_sqnorm is None:
+            raise RuntimeError("this DoRA LoRALinear has no base weight loaded")
+        a, b = self.lora_a.weight, self.lora_b.weight
+        with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
+            a, b = a.detach().float(), b.detach().float()
+            if self.quantize_base:
+                aw = nf4_lora(a, self.nf4_weight, None, None, 0.0, backend=self.backend)  # A W^T [r, out]
+            else:
+                aw = nn.functional.linear(a, self.weight.float())  # [r, out]
+            cross = (b * aw.T).sum(1)  # rowsum(B * W A^T)
+            quad = ((b @ (a @ a.T)) * b).sum(1)  # ||B A||_row^2
+            sq = self.dora_weight_sqnorm + (2 * self.scale) * cross + (self.scale * self.scale) * quad
+            return sq.clamp_min(0).sqrt()  # rounding can take an (almost) zero row slightly negative
+
+    def _base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """X @ W^T, no bias, in X's dtype."""
+        if self.quantize_base:
+            return nf4_lora(x, self.nf4_weight, None, None, 0.0, backend=self.backend)
+        return nn.functional.linear(x, self.weight.to(x.dtype))
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA forward (peft/tuners/lora/dora.py), combined in fp32 and cast to X's dtype once."""
+        lora_a, lora_b = self.lora_a.weight, self.lora_b.weight
+        g = self.lora_magnitude / self.dora_weight_norm()  # m / n [out]; gradient to m only
+        if self.dropout > 0 and self.training:
+            # y = W x + bias + (g - 1) * W h + g * s * B A h with h = dropout(x): two base products, as PEFT
+            h = nn.functional.dropout(x, p=self.dropout, training=True)
+            device = x.device.type
+            autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+            hl = h if autocast else h.to(lora_a.dtype)  # as lora_delta: the adapter's dtype unless autocast
+            lora = nn.functional.linear(nn.functional.linear(hl, lora_a), lora_b)
+            y = self._base_matmul(x) + (g - 1) * self._base_matmul(h) + (g * self.scale) * lora
+        else:
+            # y = g * (W x + s B A x) + bias: the fused NF4 + LoRA product, scaled per output
+            if self.quantize_base:
+                z = nf4_lora(x, self.nf4_weight, lora_a, lora_b, self.scale, None, 0.0, False, self.backend)
+            else:
+                z = nn.functional.linear(x, self.weight.to(x.dtype))
+                z = z + lora_delta(x, lora_a, lora_b, self.scale, 0.0, False)
+            y = g * z
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
     def extra_repr(self) -> str:
         base = "nf4" if self.quantize_base else "frozen"
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}, base={base}"
+        dora = ", dora" if self.use_dora else ""
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}, base={base}{dora}"
+        )
 
 
 def is_target(name: str, spec: LoRASpec) -> bool:
@@ -215,6 +320,7 @@ def swap_linears(
                     backend=backend,
                     adapter_dtype=adapter_dtype,
                     device=None if child.weight.device.type == "meta" else child.weight.device,
+                    use_dora=spec.use_dora,
                 )
                 setattr(module, child_name, new)
                 if wanted and spec.rank:
@@ -232,6 +338,11 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.rank}
 
 
+def is_lora_parameter(name: str) -> bool:
+    """Whether model parameter `name` is a LoRA weight (A, B) or a DoRA magnitude."""
+    return ".lora_a." in name or ".lora_b." in name or name.endswith(".lora_magnitude") or name == "lora_magnitude"
+
+
 def mark_only_lora_trainable(model: nn.Module) -> None:
     for name, p in model.named_parameters():
-        p.requires_grad = ".lora_a." in name or ".lora_b." in name
+        p.requires_grad = is_lora_parameter(name)

@@ -38,6 +38,7 @@ from qtrain.kernels.nf4_lora import resolve_backend, triton_available
 from qtrain.lora import LoRASpec
 from qtrain.memory import OffloadActivations, peak_memory_bytes
 from qtrain.memprof import MemoryProfiler
+from qtrain.methods.io import load_method
 from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
 from qtrain.model import load_model, load_tokenizer
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
@@ -256,13 +257,22 @@ def train(
 
     # 1. model: NF4 base, LoRA adapters on the targets
     path = model_path(cfg, out)
+    use_lora = "lora" in cfg.methods()
     spec: LoRASpec = read_adapter_config(cfg.lora.init_from) if cfg.lora.init_from else cfg.lora
+    if not use_lora:
+        spec = LoRASpec(rank=0)  # every linear NF4, no adapter
+    methods = [getattr(cfg, name) for name in cfg.methods() if name != "lora"]  # the other PEFT methods
     check_memory(cfg, path, spec, device, console)
     t0 = time.perf_counter()
     loaded = load_model(path, spec, compute_dtype=dtype, device=device, quantize=cfg.model.quantize, backend=cfg.model.backend)
     model = loaded.model
     if cfg.lora.init_from:
         load_adapter_weights(model, cfg.lora.init_from)
+    lora_params = {n for n, p in model.named_parameters() if p.requires_grad}
+    for method in methods:
+        method.apply(model)
+    for n, p in model.named_parameters():
+        p.requires_grad = n in lora_params or any(m.owns(n) for m in methods)
     tokenizer = load_tokenizer(loaded.model_dir)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -271,7 +281,7 @@ def train(
     )
     console.print(
         f"[bold]model[/] {path} ({loaded.config.model_type}, {'NF4' if cfg.model.quantize else cfg.model.dtype} base) "
-        f"loaded in {time.perf_counter() - t0:.1f}s on {device}; LoRA r={spec.rank} on {len(loaded.targets)} linears; "
+        f"loaded in {time.perf_counter() - t0:.1f}s on {device}; {describe_methods(cfg, spec, loaded.targets)}; "
         f"trainable {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)"
     )
 
@@ -310,7 +320,10 @@ def train(
     if cfg.checkpoint.resume:
         ckpt = resolve_resume(cfg.checkpoint.resume, out)
         state = load_state(ckpt)
-        load_adapter_weights(model, ckpt / "adapter")
+        if use_lora:
+            load_adapter_weights(model, ckpt / "adapter")
+        for method in methods:
+            load_method(model, method, ckpt / "adapter")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler and state.get("scaler"):
@@ -333,7 +346,7 @@ def train(
 
     def write_adapter(target: Path) -> Path:
         info = {"data_format": train_data.format}
-        return save_adapter(model, spec, loaded.targets, path, target, dtype, cfg.model.quantize, extra_info=info)
+        return save_adapter(model, spec, loaded.targets, path, target, dtype, cfg.model.quantize, extra_info=info, methods=methods)
 
     # 5. score before
     can_score = cfg.eval.exact_match and any(r.answer is not None for r in eval_rendered)
@@ -439,6 +452,12 @@ def train(
     return result
 
 
+def describe_methods(cfg: Config, spec: LoRASpec, targets: list[str]) -> str:
+    """"LoRA r=16 on 28 linears + bitfit", for the console."""
+    parts = [f"LoRA r={spec.rank} on {len(targets)} linears" if name == "lora" else name for name in cfg.methods()]
+    return " + ".join(parts)
+
+
 def _memory_report(cfg, profiler, loaded, spec, device, shapes, out: Path, console: Console) -> Path:
     """Stop measuring; write output_dir/memory/ with the measurement beside the estimate for the
     largest micro-batch the measured steps ran."""
@@ -456,7 +475,7 @@ def _memory_report(cfg, profiler, loaded, spec, device, shapes, out: Path, conso
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": cfg.model.dtype,
         "micro-batch": f"{b} x {s} tokens",
-        "LoRA": f"r={spec.rank} on {len(loaded.targets)} linears",
+        "method": describe_methods(cfg, spec, loaded.targets),
         "gradient checkpointing": cfg.train.gradient_checkpointing,
         "offload activations": cfg.train.offload_activations,
         "optimizer": w.optimizer,

@@ -54,3 +54,44 @@ def seeded():
     """A fixed torch seed for the test; returns the seed."""
     torch.manual_seed(1234)
     return 1234
+
+
+@pytest.fixture(scope="session")
+def bnb_nf4():
+    """Factory: `bnb_nf4(path)` -> transformers + bitsandbytes NF4 (double quant, fp32 compute) of a
+    checkpoint on CPU, the standard QLoRA stack's base that PEFT references are built on."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config, device_map="cpu")
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def nf4_hf_base():
+    """Factory: `nf4_hf_base(path, dtype=fp32)` -> a transformers model of `path` whose linear
+    weights are our dequantized NF4 weights (QLoRA's base, for comparing with PEFT in 16/32 bits)."""
+    from transformers import AutoModelForCausalLM
+
+    from qtrain.lora import LoRALinear
+    from qtrain.model import load_model
+
+    def make(path, dtype: torch.dtype = torch.float32):
+        base = load_model(str(path), None, compute_dtype=dtype).model
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with torch.no_grad():
+            for name, m in base.named_modules():
+                if isinstance(m, LoRALinear):
+                    hf.get_submodule(name).weight.copy_(m.base_weight(dtype))
+        return hf.eval()
+
+    return make

@@ -51,15 +51,6 @@ def ours(path: Path, spec: LoRASpec, dtype: torch.dtype = torch.float32, seed: i
     return loaded
 
 
-def nf4_hf_base(path: Path, dtype: torch.dtype = torch.float32):
-    """A transformers model of `path` whose linear weights are our dequantized NF4 weights (QLoRA's base)."""
-    base = load_model(str(path), None, compute_dtype=dtype).model
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    with torch.no_grad():
-        for name, m in base.named_modules():
-            if isinstance(m, LoRALinear):
-                hf.get_submodule(name).weight.copy_(m.base_weight(dtype))
-    return hf.eval()
 
 
 def logits(model, x=None) -> torch.Tensor:
@@ -77,20 +68,9 @@ def ckpt(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def bnb_saved(ckpt, tmp_path_factory):
+def bnb_saved(ckpt, bnb_nf4, tmp_path_factory):
     """transformers + bitsandbytes NF4 (double quant, fp32 compute) of `ckpt`, saved with save_pretrained."""
-    pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        ckpt, dtype=torch.float32, quantization_config=config, device_map="cpu"
-    )
+    model = bnb_nf4(ckpt)
     out = tmp_path_factory.mktemp("bnb_saved")
     model.save_pretrained(out)
     return out
@@ -153,7 +133,7 @@ SPECS = {
 
 
 @pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
-def test_peft_loads_our_adapter_fp32(ckpt, tmp_path, spec):
+def test_peft_loads_our_adapter_fp32(ckpt, tmp_path, spec, nf4_hf_base):
     loaded = ours(ckpt, spec)
     adapter = save_adapter(loaded.model, spec, loaded.targets, str(ckpt), tmp_path / "adapter")
     base = nf4_hf_base(ckpt)
@@ -167,7 +147,7 @@ def test_peft_loads_our_adapter_fp32(ckpt, tmp_path, spec):
     assert (want - without).abs().max() > ADAPTER_EFFECT_MIN  # the adapter is really applied
 
 
-def test_peft_loads_our_adapter_bf16(ckpt, tmp_path):
+def test_peft_loads_our_adapter_bf16(ckpt, tmp_path, nf4_hf_base):
     spec = SPECS["all-linear"]
     loaded = ours(ckpt, spec, dtype=torch.bfloat16)
     adapter = save_adapter(loaded.model, spec, loaded.targets, str(ckpt), tmp_path / "adapter")
@@ -222,7 +202,7 @@ def test_real_qlora_stack_loads_our_adapter(tiny_checkpoint, tmp_path, arch):
 # ---- we load what PEFT saves -----------------------------------------------------------------
 
 
-def peft_adapter(path: Path, out: Path, use_rslora: bool, seed: int = 0):
+def peft_adapter(nf4_hf_base, path: Path, out: Path, use_rslora: bool, seed: int = 0):
     """A PEFT LoRA (r=4, alpha=16, q/v) on the NF4-dequantized base, lora_B randomized, saved."""
     base = nf4_hf_base(path)
     torch.manual_seed(seed)
@@ -238,15 +218,15 @@ def peft_adapter(path: Path, out: Path, use_rslora: bool, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def peft_saved(ckpt, tmp_path_factory):
+def peft_saved(ckpt, nf4_hf_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("peft_adapter")
-    model = peft_adapter(ckpt, out, use_rslora=False)
+    model = peft_adapter(nf4_hf_base, ckpt, out, use_rslora=False)
     return out, model
 
 
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
-def test_peft_adapter_loads_into_qtrain(ckpt, tmp_path, use_rslora):
-    model = peft_adapter(ckpt, tmp_path / "adapter", use_rslora)
+def test_peft_adapter_loads_into_qtrain(ckpt, tmp_path, use_rslora, nf4_hf_base):
+    model = peft_adapter(nf4_hf_base, ckpt, tmp_path / "adapter", use_rslora)
     spec = read_adapter_config(tmp_path / "adapter")
     assert (spec.rank, spec.alpha, spec.use_rslora, spec.dropout) == (4, 16.0, use_rslora, 0.0)
     assert sorted(spec.target_modules) == ["q_proj", "v_proj"]

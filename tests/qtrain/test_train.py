@@ -91,7 +91,12 @@ def test_run_adapter_loads(quick_run):
     adapter = Path(result["adapter"])
     assert adapter == out / "adapter"
     assert sorted(p.name for p in adapter.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_INFO]
-    assert json.loads((adapter / TRAINING_INFO).read_text()) == {"base_dtype": "float32", "quantized": True, "data_format": "alpaca"}
+    assert json.loads((adapter / TRAINING_INFO).read_text()) == {
+        "base_dtype": "float32",
+        "quantized": True,
+        "data_format": "alpaca",
+        "base_model_name_or_path": str(out / "base"),
+    }
     spec = read_adapter_config(adapter)
     assert (spec.rank, spec.alpha) == (16, 32.0)
     loaded = load_model(str(out / "base"), spec, compute_dtype=torch.float32)

@@ -1,0 +1,99 @@
+"""What every PEFT method in qtrain is: a dataclass of its hyperparameters (also its config section)
+that adds its parameters to a loaded model instance, names them, and saves/loads them.
+
+    method = IA3(target_modules=["k_proj", "v_proj", "down_proj"])
+    method.apply(model)                  # new parameters, identity at init where the paper has one
+    mark_trainable(model, [method])      # only the method's parameters train
+    tensors = method.state_dict(model)   # {model parameter name: tensor}, what is saved
+    method.load_state_dict(model, tensors)
+
+The frozen base is whatever `qtrain.model.load_model` built (NF4 LoRALinear layers; rank 0 where
+LoRA is not used). Methods change the model INSTANCE only: parameters registered on our own
+modules (LoRALinear), children added to a decoder layer instance, forward hooks; never attributes
+of transformers classes. Parameter names are stable (they do not move existing modules), so methods
+compose (LoRA + another) and PEFT's key names can be produced by a fixed mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+
+class PeftMethod:
+    """Base of the method dataclasses. Subclasses set `name` (the `method:` config value) and
+    implement `apply`, `owns` and `expected_trainable`; `peft_type` names PEFT's implementation
+    when there is one (then `peft_config`/`to_peft`/`from_peft` give PEFT's on-disk format)."""
+
+    name: ClassVar[str]
+    peft_type: ClassVar[str | None] = None
+
+    def apply(self, model: nn.Module) -> None:
+        """Add this method's parameters to `model` (an instance, modified in place)."""
+        raise NotImplementedError
+
+    def owns(self, param_name: str) -> bool:
+        """Whether the model parameter called `param_name` belongs to this method."""
+        raise NotImplementedError
+
+    def expected_trainable(self, config: PretrainedConfig) -> int:
+        """The paper's count of trainable parameters for a model of `config` (checked by tests)."""
+        raise NotImplementedError
+
+    # ---- saving ----
+
+    def config_dict(self) -> dict:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The method's parameters by model name, detached, contiguous, on CPU."""
+        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if self.owns(n)}
+
+    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
+        """Copy `tensors` into the model's parameters of this method; every one must be there, with its shape."""
+        params = {n: p for n, p in model.named_parameters() if self.owns(n)}
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise ValueError(f"{source}: {unknown[0]!r} is not a {self.name} parameter of this model" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        missing = sorted(set(params) - set(tensors))
+        if missing:
+            raise ValueError(f"{source}: no value for {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        with torch.no_grad():
+            for n, value in tensors.items():
+                if params[n].shape != value.shape:
+                    raise ValueError(f"{source}: {n!r} has shape {list(value.shape)}, the model expects {list(params[n].shape)}")
+                params[n].copy_(value)
+
+    def peft_config(self, base_model: str) -> dict:
+        raise NotImplementedError(f"{self.name} has no PEFT format")
+
+    def to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{self.name} has no PEFT format")
+
+    def from_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{self.name} has no PEFT format")
+
+
+def mark_trainable(model: nn.Module, methods: list[PeftMethod]) -> list[str]:
+    """Freeze everything but the methods' parameters; returns the trainable names."""
+    names = []
+    for n, p in model.named_parameters():
+        p.requires_grad = any(m.owns(n) for m in methods)
+        if p.requires_grad:
+            names.append(n)
+    return names
+
+
+def matches(name: str, targets: list[str]) -> bool:
+    """Suffix match of a module name against target names (as LoRA's target_modules)."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_decoder().layers
