@@ -60,8 +60,10 @@ def _memory_estimate(args: argparse.Namespace) -> int:
         tiny = cfg.model.tiny
         config = tiny_config(tiny.arch, tiny.hidden_size, tiny.intermediate_size, tiny.num_layers, tiny.num_heads, tiny.num_kv_heads)
         model = "tiny " + tiny.arch
-    spec = LoRASpec(**{f: getattr(cfg.lora, f) for f in ("rank", "alpha", "dropout", "use_rslora", "target_modules", "exclude_modules")})
-    if args.rank is not None:
+    spec = LoRASpec(**{f: getattr(cfg.lora, f) for f in ("rank", "alpha", "dropout", "use_rslora", "use_dora", "target_modules", "exclude_modules")})
+    if "lora" not in cfg.methods():
+        spec = LoRASpec(rank=0)  # other methods only: every linear NF4, no LoRA
+    elif args.rank is not None:
         spec = replace(spec, rank=args.rank, alpha=spec.alpha * args.rank / spec.rank)
     w = workload_for(cfg, args.device)
     flags = {
@@ -79,7 +81,8 @@ def _memory_estimate(args: argparse.Namespace) -> int:
         print(json.dumps({"model": model, **est.to_dict(), "max_seq_len": {f"{b}GiB": n for b, n in fits.items()}}, indent=2))
         return 0
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # files and pipes: no wrapping
-    what = f"{model}: LoRA r={spec.rank}, batch {w.batch_size} x {w.seq_len} tokens, {str(w.dtype).removeprefix('torch.')}, "
+    method = " + ".join(f"LoRA r={spec.rank}" if n == "lora" else n for n in cfg.methods())
+    what = f"{model}: {method}, batch {w.batch_size} x {w.seq_len} tokens, {str(w.dtype).removeprefix('torch.')}, "
     what += f"{'NF4' if w.quantize else '16-bit'} base, {w.backend} kernels, checkpointing {'on' if w.gradient_checkpointing else 'off'}"
     what += (", offload on" if w.offload_activations else "") + f", {w.optimizer}, on {w.device}"
     console.print(estimate_table(est, title=what))

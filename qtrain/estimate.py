@@ -58,6 +58,7 @@ class Workload:
     autocast: bool = True
     attention_mask: bool = False  # padded or packed batches carry a [B, 1, S, S] mask
     device: str = "cuda"
+    methods: tuple = ()  # PEFT methods beside LoRA (qtrain.methods): their parameters are counted
 
     @property
     def tokens(self) -> int:
@@ -117,6 +118,8 @@ def meta_model(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> nn.Modu
     model = build_skeleton(config, w.dtype)
     with torch.device("meta"):
         swap_linears(model, spec, quantize_base=w.quantize, backend="torch")
+        for method in w.methods:
+            method.apply(model)
     return model
 
 
@@ -136,7 +139,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def weight_items(model: nn.Module, w: Workload) -> list[Item]:
     linears = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    lora_params = {id(p) for p in adapter_params(model)}
+    lora_params = {id(p) for p in adapter_params(model, w.methods)}
     base = sum(m.in_features * m.out_features for m in linears)
     seen, dense = set(), 0
     for p in [*model.parameters(), *model.buffers()]:
@@ -144,6 +147,9 @@ def weight_items(model: nn.Module, w: Workload) -> list[Item]:
             seen.add(id(p))
             dense += _nbytes(p)
     items = [Item("weights", "16-bit embeddings, lm_head, norms", dense, f"{str(w.dtype).removeprefix('torch.')}")]
+    dora = sum(4 * m.out_features for m in linears if getattr(m, "use_dora", False))
+    if dora:
+        items.append(Item("weights", "DoRA: row norms of W", dora, "fp32, computed once at load"))
     if w.quantize:
         items.insert(0, Item("weights", "NF4 linears", sum(nf4_bytes(m.in_features * m.out_features) for m in linears), f"{_count(base)} weights, 4-bit + double-quantized absmax"))
     else:
@@ -151,9 +157,9 @@ def weight_items(model: nn.Module, w: Workload) -> list[Item]:
     return items
 
 
-def adapter_params(model: nn.Module) -> list[torch.Tensor]:
-    """The trainable LoRA tensors: A, B (and DoRA's magnitude)."""
-    return [p for n, p in model.named_parameters() if is_lora_parameter(n)]
+def adapter_params(model: nn.Module, methods: tuple = ()) -> list[torch.Tensor]:
+    """The trainable tensors: LoRA's A, B (and DoRA's magnitude), and the other methods' parameters."""
+    return [p for n, p in model.named_parameters() if is_lora_parameter(n) or any(m.owns(n) for m in methods)]
 
 
 def optimizer_bytes(params, name: str, device: str) -> tuple[int, int]:
@@ -187,6 +193,7 @@ class LayerShape:
     d: int  # head size
     ranks: dict[str, int]  # projection name → adapter rank (targets only)
     in_out: dict[str, tuple[int, int]]
+    dora: bool = False
 
 
 def layer_shape(model: nn.Module, config: PretrainedConfig) -> LayerShape:
@@ -201,6 +208,7 @@ def layer_shape(model: nn.Module, config: PretrainedConfig) -> LayerShape:
         K=c.num_key_value_heads,
         d=head,
         ranks={n: m.rank for n, m in projections.items() if m.rank},
+        dora=any(getattr(m, "use_dora", False) for m in projections.values()),
         in_out={n: (m.in_features, m.out_features) for n, m in projections.items()},
     )
 
@@ -216,7 +224,23 @@ def layer_saved_bytes(s: LayerShape, w: Workload) -> int:
     norms = 2 * (4 * s.D + 4)
     attention = e * (2 * s.H * s.d + 2 * s.K * s.d) + 4 * s.H
     mlp = 3 * e * s.I
-    return norms + attn_in + mlp_in + attention + mlp + down_in + a * sum(s.ranks.values())
+    dora = 4 * sum(s.in_out[n][1] for n in s.ranks) if s.dora else 0  # the fp32 output DoRA rescales
+    methods = sum(method_saved_bytes(m, s) for m in w.methods)
+    return norms + attn_in + mlp_in + attention + mlp + down_in + a * sum(s.ranks.values()) + dora + methods
+
+
+def method_saved_bytes(method, s: LayerShape) -> int:
+    """Bytes per token and layer a non-LoRA method adds to what the backward keeps: (IA)3 saves the
+    fp32 activation it scales, and its fp32 gradient joins the layer's backward buffers; a
+    bottleneck adapter its fp32 input and its hidden activations."""
+    if method.name == "ia3":
+        ff = set(method.feedforward_modules)
+        targets = s.in_out if method.target_modules == "all-linear" else {n: s.in_out[n] for n in method.target_modules if n in s.in_out}
+        return sum(8 * (io[0] if n in ff else io[1]) for n, io in targets.items())
+    sites = {"houlsby": 2, "pfeiffer": 1}.get(method.name) or (len(method.where) if method.name == "parallel_adapter" else 0)
+    if sites:
+        return sites * (4 * s.D + 2 * 4 * method.bottleneck)
+    return 0
 
 
 def autocast_weight_bytes(s: LayerShape, w: Workload) -> int:
@@ -249,7 +273,7 @@ _FACTS: dict[tuple, ModelFacts] = {}
 
 
 def model_facts(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> ModelFacts:
-    key = (config.to_json_string(use_diff=False), repr(spec), w.dtype, w.quantize)
+    key = (config.to_json_string(use_diff=False), repr(spec), w.dtype, w.quantize, repr(w.methods))
     if key not in _FACTS:
         model = meta_model(config, spec, w)
         linears = [m for m in model.modules() if isinstance(m, LoRALinear)]
@@ -257,7 +281,7 @@ def model_facts(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> ModelF
             _FACTS.clear()
         _FACTS[key] = ModelFacts(
             shape=layer_shape(model, config),
-            adapters=tuple(adapter_params(model)),
+            adapters=tuple(adapter_params(model, w.methods)),
             weights=tuple(weight_items(model, w)),
             largest_linear=max(m.in_features * m.out_features for m in linears),
         )
@@ -391,6 +415,7 @@ def workload_for(cfg, device: str = "cuda", backend: str | None = None) -> Workl
         autocast=t.autocast,
         attention_mask=d.packing or t.batch_size > 1,
         device=device,
+        methods=tuple(getattr(cfg, name) for name in cfg.methods() if name != "lora"),
     )
 
 

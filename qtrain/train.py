@@ -323,7 +323,7 @@ def train(
         if use_lora:
             load_adapter_weights(model, ckpt / "adapter")
         for method in methods:
-            load_method(model, method, ckpt / "adapter")
+            load_method(model, method, ckpt / "adapter", resume=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler and state.get("scaler"):

@@ -46,6 +46,25 @@ class PeftMethod:
         """The paper's count of trainable parameters for a model of `config` (checked by tests)."""
         raise NotImplementedError
 
+    # ---- training-loop hooks (most methods need none) ----
+
+    def regularization(self, model: nn.Module) -> torch.Tensor | None:
+        """A term the training loop adds to the loss of every optimizer step (AdaLoRA's
+        orthogonality, AdapterFusion's value regulariser); None: nothing."""
+        return None
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called by the training loop after optimizer update `step` (1-based) of `total_steps`,
+        before the gradients are cleared (AdaLoRA's importance scores and budget schedule)."""
+
+    def trainer_state(self) -> dict:
+        """Method state the training loop must checkpoint beside the parameters (e.g. AdaLoRA's
+        importance EMAs); restored by `load_trainer_state` on resume."""
+        return {}
+
+    def load_trainer_state(self, model: nn.Module, state: dict) -> None:
+        """Restore what `trainer_state` returned (the method is applied and its parameters loaded)."""
+
     # ---- saving ----
 
     def config_dict(self) -> dict:
@@ -69,6 +88,11 @@ class PeftMethod:
                 if params[n].shape != value.shape:
                     raise ValueError(f"{source}: {n!r} has shape {list(value.shape)}, the model expects {list(params[n].shape)}")
                 params[n].copy_(value)
+
+    # Methods whose PEFT format is not their training state (prefix tuning's MLP, P-tuning's prompt
+    # encoder: PEFT saves their output) set `folds`; checkpoints then also keep the training state
+    # (`qtrain.methods.io`), and `load_state_dict` must accept what `from_peft` returns.
+    folds: ClassVar[bool] = False
 
     def peft_config(self, base_model: str) -> dict:
         raise NotImplementedError(f"{self.name} has no PEFT format")

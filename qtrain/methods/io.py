@@ -10,6 +10,11 @@
       houlsby/                    a method PEFT does not have: qtrain's format
         method.json                 {"method": "houlsby", ...its config}
         method.safetensors          the parameters under their model names
+      prefix_tuning/              a method whose PEFT format is folded (`PeftMethod.folds`):
+        adapter_config.json         PEFT's format (what PEFT saves: the reparameterisation's output)
+        adapter_model.safetensors
+        method.safetensors          and the training state (MLP / prompt encoder), which
+                                    `load_method(..., resume=True)` reads to continue training
 """
 
 from __future__ import annotations
@@ -45,20 +50,24 @@ def save_method(model: nn.Module, method: PeftMethod, out_dir: Path, base_model:
     if method.peft_type:
         save_file(method.to_peft(tensors), target / PEFT_WEIGHTS, metadata={"format": "pt"})
         (target / PEFT_CONFIG).write_text(json.dumps(method.peft_config(base_model), indent=2) + "\n")
+        if method.folds:
+            save_file(tensors, target / METHOD_WEIGHTS, metadata={"format": "pt"})
     else:
         save_file(tensors, target / METHOD_WEIGHTS, metadata={"format": "pt"})
         (target / METHOD_CONFIG).write_text(json.dumps(method.config_dict(), indent=2) + "\n")
     return target
 
 
-def load_method(model: nn.Module, method: PeftMethod, adapter_dir: Path) -> None:
-    """Copy a saved method's parameters (see `save_method`) into a model it was applied to."""
+def load_method(model: nn.Module, method: PeftMethod, adapter_dir: Path, resume: bool = False) -> None:
+    """Copy a saved method's parameters (see `save_method`) into a model it was applied to.
+    `resume`: a folding method's training state (to train on) rather than its folded PEFT tensors."""
     source = Path(adapter_dir) / method.name
-    weights = source / (PEFT_WEIGHTS if method.peft_type else METHOD_WEIGHTS)
+    raw = not method.peft_type or (resume and method.folds)
+    weights = source / (METHOD_WEIGHTS if raw else PEFT_WEIGHTS)
     if not weights.exists():
         raise FileNotFoundError(f"{weights}: not found; {adapter_dir} holds no {method.name} parameters")
     tensors = load_file(weights)
-    if method.peft_type:
+    if not raw:
         tensors = method.from_peft(tensors)
     method.load_state_dict(model, tensors, source=str(weights))
 

@@ -21,6 +21,7 @@ from qtrain.estimate import (
     suggestions,
 )
 from qtrain.lora import LoRASpec
+from qtrain.methods import IA3, BitFit, Houlsby
 from qtrain.memprof import MemoryProfiler, peak_sample
 from qtrain.model import load_model
 from qtrain.nf4 import quantize_nf4
@@ -45,6 +46,10 @@ SETTINGS = [
     ("16-bit base (LoRA without Q)", {}, {"quantize": False, "dtype": torch.float32}, LoRASpec(rank=8)),
     ("qwen2 (biases)", {"arch": "qwen2"}, {}, LoRASpec(rank=8)),
     ("mistral", {"arch": "mistral"}, {"gradient_checkpointing": False}, LoRASpec(rank=8)),
+    ("DoRA", {}, {}, LoRASpec(rank=8, use_dora=True)),
+    ("(IA)3 alone", {}, {"methods": (IA3(),)}, LoRASpec(rank=0)),
+    ("Houlsby adapters alone", {}, {"methods": (Houlsby(bottleneck=32),)}, LoRASpec(rank=0)),
+    ("LoRA + BitFit", {}, {"methods": (BitFit(),)}, LoRASpec(rank=8)),
 ]
 MODEL = {"hidden_size": 192, "intermediate_size": 512, "num_layers": 3, "num_heads": 6, "num_kv_heads": 2, "vocab_size": 1024}
 BASE = Workload(batch_size=4, seq_len=128, dtype=torch.bfloat16, backend="torch", optimizer="adamw", device="cpu")
@@ -53,6 +58,11 @@ BASE = Workload(batch_size=4, seq_len=128, dtype=torch.bfloat16, backend="torch"
 def measure(path, spec: LoRASpec, w: Workload):
     """Peak and the sample at it of one profiled training step (after one unprofiled step)."""
     model = load_model(str(path), spec, compute_dtype=w.dtype, quantize=w.quantize, backend="torch").model
+    lora = {n for n, p in model.named_parameters() if p.requires_grad}
+    for method in w.methods:
+        method.apply(model)
+    for n, p in model.named_parameters():
+        p.requires_grad = n in lora or any(m.owns(n) for m in w.methods)
     if w.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
