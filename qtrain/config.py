@@ -21,7 +21,21 @@ import torch
 import yaml
 
 from qtrain.lora import LoRASpec
-from qtrain.methods import IA3, METHODS, BitFit, Houlsby, ParallelAdapter, Pfeiffer
+from qtrain.methods import (
+    IA3,
+    METHODS,
+    AdaLoRA,
+    AdapterFusion,
+    BitFit,
+    Houlsby,
+    LlamaAdapter,
+    ParallelAdapter,
+    Pfeiffer,
+    PrefixTuning,
+    PromptTuning,
+    PTuning,
+    PTuningV2,
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -131,11 +145,18 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: list[str] | str = "lora"  # PEFT method, or a list to compose (e.g. [lora, bitfit]); its settings are the section of that name
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    adalora: AdaLoRA = field(default_factory=AdaLoRA)
     bitfit: BitFit = field(default_factory=BitFit)
     ia3: IA3 = field(default_factory=IA3)
     houlsby: Houlsby = field(default_factory=Houlsby)
     pfeiffer: Pfeiffer = field(default_factory=Pfeiffer)
     parallel_adapter: ParallelAdapter = field(default_factory=ParallelAdapter)
+    adapter_fusion: AdapterFusion = field(default_factory=AdapterFusion)
+    prompt_tuning: PromptTuning = field(default_factory=PromptTuning)
+    p_tuning: PTuning = field(default_factory=PTuning)
+    prefix_tuning: PrefixTuning = field(default_factory=PrefixTuning)
+    p_tuning_v2: PTuningV2 = field(default_factory=PTuningV2)
+    llama_adapter: LlamaAdapter = field(default_factory=LlamaAdapter)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -159,6 +180,13 @@ class Config:
                 raise ConfigError(f"method: unknown method {name!r}{hint} (known: {', '.join(known)})")
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"method: {self.method!r}; give one method or a list without repeats")
+        if "adapter_fusion" in names and not self.adapter_fusion.adapters:
+            raise ConfigError("adapter_fusion.adapters: list the stage-1 adapter dirs to fuse (runs trained with method: pfeiffer)")
+        if "adalora" in names and self.adalora.total_step is None:
+            try:
+                self.adalora.check_phases(self.train.max_steps, "train.max_steps")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.lora.init_from and "lora" not in names:
             raise ConfigError("lora.init_from: the run does not use LoRA; add lora to method")
         if (self.model.name_or_path is None) == (self.model.tiny is None):

@@ -425,22 +425,25 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 def collate_packed(rows: list[list[Example]], pad_id: int, length: int) -> dict[str, torch.Tensor]:
     """Each row: several examples back to back, padded to `length`. position_ids restart at 0 for
-    every example (and for the padding), which is how the model tells the examples apart: with no
-    attention_mask, transformers builds a block-diagonal causal mask from the resets.
+    every example, which is how the model tells the examples apart: with no attention_mask,
+    transformers builds a block-diagonal causal mask from the resets. The padding continues the last
+    example's positions: it joins that example's block, where it is never a label and, coming last,
+    is seen by no real token; it is not an example of its own (the prompt methods, which insert
+    virtual tokens before every example, skip it).
     input_ids, labels, position_ids [B, length]; num_tokens []."""
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)
     n_tokens = 0
     for i, row in enumerate(rows):
-        start = 0
+        start, n = 0, 0
         for e in row:
             n = len(e.input_ids)
             input_ids[i, start : start + n] = torch.tensor(e.input_ids)
             labels[i, start : start + n] = torch.tensor(e.labels)
             position_ids[i, start : start + n] = torch.arange(n)
             start += n
-        position_ids[i, start:] = torch.arange(length - start)
+        position_ids[i, start:] = torch.arange(n, n + length - start)  # padding: the last example's block
         n_tokens += start
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "num_tokens": torch.tensor(n_tokens)}
 

@@ -162,6 +162,15 @@ def adapter_params(model: nn.Module, methods: tuple = ()) -> list[torch.Tensor]:
     return [p for n, p in model.named_parameters() if is_lora_parameter(n) or any(m.owns(n) for m in methods)]
 
 
+def adamw_temporaries(params, w: Workload) -> int:
+    """torch AdamW's step: two parameter-sized temporaries (sqrt of v, the update) per tensor, one
+    tensor at a time on CPU, all at once on CUDA (foreach); bitsandbytes' fused kernels have none."""
+    if w.optimizer != "adamw" or not params:
+        return 0
+    sizes = [_nbytes(p) for p in params]
+    return 2 * (max(sizes) if w.device == "cpu" else sum(sizes))
+
+
 def optimizer_bytes(params, name: str, device: str) -> tuple[int, int]:
     """(bytes in torch's allocator, bytes in paged memory) of Adam's two moments for `params`."""
     in_allocator, paged = 0, 0
@@ -207,10 +216,29 @@ def layer_shape(model: nn.Module, config: PretrainedConfig) -> LayerShape:
         H=c.num_attention_heads,
         K=c.num_key_value_heads,
         d=head,
-        ranks={n: m.rank for n, m in projections.items() if m.rank},
+        ranks={n: adapter_rank(m) for n, m in projections.items() if adapter_rank(m)},
         dora=any(getattr(m, "use_dora", False) for m in projections.values()),
         in_out={n: (m.in_features, m.out_features) for n, m in projections.items()},
     )
+
+
+def adapter_rank(m: LoRALinear) -> int:
+    """The rank of the low-rank path on a linear: LoRA's, or AdaLoRA's init_r (its P·Λ·Q saves what LoRA's B·A does)."""
+    adalora = getattr(m, "adalora_a", None)
+    return m.rank or (adalora.shape[0] if adalora is not None else 0)
+
+
+INPUT_SIDE = ("prompt_tuning", "p_tuning")  # methods whose parameters act on the decoder's input only
+
+
+def virtual_tokens(w: Workload) -> int:
+    """Tokens the prompt methods (prompt tuning, P-tuning) add to every row's decoder input."""
+    return sum(m.num_virtual_tokens for m in w.methods if m.name in INPUT_SIDE)
+
+
+def prefix_keys(w: Workload) -> int:
+    """Key/value columns the prefix methods (prefix tuning, P-tuning v2) add to every attention."""
+    return sum(m.num_virtual_tokens for m in w.methods if m.name in ("prefix_tuning", "p_tuning_v2"))
 
 
 def layer_saved_bytes(s: LayerShape, w: Workload) -> int:
@@ -225,18 +253,22 @@ def layer_saved_bytes(s: LayerShape, w: Workload) -> int:
     attention = e * (2 * s.H * s.d + 2 * s.K * s.d) + 4 * s.H
     mlp = 3 * e * s.I
     dora = 4 * sum(s.in_out[n][1] for n in s.ranks) if s.dora else 0  # the fp32 output DoRA rescales
-    methods = sum(method_saved_bytes(m, s) for m in w.methods)
+    methods = sum(method_saved_bytes(m, s, e) for m in w.methods)
     return norms + attn_in + mlp_in + attention + mlp + down_in + a * sum(s.ranks.values()) + dora + methods
 
 
-def method_saved_bytes(method, s: LayerShape) -> int:
+def method_saved_bytes(method, s: LayerShape, e: int) -> int:
     """Bytes per token and layer a non-LoRA method adds to what the backward keeps: (IA)3 saves the
     fp32 activation it scales, and its fp32 gradient joins the layer's backward buffers; a
-    bottleneck adapter its fp32 input and its hidden activations."""
+    bottleneck adapter its fp32 input and its hidden activations; LLaMA-Adapter its query and
+    attention over the prompt. (AdaLoRA counts as a LoRA of rank init_r: `adapter_rank`; the
+    prompt methods lengthen the rows or the keys: `virtual_tokens`, `prefix_keys`.)"""
     if method.name == "ia3":
         ff = set(method.feedforward_modules)
         targets = s.in_out if method.target_modules == "all-linear" else {n: s.in_out[n] for n in method.target_modules if n in s.in_out}
         return sum(8 * (io[0] if n in ff else io[1]) for n, io in targets.items())
+    if method.name == "llama_adapter":  # the recomputed RoPE'd query; fp32 softmax over the prompt, its cast for @ V
+        return e * s.H * s.d + (4 + e) * s.H * method.adapter_len
     sites = {"houlsby": 2, "pfeiffer": 1}.get(method.name) or (len(method.where) if method.name == "parallel_adapter" else 0)
     if sites:
         return sites * (4 * s.D + 2 * 4 * method.bottleneck)
@@ -265,6 +297,7 @@ class ModelFacts:
 
     shape: LayerShape
     adapters: tuple[torch.Tensor, ...]  # meta tensors
+    input_side: int  # bytes of the adapters that act before the first layer (virtual-token encoders)
     weights: tuple[Item, ...]
     largest_linear: int
 
@@ -282,6 +315,9 @@ def model_facts(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> ModelF
         _FACTS[key] = ModelFacts(
             shape=layer_shape(model, config),
             adapters=tuple(adapter_params(model, w.methods)),
+            input_side=sum(
+                _nbytes(p) for n, p in model.named_parameters() if any(m.owns(n) for m in w.methods if m.name in INPUT_SIDE)
+            ),
             weights=tuple(weight_items(model, w)),
             largest_linear=max(m.in_features * m.out_features for m in linears),
         )
@@ -308,8 +344,13 @@ def estimate(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> Estimate:
         static.append(Item("other", "cuBLAS workspace", CUBLAS_WORKSPACE))
 
     per_layer = layer_saved_bytes(s, w)
-    rope = 2 * e * s.d * (T if w.attention_mask else w.seq_len)  # cos, sin; per row when packed
-    mask = w.batch_size * w.seq_len**2 if w.attention_mask else 0  # bool [B, 1, S, S]
+    S = w.seq_len + virtual_tokens(w)  # the decoder's rows: prompt tuning prepends its virtual tokens
+    T_loss, T = T, w.batch_size * S
+    P = prefix_keys(w)
+    rope = 2 * e * s.d * (T if w.attention_mask else S)  # cos, sin; per row when packed
+    # bool [B, 1, S, S (+ P)]: padded or packed rows, virtual tokens (their 2D mask makes transformers build one)
+    # or a prefix (whose hook builds the mask sdpa's causal path skips)
+    mask = w.batch_size * S * (S + P) if w.attention_mask or P or S > w.seq_len else 0
     host = 0
     if w.gradient_checkpointing:
         layer_inputs = L * e * s.D * T
@@ -326,37 +367,41 @@ def estimate(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> Estimate:
 
     # the loss: lm_head + cross-entropy, on full logits or chunked over tokens
     if w.loss_chunk == 0:
-        note = f"full logits [{T}, {V}]"
-        loss_saved = Item("activations", "log-softmax (saved)", 4 * V * T, note)
-        loss_fwd = Item("other", "logits and their fp32 copy", (e + 4) * V * T, note)
-        loss_bwd = Item("other", "logits gradients", (4 + (2 * e if e < 4 else 4)) * V * T, note)
+        note = f"full logits [{T_loss}, {V}]"
+        loss_saved = Item("activations", "log-softmax (saved)", 4 * V * T_loss, note)
+        loss_fwd = Item("other", "logits and their fp32 copy", (e + 4) * V * T_loss, note)
+        loss_bwd = Item("other", "logits gradients", (4 + (2 * e if e < 4 else 4)) * V * T_loss, note)
     else:
-        chunk = w.loss_chunk or default_chunk_size(T, V, s.D)
-        note = f"{math.ceil(T / chunk)} chunks of {chunk} tokens"
-        loss_saved = Item("activations", "hidden-state gradient (saved)", e * s.D * T, note)
-        workspace = linear_cross_entropy_workspace_bytes(T, V, s.D, chunk, w.dtype) - loss_saved.bytes
+        chunk = w.loss_chunk or default_chunk_size(T_loss, V, s.D)
+        note = f"{math.ceil(T_loss / chunk)} chunks of {chunk} tokens"
+        loss_saved = Item("activations", "hidden-state gradient (saved)", e * s.D * T_loss, note)
+        workspace = linear_cross_entropy_workspace_bytes(T_loss, V, s.D, chunk, w.dtype) - loss_saved.bytes
         loss_fwd = Item("other", "lm_head + loss chunk", workspace, note)
         loss_bwd = None
 
     # Layer i's backward holds what layers 0..i keep (checkpointed inputs, autocast copies) and the
     # adapter gradients of layers i..L-1: the worse of the last layer (i = L-1) and the first (i = 0).
+    # The virtual-token encoders' gradients come after the whole decoder's backward.
     grads = Item("gradients", "adapter gradients", adapter_bytes)
+    layer_grads = adapter_bytes - facts.input_side
     per_layer_kept = [i for i in kept if i.name in ("checkpointed layer inputs", "saved layer activations", "autocast copies of the adapters")]
-    first_layer_is_worse = adapter_bytes > sum(i.bytes for i in per_layer_kept)
+    first_layer_is_worse = layer_grads > sum(i.bytes for i in per_layer_kept)
     layer = "first layer's backward" if first_layer_is_worse else "last layer's backward"
     layer_backward = [
         *(replace(i, bytes=i.bytes // L) if first_layer_is_worse and i in per_layer_kept else i for i in kept),
-        Item("gradients", "adapter gradients", adapter_bytes if first_layer_is_worse else adapter_bytes // L),
+        Item("gradients", "adapter gradients", layer_grads if first_layer_is_worse else layer_grads // L),
         Item("other", "layer backward buffers", e * (s.I + s.D) * T, "gradients of the layer's activations"),
         Item("other", "dequantized weight (torch backend)", dequant_bytes(facts.largest_linear, w)),
     ]
+    if mask and w.device == "cpu":  # CPU sdpa expands a mask to every head: bool [B, H, S, S (+ P)]
+        layer_backward.append(Item("other", "attention mask per head (CPU sdpa)", mask * s.H, "inside one layer's attention"))
     if w.gradient_checkpointing:
         recompute = per_layer * T - (4 * s.D * T if e == 4 else 0)  # fp32: the norm reads the checkpointed input
         layer_backward.append(Item("other", "recomputed layer", recompute, "one layer's saved set, rebuilt for its backward"))
     phases = {
         "loss forward": kept + [final_norm, loss_saved, loss_fwd],
         layer: layer_backward,
-        "optimizer step": [grads],
+        "optimizer step": [grads, Item("other", "AdamW step temporaries", adamw_temporaries(adapters, w), w.optimizer)],
     }
     if loss_bwd:
         phases["loss backward"] = kept + [final_norm, loss_saved, loss_bwd]

@@ -19,7 +19,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from qtrain.kernels.nf4_lora import resolve_backend, triton_available
 from qtrain.lora import LoRASpec
 from qtrain.memory import OffloadActivations, peak_memory_bytes
 from qtrain.memprof import MemoryProfiler
+from qtrain.methods import PeftMethod
 from qtrain.methods.io import load_method
 from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
 from qtrain.model import load_model, load_tokenizer
@@ -138,13 +139,18 @@ def train_step(
     offload: OffloadActivations | None = None,
     on_phase: Callable[[str], None] | None = None,
     loss_chunk: int | None = None,
+    methods: Sequence[PeftMethod] = (),
+    step: int = 0,
+    total_steps: int = 0,
 ) -> tuple[float, int]:
     """One optimizer step over `micro_batches` (gradient accumulation).
 
     The loss is the mean over the target tokens of the whole step, not a mean of per-micro-batch
-    means, so accumulating k micro-batches equals one batch k times larger.
+    means, so accumulating k micro-batches equals one batch k times larger. The PEFT `methods`'
+    regularisers (AdaLoRA's orthogonality, AdapterFusion's) join the gradient once per step, and
+    each method's `after_step(model, step, total_steps)` runs after the update, gradients in place.
     `on_phase` (memory profiling) is told "forward", "backward", "optimizer" and "end" as they start.
-    Returns (loss, tokens processed).
+    Returns (loss, tokens processed); the loss is the language-model loss, without regularisers.
     """
     phase = on_phase or (lambda name: None)
     total_targets = max(sum(n_targets(b) for b in micro_batches), 1)
@@ -158,9 +164,14 @@ def train_step(
         (scaler.scale(loss) if scaler else loss).backward()
         loss_total += loss.item()
         tokens += n_tokens(batch)
-    if not math.isfinite(loss_total):  # before the update: the adapter keeps its last good values
+    regs = [r for r in (m.regularization(model) for m in methods) if r is not None]
+    reg = sum(regs) if regs else None
+    if reg is not None:
+        (scaler.scale(reg) if scaler else reg).backward()
+    if not math.isfinite(loss_total + (reg.item() if reg is not None else 0.0)):  # the adapter keeps its last good values
         optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"loss is {loss_total}")
+        what = f"loss is {loss_total}" + (f", regularization {reg.item()}" if reg is not None else "")
+        raise FloatingPointError(what)
     phase("optimizer")
     if scaler:
         scaler.unscale_(optimizer)
@@ -171,6 +182,8 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
+    for method in methods:
+        method.after_step(model, step, total_steps)
     optimizer.zero_grad(set_to_none=True)
     phase("end")
     return loss_total, tokens
@@ -324,6 +337,7 @@ def train(
             load_adapter_weights(model, ckpt / "adapter")
         for method in methods:
             load_method(model, method, ckpt / "adapter", resume=True)
+            method.load_trainer_state(model, state.get("methods", {}).get(method.name, {}))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler and state.get("scaler"):
@@ -341,6 +355,7 @@ def train(
             "scaler": scaler.state_dict() if scaler else None,
             "data": data.state_dict(),
             "trainer": trainer,
+            "methods": {m.name: m.trainer_state() for m in methods},
         }
         return save_checkpoint(out, step, write_adapter, state, to_dict(cfg), cfg.checkpoint.keep_last)
 
@@ -377,6 +392,7 @@ def train(
                         loss, n_tok = train_step(
                             model, micro, optimizer, trainable, cfg.train.max_grad_norm, device, autocast, scaler, offload,
                             on_phase=profiler.phase if measure else None, loss_chunk=cfg.train.loss_chunk_tokens,
+                            methods=methods, step=step, total_steps=cfg.train.max_steps,
                         )  # fmt: skip
                 except FloatingPointError as e:
                     kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"

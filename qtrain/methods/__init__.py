@@ -2,11 +2,24 @@
 its docstring). `METHODS` maps the `method:` config value to its dataclass. LoRA itself (with
 rsLoRA and DoRA) is built into the NF4 linear (`qtrain.lora`) and applied while loading."""
 
+from qtrain.methods.adalora import AdaLoRA
 from qtrain.methods.adapters import Houlsby, ParallelAdapter, Pfeiffer
 from qtrain.methods.base import PeftMethod, mark_trainable
 from qtrain.methods.bitfit import BitFit
+from qtrain.methods.fusion import AdapterFusion
 from qtrain.methods.ia3 import IA3
+from qtrain.methods.llama_adapter import LlamaAdapter
+from qtrain.methods.p_tuning import PTuning
+from qtrain.methods.prefix import PrefixTuning, PTuningV2
+from qtrain.methods.prompt_tuning import PromptTuning
 
-METHODS: dict[str, type[PeftMethod]] = {cls.name: cls for cls in (BitFit, IA3, Houlsby, Pfeiffer, ParallelAdapter)}
+METHODS: dict[str, type[PeftMethod]] = {
+    cls.name: cls
+    for cls in (AdaLoRA, BitFit, IA3, Houlsby, Pfeiffer, ParallelAdapter, AdapterFusion, PromptTuning, PTuning,
+                PrefixTuning, PTuningV2, LlamaAdapter)
+}  # fmt: skip
 
-__all__ = ["IA3", "METHODS", "BitFit", "Houlsby", "ParallelAdapter", "PeftMethod", "Pfeiffer", "mark_trainable"]
+__all__ = [
+    "IA3", "METHODS", "AdaLoRA", "AdapterFusion", "BitFit", "Houlsby", "LlamaAdapter", "PTuning", "PTuningV2",
+    "ParallelAdapter", "PeftMethod", "Pfeiffer", "PrefixTuning", "PromptTuning", "mark_trainable",
+]  # fmt: skip

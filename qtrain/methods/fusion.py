@@ -26,14 +26,21 @@ at step 0 the scores are near 0, s is near uniform and the fusion is near the av
 adapters; with ONE adapter s = 1 exactly and the output is h + W_V Δ ≈ that adapter's output (the
 stage-1 model, up to the 1e-6 off-diagonal). AdapterHub also regularises W_V towards I with
 0.01 · Σ_l ||I - W_V||²_F added to the loss (`get_fusion_regularization_loss`);
-`AdapterFusion.regularization_loss(model)` computes it (the training loop must add it to the loss).
+`AdapterFusion.regularization(model)` computes it with weight `regularization_weight` (0.01), and
+`qtrain train` adds it to every step's loss.
 Not reproduced: attention-score dropout (Llama's attention_dropout is 0) and the optional
 temperature annealing (off in the "dynamic" config); T is the fixed `temperature` field.
 
 Note: b_K shifts every score q · k_n by the same q · b_K, so the softmax ignores it and its gradient
 is 0 (up to rounding). It is kept, as in AdapterHub's layout, and counted.
 
-Trainable parameters (fp32): per layer W_Q, b_Q, W_K, b_K, W_V = 3·d² + 2·d; times L layers.
+Trainable parameters (fp32): per layer W_Q, b_Q, W_K, b_K, W_V = 3·d² + 2·d; times L layers. That is
+AdapterHub's layout, sized for BERT (d = 768: 1.8M per layer); at d = 4096 (Llama-3.1-8B) it is 1.6B
+parameters, 26 GB with their Adam state. Two options keep the paper's attention within a consumer
+card: `attention_dim` a < d projects query and key to a dimensions (W_Q, W_K: a x d; the scores
+are dot products, any width works; 2·(a·d + a) per layer), and `value: false` drops W_V (= I, as
+AdapterHub's `value=False`: out = h + Σ_n s_n Δ_n, no regulariser). With a = 256 and no value,
+Llama-3.1-8B trains 67M fusion parameters.
 
 Precision: as the bottleneck adapters (`qtrain.methods.adapters`): the fusion runs in fp32 with
 autocast off and its result is cast back to the sublayer output's dtype.
@@ -90,19 +97,29 @@ def _fp32(device_type: str):
 
 
 class Fusion(nn.Module):
-    """One layer's attention over N adapter outputs: query/key d x d (+ bias), value d x d (no bias), fp32."""
+    """One layer's attention over N adapter outputs: query/key a x d (+ bias; a = d by default), value
+    d x d (no bias) or none (identity), fp32."""
 
-    def __init__(self, hidden: int, temperature: float = 1.0, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        hidden: int,
+        temperature: float = 1.0,
+        device: torch.device | str | None = None,
+        attention_dim: int | None = None,
+        value: bool = True,
+    ):
         super().__init__()
         self.temperature = temperature
-        self.query = nn.Linear(hidden, hidden, device=device, dtype=torch.float32)
-        self.key = nn.Linear(hidden, hidden, device=device, dtype=torch.float32)
-        self.value = nn.Linear(hidden, hidden, bias=False, device=device, dtype=torch.float32)
+        a = attention_dim or hidden
+        self.query = nn.Linear(hidden, a, device=device, dtype=torch.float32)
+        self.key = nn.Linear(hidden, a, device=device, dtype=torch.float32)
+        self.value = nn.Linear(hidden, hidden, bias=False, device=device, dtype=torch.float32) if value else None
         with torch.no_grad():
             for lin in (self.query, self.key):
                 lin.weight.normal_(0.0, QK_INIT_STD)
                 lin.bias.zero_()
-            self.value.weight.fill_(VALUE_OFF_DIAGONAL).fill_diagonal_(1.0)
+            if self.value is not None:
+                self.value.weight.fill_(VALUE_OFF_DIAGONAL).fill_diagonal_(1.0)
 
     def weights(self, h: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
         """s [..., N]: softmax_n((W_Q h + b_Q) · (W_K Δ_n + b_K) / T); h [..., d] fp32, deltas [..., N, d] fp32."""
@@ -115,11 +132,12 @@ class Fusion(nn.Module):
         """h + Σ_n s_n W_V Δ_n in fp32 (autocast off inside)."""
         with _fp32(h.device.type):
             h, deltas = h.float(), deltas.float()
-            v = F.linear(deltas, self.value.weight)
+            v = deltas if self.value is None else F.linear(deltas, self.value.weight)
             return h + torch.einsum("...n,...nd->...d", self.weights(h, deltas), v)
 
     def extra_repr(self) -> str:
-        return f"hidden={self.query.in_features}, temperature={self.temperature}"
+        value = "W_V" if self.value is not None else "identity"
+        return f"hidden={self.query.in_features}, attention_dim={self.query.out_features}, value={value}, temperature={self.temperature}"
 
 
 class FusionHook:
@@ -171,6 +189,9 @@ class AdapterFusion(PeftMethod):
     name: ClassVar[str] = "adapter_fusion"
     adapters: list[str] = field(default_factory=list)  # stage-1 adapter dirs, each with a pfeiffer/ subfolder
     temperature: float = 1.0  # T of the softmax (fixed)
+    regularization_weight: float = REGULARIZATION  # weight of Σ_l ||I - W_V||²_F in the loss (0: off)
+    attention_dim: int | None = None  # width of the query/key projections (None: the hidden size, as AdapterHub)
+    value: bool = True  # learn W_V (d x d per layer); false: the identity
 
     def __post_init__(self) -> None:
         if isinstance(self.adapters, str):
@@ -182,6 +203,12 @@ class AdapterFusion(PeftMethod):
         t = self.temperature
         if not (not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
             raise ValueError(f"{self.name}.temperature: must be a finite number > 0, got {t!r}")
+        w = self.regularization_weight
+        if not (not isinstance(w, bool) and isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise ValueError(f"{self.name}.regularization_weight: must be a finite number >= 0, got {w!r}")
+        a = self.attention_dim
+        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1):
+            raise ValueError(f"{self.name}.attention_dim: a positive integer or null (the hidden size), got {a!r}")
 
     def config_dict(self) -> dict:
         """The config with the stage-1 paths made absolute (they are read again when the fusion loads)."""
@@ -189,6 +216,9 @@ class AdapterFusion(PeftMethod):
             "method": self.name,
             "adapters": [str(Path(a).resolve()) for a in self.adapters],
             "temperature": self.temperature,
+            "regularization_weight": self.regularization_weight,
+            "attention_dim": self.attention_dim,
+            "value": self.value,
         }
 
     def apply(self, model: nn.Module) -> None:
@@ -210,7 +240,8 @@ class AdapterFusion(PeftMethod):
             )
             frozen.requires_grad_(False)
             layer.add_module(ADAPTERS_CHILD, frozen)
-            layer.add_module(FUSION_CHILD, Fusion(config.hidden_size, self.temperature, device))
+            fusion = Fusion(config.hidden_size, self.temperature, device, self.attention_dim, self.value)
+            layer.add_module(FUSION_CHILD, fusion)
         for n, (pf, tensors, weights) in enumerate(stage1):
             view = _PfeifferView(
                 [
@@ -229,10 +260,13 @@ class AdapterFusion(PeftMethod):
     def expected_trainable(self, config: PretrainedConfig) -> int:
         c = config.get_text_config()
         d = c.hidden_size
-        return c.num_hidden_layers * (3 * d * d + 2 * d)
+        a = self.attention_dim or d
+        return c.num_hidden_layers * (2 * (a * d + a) + (d * d if self.value else 0))
 
-    def regularization_loss(self, model: nn.Module, weight: float = REGULARIZATION) -> torch.Tensor:
+    def regularization(self, model: nn.Module) -> torch.Tensor | None:
         """AdapterHub's `weight · Σ_l ||I - W_V||²_F` (keeps the value projections near identity)."""
+        if not self.regularization_weight or not self.value:
+            return None
         values = [getattr(layer, FUSION_CHILD).value.weight for layer in decoder_layers(model)]
         eye = torch.eye(values[0].shape[0], device=values[0].device, dtype=values[0].dtype)
-        return weight * sum((eye - v).pow(2).sum() for v in values)
+        return self.regularization_weight * sum((eye - v).pow(2).sum() for v in values)

@@ -787,7 +787,8 @@ def test_collate_packed_restarts_position_ids_per_example():
     assert set(out) == {"input_ids", "labels", "position_ids", "num_tokens"}  # no attention_mask
     assert all(out[k].shape == (2, 8) and out[k].dtype == torch.long for k in ("input_ids", "labels", "position_ids"))
     assert out["input_ids"].tolist() == [[11, 12, 13, 21, 22, 0, 0, 0], [31, 32, 33, 34, 0, 0, 0, 0]]
-    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]]
+    # the padding continues the last example's positions (its block; no example of its own)
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]]
     I = IGNORE_INDEX
     assert out["labels"].tolist() == [[I, 12, 13, I, 22, I, I, I], [I, I, 33, 34, I, I, I, I]]
     assert out["num_tokens"].item() == 9

@@ -21,8 +21,8 @@ from qtrain.estimate import (
     suggestions,
 )
 from qtrain.lora import LoRASpec
-from qtrain.methods import IA3, BitFit, Houlsby
 from qtrain.memprof import MemoryProfiler, peak_sample
+from qtrain.methods import IA3, AdaLoRA, BitFit, Houlsby, LlamaAdapter, PrefixTuning, PromptTuning, PTuning, PTuningV2
 from qtrain.model import load_model
 from qtrain.nf4 import quantize_nf4
 from qtrain.presets import preset_config, resolve_config
@@ -50,6 +50,12 @@ SETTINGS = [
     ("(IA)3 alone", {}, {"methods": (IA3(),)}, LoRASpec(rank=0)),
     ("Houlsby adapters alone", {}, {"methods": (Houlsby(bottleneck=32),)}, LoRASpec(rank=0)),
     ("LoRA + BitFit", {}, {"methods": (BitFit(),)}, LoRASpec(rank=8)),
+    ("AdaLoRA all-linear", {}, {"methods": (AdaLoRA(target_modules="all-linear"),)}, LoRASpec(rank=0)),
+    ("prefix tuning", {}, {"methods": (PrefixTuning(num_virtual_tokens=16),)}, LoRASpec(rank=0)),
+    ("LoRA + P-tuning v2, no checkpointing", {}, {"methods": (PTuningV2(num_virtual_tokens=32),), "gradient_checkpointing": False}, LoRASpec(rank=8)),
+    ("prompt tuning, longer rows", {}, {"methods": (PromptTuning(num_virtual_tokens=16),), "seq_len": 256}, LoRASpec(rank=0)),
+    ("P-tuning (LSTM encoder)", {}, {"methods": (PTuning(num_virtual_tokens=16),)}, LoRASpec(rank=0)),
+    ("LLaMA-Adapter", {}, {"methods": (LlamaAdapter(adapter_layers=2),)}, LoRASpec(rank=0)),
 ]
 MODEL = {"hidden_size": 192, "intermediate_size": 512, "num_layers": 3, "num_heads": 6, "num_kv_heads": 2, "vocab_size": 1024}
 BASE = Workload(batch_size=4, seq_len=128, dtype=torch.bfloat16, backend="torch", optimizer="adamw", device="cpu")

@@ -13,7 +13,6 @@ from qtrain.methods.adapters import Pfeiffer
 from qtrain.methods.fusion import AdapterFusion
 from qtrain.methods.io import load_method, save_method
 
-
 _STAGE1: dict[str, list[str]] = {}  # built once per test session (read-only afterwards)
 
 
@@ -168,7 +167,10 @@ def test_save_load_round_trip(tiny_model, peft, stage1, tmp_path, monkeypatch):
     target = save_method(trained, method, tmp_path / "fusion", "tiny")
     assert sorted(p.name for p in target.iterdir()) == ["method.json", "method.safetensors"]
     config = json.loads((target / "method.json").read_text())
-    assert config == {"method": "adapter_fusion", "adapters": stage1, "temperature": 1.0}  # tmp_path is absolute
+    assert config == {  # tmp_path is absolute
+        "method": "adapter_fusion", "adapters": stage1, "temperature": 1.0, "regularization_weight": 0.01,
+        "attention_dim": None, "value": True,
+    }  # fmt: skip
     from safetensors.torch import load_file
 
     saved = load_file(target / "method.safetensors")
@@ -213,16 +215,22 @@ def test_a_stage1_adapter_of_another_model_is_an_error(tiny_model, stage1, tmp_p
         AdapterFusion(adapters=[str(tmp_path / "bad")]).apply(tiny_model())
 
 
-def test_regularization_loss(tiny_model, peft, stage1):
+def test_regularization(tiny_model, peft, stage1):
     model, method, _ = fused(tiny_model, peft, stage1)
     d, L = 64, model.config.num_hidden_layers
     # W_V = I + 1e-6 off the diagonal: 0.01 · L · (d² - d) · 1e-12
     torch.testing.assert_close(
-        method.regularization_loss(model), torch.tensor(0.01 * L * (d * d - d) * 1e-12), rtol=1e-3, atol=0
+        method.regularization(model), torch.tensor(0.01 * L * (d * d - d) * 1e-12), rtol=1e-3, atol=0
     )
     with torch.no_grad():
         model.model.layers[0].adapter_fusion.value.weight.zero_()
-    assert method.regularization_loss(model).item() == pytest.approx(0.01 * d, rel=1e-4)
+    assert method.regularization(model).item() == pytest.approx(0.01 * d, rel=1e-4)
+    method.regularization_weight = 0.5
+    assert method.regularization(model).item() == pytest.approx(0.5 * d, rel=1e-4)
+    method.regularization_weight = 0.0
+    assert method.regularization(model) is None
+    with pytest.raises(ValueError, match="regularization_weight: must be a finite number >= 0"):
+        AdapterFusion(adapters=stage1, regularization_weight=-1.0)
 
 
 def test_applied_twice_and_empty_are_errors(tiny_model, stage1):
@@ -260,3 +268,21 @@ def test_bf16_compute_under_autocast(tiny_model, peft, stage1):
     for n, p in model.named_parameters():
         if method.owns(n):
             assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
+
+
+def test_attention_dim_and_no_value(tiny_model, peft, stage1):
+    """The options that make fusion affordable at d = 4096: query/key a x d, and W_V = I (no parameters,
+    no regulariser). Count = L·2·(a·d + a); one adapter gives exactly its own output (s = 1, W_V = I)."""
+    model, method, names = fused(tiny_model, peft, stage1[:1], attention_dim=8, value=False)
+    d, L = 64, model.config.num_hidden_layers
+    assert peft.trainable_count(model) == L * 2 * (8 * d + 8) == method.expected_trainable(model.config)
+    assert all(".value." not in n for n in names) and method.regularization(model) is None
+    assert model.model.layers[0].adapter_fusion.query.weight.shape == (8, d)
+    x = peft.batch()["input_ids"]
+    with torch.no_grad():
+        got = model(input_ids=x).logits
+    torch.testing.assert_close(got, stage1_model(tiny_model, stage1[0])(input_ids=x).logits, rtol=0, atol=1e-5)
+    peft.loss_of(model, peft.batch()).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in names)
+    with pytest.raises(ValueError, match="attention_dim: a positive integer or null"):
+        AdapterFusion(adapters=stage1, attention_dim=0)
