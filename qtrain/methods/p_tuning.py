@@ -113,7 +113,6 @@ def _encoded(decoder: nn.Module) -> torch.Tensor:
 @dataclass
 class PTuning(PeftMethod):
     name: ClassVar[str] = "p_tuning"
-    peft_type: ClassVar[str | None] = "P_TUNING"  # None on instances with anchors (PEFT cannot place them)
     folds: ClassVar[bool] = True
     num_virtual_tokens: int = 20
     # "mlp": 3-layer MLP (PEFT's default; 3·D·h trainable); "lstm": bi-LSTM + 2-layer MLP (the paper; PEFT's
@@ -150,8 +149,11 @@ class PTuning(PeftMethod):
         if self.encoder == "mlp" and self.encoder_dropout:
             raise ValueError("p_tuning.encoder_dropout applies to encoder 'lstm' only (PEFT's 'mlp' has no dropout)")
         self._check_placement()
-        if self.anchors:
-            self.peft_type = None  # saved in qtrain's format: PEFT would put every virtual token first
+
+    @property
+    def peft_type(self) -> str | None:
+        """P_TUNING, or None with anchors: PEFT would put every virtual token first, so qtrain's format."""
+        return None if self.anchors else "P_TUNING"
 
     def _check_placement(self) -> None:
         k, split, anchors = self.num_virtual_tokens, self.split, self.anchors

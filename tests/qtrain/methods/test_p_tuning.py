@@ -273,7 +273,10 @@ def test_generation_with_cache_equals_recompute(tiny_model, anchors):
         for _ in range(6):  # recompute the whole sequence each step
             nxt = model(input_ids=seq, attention_mask=m, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
-    assert torch.equal(out, seq)
+    # generate stops a row at EOS (the tiny model's id 2) and pads it (0); recomputing does not stop
+    done = (seq[:, 7:] == model.generation_config.eos_token_id).int().cumsum(-1).roll(1, -1)
+    done[:, 0] = 0
+    assert torch.equal(out[:, 7:], seq[:, 7:].masked_fill(done.bool(), 0)) and torch.equal(out[:, :7], seq[:, :7])
 
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])  # transformers >= 5.24 / older callers
@@ -359,7 +362,7 @@ def test_anchored_saves_in_qtrains_format(tiny_model, tmp_path):
     """PEFT would put every virtual token first: with anchors the method is saved in qtrain's format."""
     trained = tiny_model()
     method = anchored(trained)
-    assert method.peft_type is None and PTuning.peft_type == "P_TUNING"
+    assert method.peft_type is None and PTuning().peft_type == "P_TUNING"
     x = text_ids("ab## R:cdef")
     want = trained(x).logits.detach()
     target = save_method(trained, method, tmp_path, "base")
