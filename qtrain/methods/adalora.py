@@ -91,7 +91,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qtrain.lora import LoRALinear
-from qtrain.methods.base import PeftMethod, matches
+from qtrain.methods.base import PeftMethod, matches, projection_shapes
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -296,18 +296,7 @@ class AdaLoRA(PeftMethod):
 
     def expected_trainable(self, config: PretrainedConfig) -> int:
         c = config.get_text_config()
-        head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        q, kv, d, ff = c.num_attention_heads * head, c.num_key_value_heads * head, c.hidden_size, c.intermediate_size
-        shapes = {  # (in, out)
-            "q_proj": (d, q),
-            "k_proj": (d, kv),
-            "v_proj": (d, kv),
-            "o_proj": (q, d),
-            "gate_proj": (d, ff),
-            "up_proj": (d, ff),
-            "down_proj": (ff, d),
-        }
-        chosen = shapes if self.all_linear else {k: v for k, v in shapes.items() if k in self.target_modules}
+        chosen = projection_shapes(config, self.target_modules)  # (in, out)
         return c.num_hidden_layers * sum(self.init_r * (i + o + 1) for i, o in chosen.values())
 
     # ---- training-loop hooks ----

@@ -121,3 +121,21 @@ def matches(name: str, targets: list[str]) -> bool:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_decoder().layers
+
+
+def projection_shapes(config: PretrainedConfig, targets: list[str] | str = "all-linear") -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of a decoder layer's linear projections, by name, for the formulas of
+    `expected_trainable`; `targets`: "all-linear" or the names to keep."""
+    c = config.get_text_config()
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv, d, ff = c.num_attention_heads * head, c.num_key_value_heads * head, c.hidden_size, c.intermediate_size
+    shapes = {
+        "q_proj": (d, q),
+        "k_proj": (d, kv),
+        "v_proj": (d, kv),
+        "o_proj": (q, d),
+        "gate_proj": (d, ff),
+        "up_proj": (d, ff),
+        "down_proj": (ff, d),
+    }
+    return shapes if targets == "all-linear" else {k: v for k, v in shapes.items() if k in targets}

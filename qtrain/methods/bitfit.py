@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from qtrain.lora import LoRALinear
-from qtrain.methods.base import PeftMethod, matches
+from qtrain.methods.base import PeftMethod, matches, projection_shapes
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -54,15 +54,5 @@ class BitFit(PeftMethod):
 
     def expected_trainable(self, config: PretrainedConfig) -> int:
         c = config.get_text_config()
-        head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        outs = {
-            "q_proj": c.num_attention_heads * head,
-            "k_proj": c.num_key_value_heads * head,
-            "v_proj": c.num_key_value_heads * head,
-            "o_proj": c.hidden_size,
-            "gate_proj": c.intermediate_size,
-            "up_proj": c.intermediate_size,
-            "down_proj": c.hidden_size,
-        }
-        chosen = outs if self.target_modules == "all-linear" else {k: v for k, v in outs.items() if k in self.target_modules}
+        chosen = {name: out for name, (_, out) in projection_shapes(config, self.target_modules).items()}
         return c.num_hidden_layers * sum(chosen.values())

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from qtrain.lora import LoRALinear
-from qtrain.methods.base import PeftMethod, matches
+from qtrain.methods.base import PeftMethod, matches, projection_shapes
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -155,18 +155,7 @@ class IA3(PeftMethod):
 
     def expected_trainable(self, config: PretrainedConfig) -> int:
         c = config.get_text_config()
-        head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        q, kv, d, ff = c.num_attention_heads * head, c.num_key_value_heads * head, c.hidden_size, c.intermediate_size
-        shapes = {  # (in, out)
-            "q_proj": (d, q),
-            "k_proj": (d, kv),
-            "v_proj": (d, kv),
-            "o_proj": (q, d),
-            "gate_proj": (d, ff),
-            "up_proj": (d, ff),
-            "down_proj": (ff, d),
-        }
-        chosen = shapes if self.all_linear else {k: v for k, v in shapes.items() if k in self.target_modules}
+        chosen = projection_shapes(config, self.target_modules)  # (in, out)
         per_layer = sum(i if self.is_feedforward(k) else o for k, (i, o) in chosen.items())
         return c.num_hidden_layers * per_layer
 
