@@ -20,6 +20,13 @@ divides by its own token count. File layout as in `nf4_lora.py`: `linear_cross_e
 (fp32, ground truth), the chunked autograd.Function, the public `linear_cross_entropy`, and
 `linear_cross_entropy_workspace_bytes` for the memory estimator.
 
+backend="triton" (opt-in; CUDA, or CPU under TRITON_INTERPRET=1) replaces the per-chunk softmax
+with `qtrain.kernels.cross_entropy`'s kernel: the chunk's logits stay in H's dtype (no fp32 copy)
+and are turned into `dz` in place, in that dtype, by one kernel (fp32 math per vocab block). dH
+then uses that `dz` directly (the torch path rounds its fp32 `dz` to W's dtype too); dW, when
+needed, multiplies an fp32 copy of the rounded `dz`. The default, backend="torch", is the PyTorch
+code above, unchanged.
+
 Shapes: H [N, D] (or [B, S, D]), W [V, D], labels [N] (or [B, S]) int64.
 """
 
@@ -67,6 +74,15 @@ def _chunk_loss_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, 
     return loss
 
 
+def _chunk_loss_triton_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, grad: bool) -> torch.Tensor:
+    """`_chunk_loss_` with the Triton kernel: `logits` [C, V] in any float dtype, dlogits in place in it."""
+    from qtrain.kernels.cross_entropy import cross_entropy_forward, cross_entropy_fwd_bwd  # lazy: imports triton
+
+    if grad:
+        return cross_entropy_fwd_bwd(logits, labels, ignore_index)[0]
+    return cross_entropy_forward(logits, labels, ignore_index)
+
+
 def _chunked_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -75,8 +91,11 @@ def _chunked_forward(
     ignore_index: int,
     grad_hidden: bool,
     grad_weight: bool,
+    backend: str = "torch",
 ):
-    """(loss, dH or None, dW or None): the loop over token chunks, in hidden's dtype + fp32."""
+    """(loss, dH or None, dW or None): the loop over token chunks, in hidden's dtype + fp32.
+
+    backend "torch" or "triton" (already resolved): who computes each chunk's loss and dlogits."""
     n, d = hidden.shape
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     g_hidden = torch.empty(n, d, dtype=hidden.dtype, device=hidden.device) if grad_hidden else None  # [N, D]
@@ -84,12 +103,16 @@ def _chunked_forward(
     for start in range(0, n, chunk_size):
         h = hidden[start : start + chunk_size]  # [C, D]
         y = labels[start : start + chunk_size]  # [C]
-        logits = (h @ weight.T).float()  # [C, V]: in hidden's dtype, then an fp32 copy (none for fp32)
-        loss += _chunk_loss_(logits, y, ignore_index, grad_hidden or grad_weight)
+        if backend == "triton":
+            logits = h @ weight.T  # [C, V] in hidden's dtype, becomes dlogits in that dtype
+            loss += _chunk_loss_triton_(logits, y, ignore_index, grad_hidden or grad_weight)
+        else:
+            logits = (h @ weight.T).float()  # [C, V]: in hidden's dtype, then an fp32 copy (none for fp32)
+            loss += _chunk_loss_(logits, y, ignore_index, grad_hidden or grad_weight)
         if g_hidden is not None:
             torch.mm(logits.to(weight.dtype), weight, out=g_hidden[start : start + chunk_size])  # [C, D]
-        if g_weight is not None:
-            g_weight.addmm_(logits.T, h.float())  # [V, D] += [V, C] @ [C, D], fp32
+        if g_weight is not None:  # .float(): no-op for fp32 (torch path); a copy of 16-bit dlogits (triton path)
+            g_weight.addmm_(logits.T.float(), h.float())  # [V, D] += [V, C] @ [C, D], fp32
         del logits  # free this chunk's [C, V] before the next one is allocated
     if g_weight is not None:
         g_weight = g_weight.to(weight.dtype)
@@ -105,9 +128,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int):
+    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int, backend: str = "torch"):
         need_h, need_w = ctx.needs_input_grad[:2]
-        loss, g_hidden, g_weight = _chunked_forward(hidden, weight, labels, chunk_size, ignore_index, need_h, need_w)
+        loss, g_hidden, g_weight = _chunked_forward(
+            hidden, weight, labels, chunk_size, ignore_index, need_h, need_w, backend
+        )
         ctx.save_for_backward(g_hidden, g_weight)
         return loss
 
@@ -117,7 +142,26 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # out of place (one more [N, D] for a moment) so that retain_graph=True stays correct
         g_hidden = None if g_hidden is None else g_hidden * grad_loss
         g_weight = None if g_weight is None else g_weight * grad_loss
-        return g_hidden, g_weight, None, None, None
+        return g_hidden, g_weight, None, None, None, None
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
+    """The concrete backend ("torch" or "triton") that `backend` means for `hidden`.
+
+    "auto" takes triton for CUDA inputs when triton is installed and the cross-entropy kernel passes
+    its self-check on that GPU (`qtrain.kernels.cross_entropy.triton_self_check`), torch otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"linear_cross_entropy: backend {backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        if not hidden.is_cuda:
+            return "torch"
+        from qtrain.kernels.cross_entropy import resolve_backend as resolve_ce_backend  # lazy: imports triton
+
+        return resolve_ce_backend("auto", hidden)
+    return backend
 
 
 def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size) -> None:
@@ -143,11 +187,16 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     chunk_size: int | None = None,
     ignore_index: int = -100,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight^T` against `labels` (fp32 scalar), chunked over tokens.
 
     hidden [N, D] or [B, S, D], weight [V, D], labels [N] or [B, S] int64. chunk_size: tokens per
     chunk; None -> `default_chunk_size`; 0 -> the unchunked path (full logits, for comparison).
+    backend: who computes each chunk's softmax/loss/dlogits: "torch" (default, fp32 copy of the
+    chunk), "triton" (the in-place kernel of `qtrain.kernels.cross_entropy`, no fp32 copy; CUDA, or
+    CPU under TRITON_INTERPRET=1), "auto" (triton on CUDA when it passes its self-check, else
+    torch). The unchunked path (chunk_size=0) ignores it.
 
     Autocast: inside `torch.autocast(device_type, dtype)` both hidden and weight are cast to the
     autocast dtype, as F.linear would do (a no-op for bf16 inputs under bf16 autocast), and the op
@@ -156,6 +205,7 @@ def linear_cross_entropy(
     any device.) Outside autocast, hidden and weight must have the same dtype, as for F.linear.
     """
     _check_inputs(hidden, weight, labels, chunk_size)
+    backend = resolve_backend(backend, hidden)
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # [N, D], [N]
     device_type = hidden.device.type
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
@@ -170,8 +220,8 @@ def linear_cross_entropy(
         chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.shape[1])
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            return LinearCrossEntropyFunction.apply(hidden, weight, labels, chunk_size, ignore_index)
-        return _chunked_forward(hidden, weight, labels, chunk_size, ignore_index, False, False)[0]  # no dH/dW work
+            return LinearCrossEntropyFunction.apply(hidden, weight, labels, chunk_size, ignore_index, backend)
+        return _chunked_forward(hidden, weight, labels, chunk_size, ignore_index, False, False, backend)[0]  # no dH/dW
 
 
 ROW_BYTES = 40  # per-row vectors of a chunk (mask, targets, target logits, max, sum, lse, ...): ~33-37 B measured
@@ -185,6 +235,7 @@ def linear_cross_entropy_workspace_bytes(
     dtype: torch.dtype,
     needs_grad: bool = True,
     weight_grad: bool = False,
+    backend: str = "torch",
 ) -> int:
     """Peak bytes the op allocates beyond its inputs (forward + backward), from the code above.
 
@@ -203,20 +254,33 @@ def linear_cross_entropy_workspace_bytes(
                      the saved log-probs, their grad from nll_loss and the log_softmax grad, all fp32
                      [N, V]), 8*N*V without (fp32 logits + log-probs).
 
+    backend="triton" (resolved; "auto" is not accepted here): the chunk's logits stay in dtype and
+    become dlogits in place, so chunk = C*V*s + 40*C (no fp32 copy); dH only: max(gH + chunk, 2*gH);
+    dW too: the forward term becomes gH + V*D*4 + chunk + C*V*4*[f > 0] + C*D*f (an fp32 copy of
+    16-bit dlogits and h.float() for addmm), the cast and backward terms stay as above.
+
     Not counted: the scalar loss and BLAS scratch. cuBLAS's workspace is allocated once per handle;
     on CPU, oneDNN's bf16 matmul packs W for `dz @ W`, up to another V*D*s per chunk (measured: 2x
     the formula at N=512, D=64, V=4096, C=8; fp32 and fp16 on CPU match it to within 0.5%).
     """
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"linear_cross_entropy_workspace_bytes: backend must be 'torch' or 'triton', got {backend!r}")
     n, v, d, s = n_tokens, vocab, hidden_size, dtype.itemsize
     if chunk_size == 0:
         return (12 if needs_grad or weight_grad else 8) * n * v
     c = min(n, default_chunk_size(n, v, d) if chunk_size is None else chunk_size)
     f = 0 if dtype == torch.float32 else s
-    chunk = c * v * (f + 4) + ROW_BYTES * c
+    if backend == "triton":
+        chunk = c * v * s + ROW_BYTES * c
+    else:
+        chunk = c * v * (f + 4) + ROW_BYTES * c
     if not (needs_grad or weight_grad):
         return chunk
     g_hidden = n * d * s if needs_grad else 0
     if not weight_grad:
         return max(g_hidden + chunk, 2 * g_hidden)
-    forward = g_hidden + v * d * 4 + max(chunk, c * v * 4 + c * d * f)
+    if backend == "triton":
+        forward = g_hidden + v * d * 4 + chunk + c * v * (0 if f == 0 else 4) + c * d * f
+    else:
+        forward = g_hidden + v * d * 4 + max(chunk, c * v * 4 + c * d * f)
     return max(forward, g_hidden + v * d * (4 + f), 2 * (g_hidden + v * d * s))

@@ -41,7 +41,7 @@ def _memory_estimate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from qtrain.estimate import GiB, estimate, estimate_table, fmt_gib, max_seq_len, workload_for
+    from qtrain.estimate import GiB, carries_mask, estimate, estimate_table, fmt_gib, max_seq_len, workload_for
     from qtrain.lora import LoRASpec
     from qtrain.presets import resolve_config
     from qtrain.tiny import tiny_config
@@ -74,7 +74,7 @@ def _memory_estimate(args: argparse.Namespace) -> int:
         "offload_activations": True if args.offload else None,
     }
     w = replace(w, **{k: v for k, v in flags.items() if v is not None})
-    w = replace(w, attention_mask=cfg.data.packing or w.batch_size > 1)  # padded or packed rows carry a mask
+    w = replace(w, attention_mask=carries_mask(cfg.data.packing, w.batch_size, w.fused))
     est = estimate(config, spec, w)
     fits = {b: max_seq_len(config, spec, w, b * GiB) for b in args.budgets}
     if args.json:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from qtrain.fused import FusedOps
 from qtrain.lora import LoRASpec
 from qtrain.methods import (
     IA3,
@@ -158,6 +159,7 @@ class Config:
     p_tuning_v2: PTuningV2 = field(default_factory=PTuningV2)
     llama_adapter: LlamaAdapter = field(default_factory=LlamaAdapter)
     data: DataConfig = field(default_factory=DataConfig)
+    kernels: FusedOps = field(default_factory=FusedOps)  # fused Triton ops (auto: on CUDA); see qtrain.fused
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -59,6 +59,7 @@ class Workload:
     attention_mask: bool = False  # padded or packed batches carry a [B, 1, S, S] mask
     device: str = "cuda"
     methods: tuple = ()  # PEFT methods beside LoRA (qtrain.methods): their parameters are counted
+    fused: tuple = ()  # fused NF4 projection groups (qtrain.fused: "qkv", "gate_up"): an fp32 absmax each
 
     @property
     def tokens(self) -> int:
@@ -150,6 +151,10 @@ def weight_items(model: nn.Module, w: Workload) -> list[Item]:
     dora = sum(4 * m.out_features for m in linears if getattr(m, "use_dora", False))
     if dora:
         items.append(Item("weights", "DoRA: row norms of W", dora, "fp32, computed once at load"))
+    groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+    fused = [m for n, m in model.named_modules() if isinstance(m, LoRALinear) and any(n.endswith(x) for g in w.fused if g in groups for x in groups[g])]
+    if w.quantize and fused:  # 4 bytes per 64 weights of the fused projections
+        items.append(Item("weights", "fused projections' absmax", sum(m.in_features * m.out_features for m in fused) // 16, "fp32, qtrain.fused"))
     if w.quantize:
         items.insert(0, Item("weights", "NF4 linears", sum(nf4_bytes(m.in_features * m.out_features) for m in linears), f"{_count(base)} weights, 4-bit + double-quantized absmax"))
     else:
@@ -306,7 +311,7 @@ _FACTS: dict[tuple, ModelFacts] = {}
 
 
 def model_facts(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> ModelFacts:
-    key = (config.to_json_string(use_diff=False), repr(spec), w.dtype, w.quantize, repr(w.methods))
+    key = (config.to_json_string(use_diff=False), repr(spec), w.dtype, w.quantize, repr(w.methods), w.fused)
     if key not in _FACTS:
         model = meta_model(config, spec, w)
         linears = [m for m in model.modules() if isinstance(m, LoRALinear)]
@@ -447,6 +452,8 @@ def workload_for(cfg, device: str = "cuda", backend: str | None = None) -> Workl
     optimizer = t.optimizer if t.optimizer != "auto" else ("paged_adamw_32bit" if device == "cuda" else "adamw")
     if backend is None:
         backend = cfg.model.backend if cfg.model.backend != "auto" else ("triton" if device == "cuda" else "torch")
+    methods = tuple(getattr(cfg, name) for name in cfg.methods() if name != "lora")
+    fused = fused_groups(cfg.kernels, device, backend, methods)
     return Workload(
         batch_size=t.batch_size,
         seq_len=d.max_length,
@@ -458,10 +465,29 @@ def workload_for(cfg, device: str = "cuda", backend: str | None = None) -> Workl
         optimizer=optimizer,
         loss_chunk=t.loss_chunk_tokens,
         autocast=t.autocast,
-        attention_mask=d.packing or t.batch_size > 1,
+        attention_mask=carries_mask(d.packing, t.batch_size, fused),
         device=device,
-        methods=tuple(getattr(cfg, name) for name in cfg.methods() if name != "lora"),
+        methods=methods,
+        fused=fused,
     )
+
+
+def carries_mask(packing: bool, batch_size: int, fused: tuple) -> bool:
+    """Whether batches carry a [B, 1, S, S] mask: padded rows do; packed rows too, unless
+    `qtrain.fused`'s varlen path runs them without one."""
+    return (packing and "varlen" not in fused) or (not packing and batch_size > 1)
+
+
+def fused_groups(ops, device: str, backend: str, methods: tuple = ()) -> tuple:
+    """What `qtrain.fused` changes for memory with these kernel settings on `device`: the projection
+    groups it fuses ("qkv", "gate_up"; separate projections for the torch NF4 backend on CUDA), and
+    "varlen" when packed rows run without a mask (not with methods that hook the attention)."""
+    on = ops.enabled == "on" or (ops.enabled == "auto" and device == "cuda")
+    if not on:
+        return ()
+    groups = () if device == "cuda" and backend != "triton" else tuple(g for g in ("qkv", "gate_up") if getattr(ops, g))
+    hooks_attention = any(m.name in ("prefix_tuning", "p_tuning_v2", "llama_adapter", "parallel_adapter") for m in methods)
+    return groups + (("varlen",) if ops.varlen and not hooks_attention else ())
 
 
 def suggestions(config: PretrainedConfig, spec: LoRASpec, w: Workload, grad_accum: int = 1, budget: int | None = None) -> list[tuple[str, int]]:

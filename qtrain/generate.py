@@ -18,6 +18,7 @@ from torch import nn
 from qtrain.adapter import ADAPTER_CONFIG, TRAINING_INFO, load_adapter_weights, read_adapter_config, read_training_info
 from qtrain.config import DTYPES
 from qtrain.data import FORMATS, alpaca_prompt, ensure_chat_template
+from qtrain.fused import FusedOps, apply_fused_ops
 from qtrain.methods.io import load_method, read_methods
 
 TEMPLATES = ("auto", "alpaca", "chat", "none")  # `none`: the prompt as is
@@ -124,6 +125,7 @@ def load_for_inference(
         for method in methods:
             method.apply(model)
             load_method(model, method, adapter_dir)
+    apply_fused_ops(model, FusedOps())  # the fused Triton modules on CUDA (Llama family), as in training
     model.eval()
     tokenizer = load_tokenizer(loaded.model_dir)
     return (

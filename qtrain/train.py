@@ -33,6 +33,7 @@ from qtrain.config import DTYPES, Config, to_dict
 from qtrain.data import IGNORE_INDEX, Batches, eval_batches, load_data
 from qtrain.estimate import estimate, suggestions, workload_for
 from qtrain.evaluate import exact_match, generate
+from qtrain.fused import apply_fused_ops
 from qtrain.kernels.linear_cross_entropy import linear_cross_entropy
 from qtrain.kernels.nf4_lora import resolve_backend, triton_available
 from qtrain.lora import LoRASpec
@@ -99,12 +100,15 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     )
 
 
-def loss_sum(model, batch: dict, offload: OffloadActivations | None = None, chunk: int | None = None) -> torch.Tensor:
+def loss_sum(
+    model, batch: dict, offload: OffloadActivations | None = None, chunk: int | None = None, backend: str = "torch"
+) -> torch.Tensor:
     """Forward one batch; summed loss over its target tokens. Packed batches carry position_ids
     (restarting per row) and no attention_mask, which makes attention block-diagonal.
 
     lm_head + cross-entropy run over chunks of `chunk` tokens (None: automatic) and never hold the
-    full [B, S, V] logits; `chunk=0` computes the full logits (the plain path)."""
+    full [B, S, V] logits; `chunk=0` computes the full logits (the plain path). `backend`: the chunks'
+    cross-entropy ("torch", "triton" or "auto": `qtrain.kernels.linear_cross_entropy`)."""
     with offload or contextlib.nullcontext():  # only the decoder's activations are offloaded
         hidden = model.get_decoder()(
             input_ids=batch["input_ids"],
@@ -116,7 +120,7 @@ def loss_sum(model, batch: dict, offload: OffloadActivations | None = None, chun
     if chunk == 0 or type(head) is not torch.nn.Linear or head.bias is not None:
         return causal_lm_loss_sum(head(hidden), batch["labels"])  # logits [B, S, V]
     next_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, S]: token t predicts t+1
-    return linear_cross_entropy(hidden, head.weight, next_labels, chunk_size=chunk, ignore_index=IGNORE_INDEX)
+    return linear_cross_entropy(hidden, head.weight, next_labels, chunk_size=chunk, ignore_index=IGNORE_INDEX, backend=backend)
 
 
 def n_targets(batch: dict) -> int:
@@ -142,6 +146,7 @@ def train_step(
     methods: Sequence[PeftMethod] = (),
     step: int = 0,
     total_steps: int = 0,
+    loss_backend: str = "torch",
 ) -> tuple[float, int]:
     """One optimizer step over `micro_batches` (gradient accumulation).
 
@@ -159,7 +164,7 @@ def train_step(
         batch = {k: v.to(device) for k, v in batch.items()}
         phase("forward")
         with autocast or contextlib.nullcontext():
-            loss = loss_sum(model, batch, offload, loss_chunk) / total_targets
+            loss = loss_sum(model, batch, offload, loss_chunk, loss_backend) / total_targets
         phase("backward")
         (scaler.scale(loss) if scaler else loss).backward()
         loss_total += loss.item()
@@ -286,6 +291,8 @@ def train(
         method.apply(model)
     for n, p in model.named_parameters():
         p.requires_grad = n in lora_params or any(m.owns(n) for m in methods)
+    fused = apply_fused_ops(model, cfg.kernels)  # fused Triton modules (Llama family; CUDA unless kernels.enabled=on)
+    loss_backend = cfg.kernels.loss_backend(device)
     tokenizer = load_tokenizer(loaded.model_dir)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -297,6 +304,8 @@ def train(
         f"loaded in {time.perf_counter() - t0:.1f}s on {device}; {describe_methods(cfg, spec, loaded.targets)}; "
         f"trainable {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)"
     )
+    if fused:
+        console.print(f"[bold]kernels[/] {len(fused)} fused modules, loss {loss_backend}" + (f"; kept: {', '.join(sorted(fused.skipped))}" if fused.skipped else ""))
 
     # 2. data
     train_data, eval_data = load_data(cfg.data, tokenizer)
@@ -392,7 +401,7 @@ def train(
                         loss, n_tok = train_step(
                             model, micro, optimizer, trainable, cfg.train.max_grad_norm, device, autocast, scaler, offload,
                             on_phase=profiler.phase if measure else None, loss_chunk=cfg.train.loss_chunk_tokens,
-                            methods=methods, step=step, total_steps=cfg.train.max_steps,
+                            methods=methods, step=step, total_steps=cfg.train.max_steps, loss_backend=loss_backend,
                         )  # fmt: skip
                 except FloatingPointError as e:
                     kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
@@ -405,7 +414,7 @@ def train(
                     shape = max((tuple(b["input_ids"].shape) for b in micro), key=lambda s: s[0] * s[1])
                     raise OutOfMemory(oom_advice(cfg, step, shape, device, loaded.config, spec)) from None
                 if measure:
-                    profiled_shapes += [(*b["input_ids"].shape, "position_ids" in b or not b["attention_mask"].all()) for b in micro]
+                    profiled_shapes += [(*b["input_ids"].shape, "position_ids" in b, "attention_mask" in b and not b["attention_mask"].all()) for b in micro]
                     if step - start == profile_memory or step == cfg.train.max_steps:
                         memory_report = _memory_report(cfg, profiler, loaded, spec, device, profiled_shapes, out, progress.console)
                         profiler = None
@@ -481,9 +490,10 @@ def _memory_report(cfg, profiler, loaded, spec, device, shapes, out: Path, conso
 
     samples = profiler.samples()
     profiler.detach()
-    b, s, masked = max(shapes, key=lambda shape: shape[0] * shape[1])  # masked: padded or packed rows
+    b, s, packed, padded = max(shapes, key=lambda shape: shape[0] * shape[1])
     backend = resolve_backend(cfg.model.backend, torch.empty(0, device=device))
-    w = replace(workload_for(cfg, device.type, backend), batch_size=b, seq_len=s, attention_mask=bool(masked))
+    w = workload_for(cfg, device.type, backend)
+    w = replace(w, batch_size=b, seq_len=s, attention_mask=padded or (packed and "varlen" not in w.fused))  # varlen: no mask
     est = estimate(loaded.config, spec, w)
     info = {
         "title": f"qtrain memory: {cfg.model.name_or_path or 'tiny ' + cfg.model.tiny.arch}",

@@ -152,9 +152,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
     real, calls = recipe.loss_sum, {"n": 0}
 
-    def poisoned(model, batch, offload=None, chunk=None):
+    def poisoned(model, batch, *args, **kwargs):
         calls["n"] += 1
-        loss = real(model, batch, offload, chunk)
+        loss = real(model, batch, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 5 else loss  # step 5 (no grad accum, no eval before)
 
     monkeypatch.setattr(recipe, "loss_sum", poisoned)
