@@ -124,8 +124,10 @@ def build_bench(
     device = torch.device(device)
     spec = LoRASpec(**LORA)
     t0 = time.perf_counter()
+    from qtrain.model import enable_checkpointing
+
     model = random_model(config, spec, dtype, device, quantize=True, backend="auto", seed=seed)
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable_checkpointing(model)
     model.config.use_cache = False
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

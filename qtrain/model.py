@@ -208,3 +208,13 @@ def load_tokenizer(model_dir: str | Path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant gradient checkpointing of every decoder layer (transformers >= 5.2x calls it
+    `activation_checkpointing_enable`; earlier versions, e.g. 5.17, `gradient_checkpointing_enable`)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -32,7 +32,7 @@ from qtrain.lora import LoRALinear, LoRASpec, mark_only_lora_trainable, swap_lin
 from qtrain.model import build_skeleton
 
 
-def _generator(device: torch.device, seed: int, name: str) -> torch.Generator:
+def tensor_generator(device: torch.device, seed: int, name: str) -> torch.Generator:
     """A generator on `device` seeded from (seed, name): reproducible per tensor (crc32, unlike
     hash(), is the same in every process; 32 bits, as the CPU generator keeps only those)."""
     return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
@@ -40,10 +40,10 @@ def _generator(device: torch.device, seed: int, name: str) -> torch.Generator:
 
 def _normal(shape, std: float, dtype: torch.dtype, device: torch.device, seed: int, name: str) -> torch.Tensor:
     """N(0, std) in `dtype`, drawn in place (no fp32 temporary)."""
-    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=_generator(device, seed, name))
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=tensor_generator(device, seed, name))
 
 
-def _frozen_tensor(name: str, shape: torch.Size, std: float, dtype, device, seed: int) -> torch.Tensor:
+def frozen_tensor(name: str, shape: torch.Size, std: float, dtype, device, seed: int) -> torch.Tensor:
     """A non-linear parameter as transformers initializes it: 1-D weights (norms) 1, biases 0,
     matrices (embeddings, lm_head) N(0, std)."""
     attr = name.rpartition(".")[2]
@@ -85,7 +85,7 @@ def random_model(
             module.set_bias(torch.zeros(module.out_features, dtype=compute_dtype, device=device))
         if module.rank:  # as reset_lora_parameters, from this layer's own generator
             a = torch.empty(module.rank, module.in_features, dtype=adapter_dtype, device=device)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=_generator(device, seed, f"{name}.lora_a.weight"))
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=tensor_generator(device, seed, f"{name}.lora_a.weight"))
             module.lora_a.weight = nn.Parameter(a)
             module.lora_b.weight = nn.Parameter(
                 torch.zeros(module.out_features, module.rank, dtype=adapter_dtype, device=device)
@@ -99,7 +99,7 @@ def random_model(
         module = model.get_submodule(module_name)
         if param.device.type != "meta" or (tie and module is out and attr == "weight"):
             continue
-        value = _frozen_tensor(name, param.shape, std, compute_dtype, device, seed)
+        value = frozen_tensor(name, param.shape, std, compute_dtype, device, seed)
         setattr(module, attr, nn.Parameter(value, requires_grad=False))
     if tie:
         out.weight = model.get_input_embeddings().weight

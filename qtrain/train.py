@@ -42,7 +42,7 @@ from qtrain.memprof import MemoryProfiler
 from qtrain.methods import PeftMethod
 from qtrain.methods.io import load_method
 from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
-from qtrain.model import load_model, load_tokenizer
+from qtrain.model import enable_checkpointing, load_model, load_tokenizer
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
 from qtrain.presets import resolve_config
 from qtrain.resume import load_state, resolve_resume, save_checkpoint, set_rng_state
@@ -334,7 +334,7 @@ def train(
     scaler = torch.amp.GradScaler(device.type) if use_autocast and dtype == torch.float16 else None
     offload = OffloadActivations() if cfg.train.offload_activations else None
     if cfg.train.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        enable_checkpointing(model)
     model.config.use_cache = False
 
     # 4. resume: adapter, optimizer, schedule, scaler, data position, RNG, counters

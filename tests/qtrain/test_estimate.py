@@ -23,7 +23,7 @@ from qtrain.estimate import (
 from qtrain.lora import LoRASpec
 from qtrain.memprof import MemoryProfiler, peak_sample
 from qtrain.methods import IA3, AdaLoRA, BitFit, Houlsby, LlamaAdapter, PrefixTuning, PromptTuning, PTuning, PTuningV2
-from qtrain.model import load_model
+from qtrain.model import enable_checkpointing, load_model
 from qtrain.nf4 import quantize_nf4
 from qtrain.presets import preset_config, resolve_config
 from qtrain.train import train_step
@@ -70,7 +70,7 @@ def measure(path, spec: LoRASpec, w: Workload):
     for n, p in model.named_parameters():
         p.requires_grad = n in lora or any(m.owns(n) for m in w.methods)
     if w.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable)

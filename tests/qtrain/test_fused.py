@@ -27,7 +27,7 @@ from qtrain.methods.adapters import Houlsby
 from qtrain.methods.bitfit import BitFit
 from qtrain.methods.ia3 import IA3
 from qtrain.methods.prefix import PTuningV2
-from qtrain.model import load_model
+from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import loss_sum
 
 TINY = {"hidden_size": 64, "intermediate_size": 160, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
@@ -215,7 +215,7 @@ def test_gradient_checkpointing_non_reentrant_through_the_training_loss(tiny, re
     loss.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     apply_fused_ops(model, ON)
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable_checkpointing(model)
     calls = []
     model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
     model.zero_grad(set_to_none=True)

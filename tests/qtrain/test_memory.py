@@ -7,7 +7,7 @@ import torch
 
 from qtrain.lora import LoRASpec
 from qtrain.memory import OffloadActivations, peak_memory_bytes
-from qtrain.model import load_model
+from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import loss_sum
 
 B, S = 2, 24
@@ -17,7 +17,7 @@ def model_and_batch(path: str, device: str, checkpointing: bool):
     torch.manual_seed(0)
     model = load_model(path, LoRASpec(rank=4, alpha=8, dropout=0.0), compute_dtype=torch.float32, device=torch.device(device)).model
     if checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, 100, (B, S), generator=g)

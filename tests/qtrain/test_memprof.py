@@ -7,7 +7,7 @@ import torch
 from qtrain.lora import LoRASpec
 from qtrain.memory import OffloadActivations, SavedTensors
 from qtrain.memprof import CATEGORIES, MemoryProfiler
-from qtrain.model import load_model
+from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import train_step
 
 B, S = 2, 32
@@ -39,7 +39,7 @@ def test_offload_keep_counts_what_stays_on_the_device():
 def test_profiler_marks_phases_layers_and_accounts_every_category(tiny_checkpoint):
     path = tiny_checkpoint("llama", num_layers=3)
     model = load_model(str(path), LoRASpec(rank=4), compute_dtype=torch.float32).model
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable_checkpointing(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable)

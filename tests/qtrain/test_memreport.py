@@ -12,6 +12,7 @@ import torch
 from qtrain.estimate import Estimate, Item
 from qtrain.memprof import CATEGORIES, Sample
 from qtrain.memreport import fmt_bytes, timeline_figure, write_report
+from qtrain.model import enable_checkpointing
 
 GiB, MiB = 2**30, 2**20
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -150,7 +151,7 @@ def test_report_of_real_profiled_steps(tmp_path):
     spec = LoRASpec(rank=4)
     loaded = load_model(str(path), spec, compute_dtype=torch.float32)
     model = loaded.model
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable_checkpointing(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)

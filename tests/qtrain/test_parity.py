@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qtrain.adapter import save_adapter
 from qtrain.data import batches, synthetic_rows, tokenize_row
 from qtrain.lora import LoRASpec
-from qtrain.model import load_model
+from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import train_step
 
 peft = pytest.importorskip("peft")
@@ -42,7 +42,7 @@ def test_losses_match_transformers_bnb_peft(tiny_checkpoint, tmp_path, use_rslor
     torch.manual_seed(0)
     ours = load_model(str(path), spec, compute_dtype=torch.float32)
     save_adapter(ours.model, spec, ours.targets, str(path), tmp_path / "init")  # step-0 adapter: same init
-    ours.model.activation_checkpointing_enable({"use_reentrant": False})  # as the recipe trains
+    enable_checkpointing(ours.model)  # as the recipe trains
     ours.model.train()
     trainable = [p for p in ours.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)

@@ -33,7 +33,7 @@ from qtrain.lora import LoRALinear, LoRASpec
 from qtrain.methods.adapters import Houlsby
 from qtrain.methods.llama_adapter import LlamaAdapter
 from qtrain.methods.prefix import PTuningV2
-from qtrain.model import load_model
+from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import loss_sum
 
 TINY = {"hidden_size": 64, "intermediate_size": 160, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
@@ -230,11 +230,7 @@ def test_gradient_checkpointing_recomputes_through_the_varlen_path(tiny, varlen_
     batch = packed_batch(seed=1)
     want = forward_backward(model, batch)
     apply_fused_ops(model, ON)
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: gradient_...
-    if enable is not None:
-        enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     masks.clear()
     got = forward_backward(model, batch)
     assert_same(got, want)

@@ -14,7 +14,7 @@ from qtrain.lora import LoRASpec, is_lora_parameter, lora_modules
 from qtrain.methods import PeftMethod, mark_trainable
 from qtrain.methods.adalora import AdaLoRA
 from qtrain.methods.io import load_method, save_method
-from qtrain.model import load_model
+from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import loss_sum
 
 # Rows that are multiples of 64: away from the bitsandbytes 0.50.2 CPU dequantization bug (see test_ia3.py).
@@ -351,7 +351,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, pe
         method = applied(model, lora_dropout=0.1)
         perturb(model, method)
         if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(model)
         calls: list[int] = []
         model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         model.train()

@@ -13,6 +13,7 @@ from qtrain.lora import LoRASpec
 from qtrain.methods import mark_trainable
 from qtrain.methods.adapters import Houlsby, ParallelAdapter, Pfeiffer
 from qtrain.methods.io import load_method, save_method
+from qtrain.model import enable_checkpointing
 
 METHODS = {
     "houlsby": lambda: Houlsby(bottleneck=8),
@@ -188,7 +189,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, pe
     plain = grads(model)
     assert len(calls) == 1
     model.zero_grad(set_to_none=True)
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable_checkpointing(model)
     assert model.model.layers[0].gradient_checkpointing
     calls.clear()
     loss_ckpt = peft.loss_of(model, b)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from qtrain.lora import LoRALinear, LoRASpec, is_lora_parameter, lora_modules
 from qtrain.methods import PeftMethod, mark_trainable
 from qtrain.methods.ia3 import IA3
-from qtrain.model import load_model
+from qtrain.model import enable_checkpointing, load_model
 
 # hidden 64, intermediate 192 (every row length a multiple of 64): away from the bitsandbytes 0.50.2
 # CPU dequantization bug for rows that are a multiple of 16 but not of 64 (TINY's 160 trips it).
@@ -134,7 +134,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, peft):
         peft.apply(model, [method])
         perturb(model, method)
         if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(model)
         calls: list[int] = []
         model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         model.train()

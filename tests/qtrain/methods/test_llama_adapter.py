@@ -15,7 +15,7 @@ from qtrain.lora import LoRASpec, is_lora_parameter, lora_modules
 from qtrain.methods import PeftMethod, mark_trainable
 from qtrain.methods.io import load_method, save_method
 from qtrain.methods.llama_adapter import LlamaAdapter
-from qtrain.model import load_model
+from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import loss_sum
 
 # 3 layers (so that adapter_layers=2 leaves the bottom one alone); intermediate 192: away from the
@@ -202,7 +202,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_checkpoin
         model = model_of(tiny_checkpoint)
         applied(model, gate=0.5)
         if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(model)
         calls: list[int] = []
         model.model.layers[2].llama_adapter.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         model.train()

@@ -13,7 +13,7 @@ from qtrain.lora import LoRASpec, is_lora_parameter
 from qtrain.methods import PeftMethod, mark_trainable
 from qtrain.methods.io import load_method, save_method
 from qtrain.methods.p_tuning import PTuning
-from qtrain.model import load_model
+from qtrain.model import enable_checkpointing, load_model
 from qtrain.tiny import char_tokenizer
 from qtrain.train import loss_sum
 
@@ -243,7 +243,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradient(tiny_model, pef
         model = tiny_model()
         applied(model, encoder_hidden_size=24)
         if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(model)
         model.train()
         loss = loss_sum(model, peft.batch())
         loss.backward()

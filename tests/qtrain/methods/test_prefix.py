@@ -13,7 +13,7 @@ from qtrain.lora import LoRASpec, is_lora_parameter
 from qtrain.methods import PeftMethod, mark_trainable
 from qtrain.methods.io import load_method, save_method
 from qtrain.methods.prefix import PrefixCache, PrefixTuning, PTuningV2, prefix_dims
-from qtrain.model import load_model
+from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import loss_sum
 
 BNB_SHAPES = {"hidden_size": 64, "intermediate_size": 192, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
@@ -256,7 +256,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, pe
         model = tiny_model()
         method = applied(model, cls)
         if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(model)
         calls: list[int] = []
         model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_, c=calls: c.append(1))
         model.train()

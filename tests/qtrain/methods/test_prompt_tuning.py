@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from qtrain.lora import LoRASpec, is_lora_parameter
 from qtrain.methods import PeftMethod, mark_trainable
 from qtrain.methods.prompt_tuning import PromptTuning, ensemble_logits, per_row_prompts
-from qtrain.model import load_model
+from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import loss_sum
 
 BNB_SHAPES = {"hidden_size": 64, "intermediate_size": 192, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
@@ -141,7 +141,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradient(tiny_model, pef
         model = tiny_model()
         applied(model)
         if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(model)
         model.train()
         loss = loss_sum(model, peft.batch())
         loss.backward()
