@@ -322,7 +322,12 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
 
 
 def _name(tp: Any) -> str:
-    return " | ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp))
+    """`int | None` -> "int | NoneType"; Literal members by value: "auto | on | off | bool"."""
+    args = typing.get_args(tp)
+    return " | ".join(
+        " | ".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal else getattr(a, "__name__", str(a))
+        for a in args
+    )
 
 
 def to_dict(cfg: Any) -> Any:

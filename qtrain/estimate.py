@@ -59,7 +59,7 @@ class Workload:
     attention_mask: bool = False  # padded or packed batches carry a [B, 1, S, S] mask
     device: str = "cuda"
     methods: tuple = ()  # PEFT methods beside LoRA (qtrain.methods): their parameters are counted
-    fused: tuple = ()  # fused NF4 projection groups (qtrain.fused: "qkv", "gate_up"): an fp32 absmax each
+    fused: tuple = ()  # what qtrain.fused changes: "qkv", "gate_up" (an fp32 absmax each), "rms_norm", "swiglu", "varlen"
 
     @property
     def tokens(self) -> int:
@@ -254,9 +254,11 @@ def layer_saved_bytes(s: LayerShape, w: Workload) -> int:
     attn_in = e * s.D if has & {"q_proj", "k_proj", "v_proj"} else 0
     mlp_in = e * s.D if has & {"gate_proj", "up_proj"} else 0
     down_in = e * s.I if "down_proj" in has else 0
-    norms = 2 * (4 * s.D + 4)
+    # the stock RMSNorm keeps an fp32 copy of x, qtrain's kernel x itself and an fp32 scale per row; the
+    # stock MLP keeps gate, up and silu(gate), qtrain's SwiGLU kernel gate and up (it recomputes silu)
+    norms = 2 * ((e if "rms_norm" in w.fused else 4) * s.D + 4)
     attention = e * (2 * s.H * s.d + 2 * s.K * s.d) + 4 * s.H
-    mlp = 3 * e * s.I
+    mlp = (2 if "swiglu" in w.fused else 3) * e * s.I
     dora = 4 * sum(s.in_out[n][1] for n in s.ranks) if s.dora else 0  # the fp32 output DoRA rescales
     methods = sum(method_saved_bytes(m, s, e) for m in w.methods)
     return norms + attn_in + mlp_in + attention + mlp + down_in + a * sum(s.ranks.values()) + dora + methods
@@ -480,14 +482,16 @@ def carries_mask(packing: bool, batch_size: int, fused: tuple) -> bool:
 
 def fused_groups(ops, device: str, backend: str, methods: tuple = ()) -> tuple:
     """What `qtrain.fused` changes for memory with these kernel settings on `device`: the projection
-    groups it fuses ("qkv", "gate_up"; separate projections for the torch NF4 backend on CUDA), and
-    "varlen" when packed rows run without a mask (not with methods that hook the attention)."""
+    groups it fuses ("qkv", "gate_up"; separate projections for the torch NF4 backend on CUDA), the
+    RMSNorm and SwiGLU kernels (they save less), and "varlen" when packed rows run without a mask
+    (not with methods that hook the attention)."""
     on = ops.enabled == "on" or (ops.enabled == "auto" and device == "cuda")
     if not on:
         return ()
     groups = () if device == "cuda" and backend != "triton" else tuple(g for g in ("qkv", "gate_up") if getattr(ops, g))
     hooks_attention = any(m.name in ("prefix_tuning", "p_tuning_v2", "llama_adapter", "parallel_adapter") for m in methods)
-    return groups + (("varlen",) if ops.varlen and not hooks_attention else ())
+    small_ops = tuple(op for op in ("rms_norm", "swiglu") if getattr(ops, op))
+    return groups + small_ops + (("varlen",) if ops.varlen and not hooks_attention else ())
 
 
 def suggestions(config: PretrainedConfig, spec: LoRASpec, w: Workload, grad_accum: int = 1, budget: int | None = None) -> list[tuple[str, int]]:

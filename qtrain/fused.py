@@ -156,7 +156,8 @@ class FusedOps:
     """Which fused ops replace the stock modules, and whether packed batches take the padding-free
     attention path (config section `kernels`)."""
 
-    enabled: Literal["auto", "on", "off"] = "auto"  # auto: CUDA models only
+    # auto: CUDA models only; YAML reads on/off (and true/false) as booleans: True is "on", False "off"
+    enabled: Literal["auto", "on", "off"] | bool = "auto"
     rms_norm: bool = True  # the decoder's RMSNorms -> Triton RMSNorm
     rope: bool = True  # RoPE on q and k in place, one launch
     swiglu: bool = True  # silu(gate) * up in one kernel
@@ -166,6 +167,8 @@ class FusedOps:
     cross_entropy: bool = True  # the chunked lm_head loss's softmax/CE/gradient in one in-place Triton kernel
 
     def __post_init__(self) -> None:
+        if isinstance(self.enabled, bool):
+            self.enabled = "on" if self.enabled else "off"
         if self.enabled not in ENABLED:
             raise ValueError(f"kernels.enabled: {self.enabled!r} is not one of {', '.join(ENABLED)}")
         for name in (*OPS, "cross_entropy"):

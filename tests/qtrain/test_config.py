@@ -576,3 +576,12 @@ def test_section_that_is_not_a_mapping_in_file(tmp_path):
     path.write_text("model:\n  name_or_path: m\ntrain: 5\n")
     msg = error_of([], path)
     assert msg.startswith("train") and "expected a mapping" in msg
+
+
+def test_kernels_enabled_reads_yaml_on_off():
+    """YAML 1.1 reads on/off as booleans: `kernels.enabled: off` must mean off, not fail; a wrong value names the choices."""
+    assert load_config(None, ["model.name_or_path=x", "kernels.enabled=off"]).kernels.enabled == "off"
+    assert load_config(None, ["model.name_or_path=x", "kernels.enabled=on"]).kernels.enabled == "on"
+    assert load_config(None, ["model.name_or_path=x"]).kernels.enabled == "auto"
+    with pytest.raises(ConfigError, match=r"kernels.enabled: 'maybe' matches none of auto \| on \| off \| bool"):
+        load_config(None, ["model.name_or_path=x", "kernels.enabled=maybe"])

@@ -193,3 +193,31 @@ def test_suggestions_name_config_keys_and_lower_the_estimate():
     shorter = next(t for t in texts if t.startswith("data.max_length="))
     assert int(shorter.split("=")[1]) < 4096
     assert all(n < need for _, n in tips)
+
+
+def test_fused_ops_on_cuda_in_the_estimate():
+    """qtrain.fused on a GPU (kernels: defaults): the fused projections' fp32 absmax is counted (4 bytes per
+    64 weights of q/k/v and gate/up), the RMSNorm and SwiGLU kernels keep less per token than the stock
+    modules (x instead of its fp32 copy; gate and up without silu(gate)), and packed rows lose their mask
+    on the varlen path, unless a method hooks the attention."""
+    from qtrain.config import load_config
+    from qtrain.estimate import fused_groups, layer_saved_bytes, layer_shape, workload_for
+    from qtrain.fused import FusedOps
+
+    config = preset_config("llama-3.1-8b")
+    spec = LoRASpec(rank=16, target_modules="all-linear")
+    assert fused_groups(FusedOps(), "cuda", "triton") == ("qkv", "gate_up", "rms_norm", "swiglu", "varlen")
+    assert fused_groups(FusedOps(), "cpu", "torch") == ()  # auto: CUDA only
+    assert fused_groups(FusedOps(), "cuda", "torch") == ("rms_norm", "swiglu", "varlen")  # no fused NF4 without Triton
+    assert "varlen" not in fused_groups(FusedOps(), "cuda", "triton", (PTuningV2(),))
+    stock = Workload(seq_len=2048, device="cuda")
+    fused = replace(stock, fused=fused_groups(FusedOps(), "cuda", "triton"))
+    absmax = [i for i in estimate(config, spec, fused).items if i.name == "fused projections' absmax"]
+    qkv_gate_up = 32 * 4096 * (4096 + 2 * 1024 + 2 * 14336)
+    assert [i.bytes for i in absmax] == [qkv_gate_up // 16]
+    shape = layer_shape(meta_model(config, spec, stock), config)
+    assert layer_saved_bytes(shape, stock) - layer_saved_bytes(shape, fused) == 2 * (4 - 2) * 4096 + 2 * 14336
+    cfg = load_config(None, ["model.name_or_path=llama-3.1-8b", "data.packing=true", "train.batch_size=2"])
+    assert not workload_for(cfg, "cuda").attention_mask and workload_for(cfg, "cpu").attention_mask
+    off = load_config(None, ["model.name_or_path=llama-3.1-8b", "data.packing=true", "kernels.enabled=off"])
+    assert workload_for(off, "cuda").attention_mask and workload_for(off, "cuda").fused == ()
