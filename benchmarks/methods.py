@@ -124,25 +124,16 @@ def measure_peak(config, spec, methods, w, device: torch.device) -> tuple[int, f
     from qtrain.fused import FusedOps, apply_fused_ops
     from qtrain.memprof import MemoryProfiler, peak_sample
     from qtrain.methods import mark_trainable
-    from qtrain.methods.base import PeftMethod
+    from qtrain.methods.base import LoRAParameters
+    from qtrain.model import enable_checkpointing
     from qtrain.optim import build_optimizer, param_groups
     from qtrain.synthetic import random_model
     from qtrain.train import train_step
 
-    class LoRAParams(PeftMethod):
-        name = "lora"
-
-        def owns(self, param_name: str) -> bool:
-            from qtrain.lora import is_lora_parameter
-
-            return is_lora_parameter(param_name)
-
-    from qtrain.model import enable_checkpointing
-
     model = random_model(config, spec, w.dtype, device, backend="auto" if device.type == "cuda" else "torch")
     for method in methods:
         method.apply(model)
-    mark_trainable(model, [*methods, LoRAParams()] if spec.rank else list(methods))
+    mark_trainable(model, [*methods, LoRAParameters()] if spec.rank else list(methods))
     ops = FusedOps()  # qtrain's defaults: the fused modules on CUDA, stock modules on CPU
     apply_fused_ops(model, ops)
     enable_checkpointing(model)
@@ -207,6 +198,7 @@ def main(argv=None) -> int:
     from qtrain.presets import preset_config
 
     args = parse_args(argv)
+    commit, started = git_commit(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")  # the code that runs
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device if args.device != "auto" else "cpu")
@@ -243,8 +235,8 @@ def main(argv=None) -> int:
                   f"  ({row['estimate_over_measured']:.2f})  full-model estimate {est_full.peak / GiB:6.2f} GiB", flush=True)  # fmt: skip
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (CPU-accounted: torch profiler allocator events)",
-        "commit": git_commit(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "date": started,
         "torch": torch.__version__,
         "model": MODEL,
         "measured_model": f"{MODEL} widths, {args.layers} of {full.num_hidden_layers} layers",

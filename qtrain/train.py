@@ -39,7 +39,8 @@ from qtrain.kernels.nf4_lora import resolve_backend, triton_available
 from qtrain.lora import LoRASpec
 from qtrain.memory import OffloadActivations, peak_memory_bytes
 from qtrain.memprof import MemoryProfiler
-from qtrain.methods import PeftMethod
+from qtrain.methods import PeftMethod, mark_trainable
+from qtrain.methods.base import LoRAParameters
 from qtrain.methods.io import load_method
 from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
 from qtrain.model import enable_checkpointing, load_model, load_tokenizer
@@ -286,11 +287,9 @@ def train(
     model = loaded.model
     if cfg.lora.init_from:
         load_adapter_weights(model, cfg.lora.init_from)
-    lora_params = {n for n, p in model.named_parameters() if p.requires_grad}
     for method in methods:
         method.apply(model)
-    for n, p in model.named_parameters():
-        p.requires_grad = n in lora_params or any(m.owns(n) for m in methods)
+    mark_trainable(model, [LoRAParameters(), *methods] if use_lora else methods)
     fused = apply_fused_ops(model, cfg.kernels)  # fused Triton modules (Llama family; CUDA unless kernels.enabled=on)
     loss_backend = cfg.kernels.loss_backend(device)
     tokenizer = load_tokenizer(loaded.model_dir)

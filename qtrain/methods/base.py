@@ -104,6 +104,19 @@ class PeftMethod:
         raise NotImplementedError(f"{self.name} has no PEFT format")
 
 
+class LoRAParameters(PeftMethod):
+    """LoRA's own parameters (A, B, DoRA's magnitude: `qtrain.lora.is_lora_parameter`) as a method,
+    so that `mark_trainable(model, [prompt_tuning, LoRAParameters()])` trains both. LoRA itself is
+    built into the NF4 linears by `load_model`; this only names its parameters."""
+
+    name: ClassVar[str] = "lora"
+
+    def owns(self, param_name: str) -> bool:
+        from qtrain.lora import is_lora_parameter
+
+        return is_lora_parameter(param_name)
+
+
 def mark_trainable(model: nn.Module, methods: list[PeftMethod]) -> list[str]:
     """Freeze everything but the methods' parameters; returns the trainable names."""
     names = []

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from qtrain.config import ConfigError, from_dict
 from qtrain.lora import LoRASpec, is_lora_parameter, lora_modules
-from qtrain.methods import PeftMethod, mark_trainable
+from qtrain.methods import mark_trainable
 from qtrain.methods.adalora import AdaLoRA
+from qtrain.methods.base import LoRAParameters
 from qtrain.methods.io import load_method, save_method
 from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import loss_sum
@@ -26,12 +27,6 @@ TARGETS = ("q_proj", "v_proj")
 PARAMS = ("adalora_a", "adalora_e", "adalora_b")
 PEFT_OF = {"adalora_a": "lora_A", "adalora_e": "lora_E", "adalora_b": "lora_B"}
 
-
-class LoRAOnly(PeftMethod):
-    name = "lora"
-
-    def owns(self, param_name: str) -> bool:
-        return is_lora_parameter(param_name)
 
 
 def ids(batch: int = 2, length: int = 11, seed: int = 0) -> torch.Tensor:
@@ -483,7 +478,7 @@ def test_composes_with_lora_on_other_linears(tiny_model, peft):
     method = AdaLoRA()
     method.apply(model)
     assert torch.equal(logits(model), before)
-    names = mark_trainable(model, [method, LoRAOnly()])
+    names = mark_trainable(model, [method, LoRAParameters()])
     perturb(model, method)
     model.train()
     peft.loss_of(model, peft.batch()).backward()

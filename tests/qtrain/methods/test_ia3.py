@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qtrain.lora import LoRALinear, LoRASpec, is_lora_parameter, lora_modules
-from qtrain.methods import PeftMethod, mark_trainable
+from qtrain.methods import mark_trainable
+from qtrain.methods.base import LoRAParameters
 from qtrain.methods.ia3 import IA3
 from qtrain.model import enable_checkpointing, load_model
 
@@ -21,14 +22,6 @@ BNB_SHAPES = {"intermediate_size": 192}
 FP32_TOL = {"atol": 1e-5, "rtol": 0}
 EFFECT_MIN = 0.05  # perturbed vectors (1 + N(0, 0.3)) move the logits by ~0.2, far above FP32_TOL
 
-
-class LoRAOnly(PeftMethod):
-    """Stand-in method for mark_trainable: the LoRA weights built into LoRALinear."""
-
-    name = "lora"
-
-    def owns(self, param_name: str) -> bool:
-        return is_lora_parameter(param_name)
 
 
 def perturb(model, method: IA3, std: float = 0.3, seed: int = 1) -> None:
@@ -170,7 +163,7 @@ def test_composes_with_lora(tiny_model, peft):
     method = IA3()
     method.apply(model)
     assert torch.equal(logits(model), before)  # identity on top of LoRA
-    names = mark_trainable(model, [method, LoRAOnly()])
+    names = mark_trainable(model, [method, LoRAParameters()])
     assert {n for n in names if method.owns(n)} and {n for n in names if is_lora_parameter(n)}
     perturb(model, method)
     model.train()

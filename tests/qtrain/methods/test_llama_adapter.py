@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qtrain.lora import LoRASpec, is_lora_parameter, lora_modules
-from qtrain.methods import PeftMethod, mark_trainable
+from qtrain.lora import LoRASpec, lora_modules
+from qtrain.methods import mark_trainable
+from qtrain.methods.base import LoRAParameters
 from qtrain.methods.io import load_method, save_method
 from qtrain.methods.llama_adapter import LlamaAdapter
 from qtrain.model import enable_checkpointing, load_model
@@ -29,12 +30,6 @@ TERM_MIN = 5e-3  # one layer's adapter term (weights of std 0.02, gate 0.7): mea
 K, L = 5, 2
 ARCHS = ["llama", "mistral", "qwen2"]
 
-
-class LoRAOnly(PeftMethod):
-    name = "lora"
-
-    def owns(self, param_name: str) -> bool:
-        return is_lora_parameter(param_name)
 
 
 def ids(batch: int = 2, length: int = 11, seed: int = 0) -> torch.Tensor:
@@ -331,7 +326,7 @@ def test_composes_with_lora(tiny_checkpoint):
     method.apply(model)
     final_output(model, 1, io)
     assert torch.equal(logits(model), before)  # identity on top of LoRA
-    names = mark_trainable(model, [method, LoRAOnly()])
+    names = mark_trainable(model, [method, LoRAParameters()])
     set_gates(model, 0.5)
     model.train()
     loss_sum(model, {"input_ids": ids(), "labels": ids()}).backward()

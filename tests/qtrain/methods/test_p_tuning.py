@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qtrain.lora import LoRASpec, is_lora_parameter
-from qtrain.methods import PeftMethod, mark_trainable
+from qtrain.methods import mark_trainable
+from qtrain.methods.base import LoRAParameters
 from qtrain.methods.io import load_method, save_method
 from qtrain.methods.p_tuning import PTuning
 from qtrain.model import enable_checkpointing, load_model
@@ -23,12 +24,6 @@ K = 5
 ANCHOR = "## R:"  # char tokenizer: one token per character
 TOK = char_tokenizer()
 
-
-class LoRAOnly(PeftMethod):
-    name = "lora"
-
-    def owns(self, param_name: str) -> bool:
-        return is_lora_parameter(param_name)
 
 
 def ids(batch: int = 2, length: int = 11, seed: int = 0) -> torch.Tensor:
@@ -378,7 +373,7 @@ def test_composes_with_lora(tiny_model):
     model = tiny_model("llama", lora=LoRASpec(rank=4))
     method = PTuning(num_virtual_tokens=K, encoder_hidden_size=24)
     method.apply(model)
-    names = mark_trainable(model, [method, LoRAOnly()])
+    names = mark_trainable(model, [method, LoRAParameters()])
     assert "model.prompt_encoder.embedding.weight" in names and any(is_lora_parameter(n) for n in names)
     loss_sum(model, {"input_ids": ids(), "labels": ids()}).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.prompt_encoder.parameters())

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from qtrain.lora import LoRASpec, is_lora_parameter
-from qtrain.methods import PeftMethod, mark_trainable
+from qtrain.methods import mark_trainable
+from qtrain.methods.base import LoRAParameters
 from qtrain.methods.io import load_method, save_method
 from qtrain.methods.prefix import PrefixCache, PrefixTuning, PTuningV2, prefix_dims
 from qtrain.model import enable_checkpointing, load_model
@@ -27,12 +28,6 @@ K = 5
 METHODS = [PTuningV2, PrefixTuning]
 IDS = ["p_tuning_v2", "prefix_tuning"]
 
-
-class LoRAOnly(PeftMethod):
-    name = "lora"
-
-    def owns(self, param_name: str) -> bool:
-        return is_lora_parameter(param_name)
 
 
 def ids(batch: int = 2, length: int = 11, seed: int = 0) -> torch.Tensor:
@@ -324,7 +319,7 @@ def test_composes_with_lora(tiny_model):
     model = tiny_model("llama", lora=LoRASpec(rank=4))
     method = PrefixTuning(num_virtual_tokens=K)
     method.apply(model)
-    names = mark_trainable(model, [method, LoRAOnly()])
+    names = mark_trainable(model, [method, LoRAParameters()])
     assert {n for n in names if method.owns(n)} and {n for n in names if is_lora_parameter(n)}
     assert "model.layers.0.self_attn.q_proj.lora_a.weight" in dict(model.named_parameters())  # names unmoved
     loss_sum(model, {"input_ids": ids(), "labels": ids()}).backward()

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qtrain.lora import LoRASpec, is_lora_parameter
-from qtrain.methods import PeftMethod, mark_trainable
+from qtrain.methods import mark_trainable
+from qtrain.methods.base import LoRAParameters
 from qtrain.methods.prompt_tuning import PromptTuning, ensemble_logits, per_row_prompts
 from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import loss_sum
@@ -18,12 +19,6 @@ BNB_SHAPES = {"hidden_size": 64, "intermediate_size": 192, "num_layers": 2, "num
 FP32_TOL = {"atol": 1e-5, "rtol": 0}
 K = 5
 
-
-class LoRAOnly(PeftMethod):
-    name = "lora"
-
-    def owns(self, param_name: str) -> bool:
-        return is_lora_parameter(param_name)
 
 
 def ids(batch: int = 2, length: int = 11, seed: int = 0) -> torch.Tensor:
@@ -204,7 +199,7 @@ def test_composes_with_lora(tiny_model):
     model = tiny_model("llama", lora=LoRASpec(rank=4))
     method = PromptTuning(num_virtual_tokens=K)
     method.apply(model)
-    names = mark_trainable(model, [method, LoRAOnly()])
+    names = mark_trainable(model, [method, LoRAParameters()])
     assert "model.prompt_embeddings" in names and any(is_lora_parameter(n) for n in names)
     batch = {"input_ids": ids(), "labels": ids()}
     loss_sum(model, batch).backward()
