@@ -419,15 +419,8 @@ def device_info(device: torch.device) -> dict:
 
 
 def free_memory(stack: Stack) -> None:
-    """Gradients, cached GPU blocks and cached pinned host blocks released."""
-    stack.optimizer.zero_grad(set_to_none=True)
-    if stack.device.type == "cuda":
-        gc.collect()  # reference cycles that hold GPU tensors (e.g. an out-of-memory error's frames)
-        torch.cuda.synchronize(stack.device)
-        torch.cuda.empty_cache()
-        empty_host_cache = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)  # torch >= 2.10
-        if empty_host_cache is not None:
-            empty_host_cache()
+    """Gradients, cached GPU blocks and cached pinned host blocks released (benchmarks/memory.py's)."""
+    memory_benchmark().free_memory(stack)
 
 
 def measure(stack: Stack, batch: int, seq: int, steps: int, offload: bool, warmup: int = 1) -> dict:
@@ -488,46 +481,10 @@ def run_setting(stack: Stack, setting: str, batch: int, seq: int, steps: int, of
 # ---- the longest sequence under a cap ------------------------------------------------------------------------
 
 
-class _OutOfTime(Exception):
-    pass
-
-
 def search_max_seq(fits, start: int, step: int, limit: int, deadline: float | None = None,
                    clock: Callable[[], float] = time.monotonic) -> dict:  # fmt: skip
-    """The largest multiple of `step` up to `limit` with `fits(seq)` True: from `start`, doubling (or
-    halving) to bracket it, then bisection. No try starts after `deadline` (by `clock`; the first
-    always runs). Returns found (0: none), fails_at (the shortest failing length above found, None
-    if none tried), complete (found is the answer to one step), tries [(seq, fits)]."""
-    known: dict[int, bool] = {}
-    tries: list[tuple[int, bool]] = []
-    top = limit // step
-
-    def ok(k: int) -> bool:
-        n = k * step
-        if n not in known:
-            if deadline is not None and tries and clock() > deadline:
-                raise _OutOfTime
-            known[n] = bool(fits(n))
-            tries.append((n, known[n]))
-        return known[n]
-
-    with contextlib.suppress(_OutOfTime):
-        k = max(1, min(start // step, top))
-        lo, hi = (k, None) if ok(k) else (None, k)
-        while hi is None and lo < top:  # doubling up to the first failure (or the limit)
-            nxt = min(2 * lo, top)
-            lo, hi = (nxt, None) if ok(nxt) else (lo, nxt)
-        while lo is None and hi > 1:  # halving down to the first success
-            nxt = hi // 2
-            lo, hi = (nxt, hi) if ok(nxt) else (None, nxt)
-        while lo is not None and hi is not None and hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    found = max((n for n, f in known.items() if f), default=0)
-    above = [n for n, f in known.items() if not f and n > found]
-    fails_at = min(above) if above else None
-    complete = found == top * step or (fails_at is not None and fails_at - found <= step)
-    return {"found": found, "fails_at": fails_at, "complete": complete, "tries": tries}
+    """benchmarks/memory.py's `bracket_max_seq` (time-boxed by `deadline`): found, fails_at, complete, tries."""
+    return memory_benchmark().bracket_max_seq(fits, start, step, limit, deadline, clock)
 
 
 def search_start(stack: Stack, batch: int, offload: bool, cap_bytes: int, limit: int, default: int) -> int:

@@ -51,6 +51,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,47 +290,53 @@ def memory_cap(device: torch.device, cap_bytes: int):
         torch.cuda.empty_cache()
 
 
-def search_max_seq(fits, start: int, step: int = SEARCH_STEP, limit: int = 131072) -> tuple[int, list]:
-    """The largest multiple of `step` up to `limit` for which `fits(seq)` is True (0 if none),
-    starting at `start`: doubling (or halving) to bracket it, then bisection. Returns (seq, tries)."""
-    tries: list[tuple[int, bool]] = []
-    known: dict[int, bool] = {}
+class _OutOfTime(Exception):
+    pass
 
-    def ok(n: int) -> bool:
+
+def bracket_max_seq(fits, start: int, step: int, limit: int, deadline: float | None = None,
+                   clock: Callable[[], float] = time.monotonic) -> dict:  # fmt: skip
+    """The largest multiple of `step` up to `limit` with `fits(seq)` True: from `start`, doubling (or
+    halving) to bracket it, then bisection. No try starts after `deadline` (by `clock`; the first
+    always runs). Returns found (0: none), fails_at (the shortest failing length above found, None
+    if none tried), complete (found is the answer to one step), tries [(seq, fits)]."""
+    known: dict[int, bool] = {}
+    tries: list[tuple[int, bool]] = []
+    top = limit // step
+
+    def ok(k: int) -> bool:
+        n = k * step
         if n not in known:
+            if deadline is not None and tries and clock() > deadline:
+                raise _OutOfTime
             known[n] = bool(fits(n))
             tries.append((n, known[n]))
         return known[n]
 
-    k = max(1, min(start // step, limit // step))  # in units of `step`
-    top = limit // step
-    if ok(k * step):
-        lo, hi = k, None
-        while hi is None:
-            if lo == top:
-                return lo * step, tries
+    with contextlib.suppress(_OutOfTime):
+        k = max(1, min(start // step, top))
+        lo, hi = (k, None) if ok(k) else (None, k)
+        while hi is None and lo < top:  # doubling up to the first failure (or the limit)
             nxt = min(2 * lo, top)
-            if ok(nxt * step):
-                lo = nxt
-            else:
-                hi = nxt
-    else:
-        hi, lo = k, None
-        while lo is None:
-            if hi == 1:
-                return 0, tries
+            lo, hi = (nxt, None) if ok(nxt) else (lo, nxt)
+        while lo is None and hi > 1:  # halving down to the first success
             nxt = hi // 2
-            if ok(nxt * step):
-                lo = nxt
-            else:
-                hi = nxt
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ok(mid * step):
-            lo = mid
-        else:
-            hi = mid
-    return lo * step, tries
+            lo, hi = (nxt, hi) if ok(nxt) else (None, nxt)
+        while lo is not None and hi is not None and hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    found = max((n for n, f in known.items() if f), default=0)
+    above = [n for n, f in known.items() if not f and n > found]
+    fails_at = min(above) if above else None
+    complete = found == top * step or (fails_at is not None and fails_at - found <= step)
+    return {"found": found, "fails_at": fails_at, "complete": complete, "tries": tries}
+
+
+def search_max_seq(fits, start: int, step: int = SEARCH_STEP, limit: int = 131072) -> tuple[int, list]:
+    """The largest multiple of `step` up to `limit` for which `fits(seq)` is True (0 if none),
+    starting at `start`: doubling (or halving) to bracket it, then bisection. Returns (seq, tries)."""
+    result = bracket_max_seq(fits, start, step, limit)
+    return result["found"], result["tries"]
 
 
 def max_seq_under_cap(bench: Bench, offload: bool, cap_gib: float, steps: int = SEARCH_STEPS, limit: int = 131072,
