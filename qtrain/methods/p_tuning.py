@@ -201,9 +201,7 @@ class PTuning(PeftMethod):
     def remove(self, model: nn.Module) -> None:
         """Undo `apply` (the model is the base again)."""
         decoder = model.get_decoder()
-        hooks = VirtualTokens.of(decoder)
-        if hooks is not None:
-            hooks.detach(decoder)
+        VirtualTokens.detach_from(decoder)
         decoder._modules.pop(MODULE, None)
 
     def owns(self, param_name: str) -> bool:

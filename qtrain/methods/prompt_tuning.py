@@ -122,9 +122,7 @@ class PromptTuning(PeftMethod):
     def remove(self, model: nn.Module) -> None:
         """Undo `apply` (the model is the base again)."""
         decoder = model.get_decoder()
-        hooks = VirtualTokens.of(decoder)
-        if hooks is not None:
-            hooks.detach(decoder)
+        VirtualTokens.detach_from(decoder)
         decoder._parameters.pop(PARAM, None)
 
     def owns(self, param_name: str) -> bool:

@@ -256,6 +256,13 @@ class VirtualTokens:
             handle.remove()
         decoder.__dict__.pop(ATTR, None)
 
+    @staticmethod
+    def detach_from(decoder: nn.Module) -> None:
+        """Remove the decoder's virtual-token hooks, if it has any (a prompt method's `remove`)."""
+        hooks = VirtualTokens.of(decoder)
+        if hooks is not None:
+            hooks.detach(decoder)
+
     def vectors(self, decoder: nn.Module, batch: int, dtype: torch.dtype) -> torch.Tensor:
         """[B, k, D] in `dtype`: the source's vectors for every row, or the per-row override."""
         if self.override is not None:
