@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from qtrain.fused import GATE_UP, QKV
 from qtrain.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_workspace_bytes
 from qtrain.lora import LoRALinear, LoRASpec, is_lora_parameter, swap_linears
 from qtrain.model import build_skeleton
@@ -151,7 +152,7 @@ def weight_items(model: nn.Module, w: Workload) -> list[Item]:
     dora = sum(4 * m.out_features for m in linears if getattr(m, "use_dora", False))
     if dora:
         items.append(Item("weights", "DoRA: row norms of W", dora, "fp32, computed once at load"))
-    groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+    groups = {"qkv": QKV, "gate_up": GATE_UP}
     fused = [m for n, m in model.named_modules() if isinstance(m, LoRALinear) and any(n.endswith(x) for g in w.fused if g in groups for x in groups[g])]
     if w.quantize and fused:  # 4 bytes per 64 weights of the fused projections
         items.append(Item("weights", "fused projections' absmax", sum(m.in_features * m.out_features for m in fused) // 16, "fp32, qtrain.fused"))
@@ -485,8 +486,7 @@ def fused_groups(ops, device: str, backend: str, methods: tuple = ()) -> tuple:
     groups it fuses ("qkv", "gate_up"; separate projections for the torch NF4 backend on CUDA), the
     RMSNorm and SwiGLU kernels (they save less), and "varlen" when packed rows run without a mask
     (not with methods that hook the attention)."""
-    on = ops.enabled == "on" or (ops.enabled == "auto" and device == "cuda")
-    if not on:
+    if not ops.on_for(device):
         return ()
     groups = () if device == "cuda" and backend != "triton" else tuple(g for g in ("qkv", "gate_up") if getattr(ops, g))
     hooks_attention = any(m.name in ("prefix_tuning", "p_tuning_v2", "llama_adapter", "parallel_adapter") for m in methods)

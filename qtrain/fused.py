@@ -179,11 +179,14 @@ class FusedOps:
     def any_on(self) -> bool:
         return any(getattr(self, name) for name in OPS)
 
+    def on_for(self, device_type: str) -> bool:
+        """Whether the fused ops run on a `device_type` ("cuda", "cpu") model: "on", or "auto" on CUDA."""
+        return self.enabled == "on" or (self.enabled == "auto" and device_type == "cuda")
+
     def loss_backend(self, device: torch.device) -> str:
         """`qtrain.kernels.linear_cross_entropy`'s backend: "auto" (Triton on CUDA after its self-check)
         when the fused ops are on for `device` and cross_entropy is, else "torch"."""
-        on = self.enabled == "on" or (self.enabled == "auto" and device.type == "cuda")
-        return "auto" if on and self.cross_entropy else "torch"
+        return "auto" if self.on_for(device.type) and self.cross_entropy else "torch"
 
 
 class Swapped(list):
@@ -896,10 +899,8 @@ def install_varlen(decoder: nn.Module, name: str, out: Swapped) -> None:
 
 def fused_enabled(model: nn.Module, ops: FusedOps) -> bool:
     """Whether to swap: enabled "on", or "auto" with the model on CUDA."""
-    if ops.enabled != "auto":
-        return ops.enabled == "on"
     first = next(model.parameters(), None)
-    return first is not None and first.device.type == "cuda"
+    return ops.on_for(first.device.type if first is not None else "cpu")
 
 
 def _swap(parent: nn.Module, child: str, new: nn.Module) -> None:
