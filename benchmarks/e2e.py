@@ -275,7 +275,7 @@ def bnb_base_model(config, device: torch.device, dtype: torch.dtype, seed: int =
     model.is_loaded_in_4bit = True  # what transformers' bnb quantizer sets on the instance (PEFT reads it)
     model.is_quantized = True
     model.quantization_method = "bitsandbytes"
-    return model
+    return model.eval()  # from_pretrained's models start in eval mode
 
 
 def peft_lora(model: torch.nn.Module, seed: int = SEED) -> torch.nn.Module:

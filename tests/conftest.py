@@ -56,6 +56,26 @@ def seeded():
     return 1234
 
 
+def exact_bnb(model):
+    """Turn off, module by module, the bf16 CPU kernel that bitsandbytes' `Linear4bit` switches to on
+    CPUs with AVX512-BF16 in eval mode with a no-grad input (it also repacks the weight in place).
+
+    Without this, a bitsandbytes model computes differently in eval and in train mode on such CPUs
+    only (logits differ by ~1e-3), and a test comparing it with anything passes on one x86-64 CPU and
+    fails on another. Every test that builds a bitsandbytes model passes it through here. Returns
+    `model`."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+@pytest.fixture(scope="session")
+def bnb_exact():
+    """`bnb_exact(model)` -> model, with bitsandbytes' CPU-dependent bf16 kernel off (see `exact_bnb`)."""
+    return exact_bnb
+
+
 @pytest.fixture(scope="session")
 def bnb_nf4():
     """Factory: `bnb_nf4(path)` -> transformers + bitsandbytes NF4 (double quant, fp32 compute) of a
@@ -71,7 +91,8 @@ def bnb_nf4():
     )
 
     def load(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config, device_map="cpu")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config, device_map="cpu")
+        return exact_bnb(model)
 
     return load
 

@@ -99,7 +99,7 @@ def write_source_checkpoint(e2e, config, path: Path, dtype=torch.float32) -> Pat
     return path
 
 
-def test_in_memory_baseline_is_from_pretrained_and_qtrain_has_the_same_codes(e2e, tmp_path):
+def test_in_memory_baseline_is_from_pretrained_and_qtrain_has_the_same_codes(e2e, tmp_path, bnb_exact):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -113,6 +113,8 @@ def test_in_memory_baseline_is_from_pretrained_and_qtrain_has_the_same_codes(e2e
     loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32,
                                                   device_map="cpu", attn_implementation="sdpa")  # fmt: skip
     built = e2e.bnb_base_model(config, cpu, torch.float32)
+    assert not built.training and not loaded.training  # from_pretrained's models start in eval mode
+    bnb_exact(built), bnb_exact(loaded)  # the same kernel on every CPU (AVX512-BF16 ones switch in eval mode)
     ours = random_model(config, LoRASpec(rank=4), torch.float32, cpu, seed=e2e.SEED)
     assert built.is_loaded_in_4bit and loaded.is_loaded_in_4bit
     assert built.config._attn_implementation == loaded.config._attn_implementation == "sdpa"

@@ -166,7 +166,7 @@ def test_peft_loads_our_adapter_bf16(ckpt, tmp_path, nf4_hf_base):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biased q/k/v (bnb Linear4bit with bias)
-def test_real_qlora_stack_loads_our_adapter(tiny_checkpoint, tmp_path, arch):
+def test_real_qlora_stack_loads_our_adapter(tiny_checkpoint, tmp_path, arch, bnb_exact):
     # transformers + bitsandbytes NF4 + PEFT, the stack QLoRA users run, on the same checkpoint.
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
@@ -181,7 +181,7 @@ def test_real_qlora_stack_loads_our_adapter(tiny_checkpoint, tmp_path, arch):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config, device_map="cpu")
+    base = bnb_exact(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config, device_map="cpu"))
     model = peft.PeftModel.from_pretrained(base, adapter).eval()
     # Inputs that require grad make bnb's Linear4bit run dequantize + F.linear (its no-grad CPU
     # inference kernel is a different, lower-precision one, and it repacks the weight in place).

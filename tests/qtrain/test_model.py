@@ -37,7 +37,7 @@ def hf_model(path, **kw):
 
 
 @pytest.fixture(scope="module")
-def bnb_model(tmp_path_factory):
+def bnb_model(tmp_path_factory, bnb_exact):
     """Factory: (transformers + bitsandbytes NF4 model, its save_pretrained directory) per checkpoint."""
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
@@ -53,7 +53,7 @@ def bnb_model(tmp_path_factory):
                 bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.float32,
             )
-            model = hf_model(path, quantization_config=config, device_map="cpu")
+            model = bnb_exact(hf_model(path, quantization_config=config, device_map="cpu"))
             saved = tmp_path_factory.mktemp(f"{path.name}_bnb_{quant_type}")
             model.save_pretrained(saved)
             cache[key] = (model, saved)
@@ -134,6 +134,32 @@ def test_quantize_on_load_matches_bitsandbytes_bits(tiny_checkpoint, bnb_model, 
         if m.bias is not None:
             assert torch.equal(m.bias, ref.get_submodule(name).bias), name
     assert arch != "qwen2" or ours["model.layers.0.self_attn.q_proj"].bias is not None
+
+
+def test_bitsandbytes_reference_computes_alike_in_eval_and_train_mode_on_every_cpu(tiny_checkpoint, bnb_nf4, bnb_exact):
+    """The bitsandbytes models tests compare with give the same logits in eval mode without grad as in
+    train mode, and keep their 4-bit bytes: on CPUs with AVX512-BF16, bitsandbytes' Linear4bit would
+    otherwise repack its weight and switch to a bf16 kernel in eval mode (tests/conftest.py: exact_bnb)."""
+    from bitsandbytes.functional import has_avx512bf16
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = tiny_checkpoint("llama", intermediate_size=192)
+    ref = bnb_nf4(path)
+    packed = {n: p.detach().clone() for n, p in ref.named_parameters() if p.dtype == torch.uint8}
+    ref.train()
+    with torch.no_grad():
+        trained = ref(ids()).logits
+    ref.eval()
+    with torch.no_grad():
+        evaluated = ref(ids()).logits
+    torch.testing.assert_close(evaluated, trained, rtol=0, atol=0)
+    assert all(torch.equal(p, packed[n]) for n, p in ref.named_parameters() if p.dtype == torch.uint8)
+    if has_avx512bf16():  # this CPU has the kernel: without exact_bnb, eval mode does differ (why the fixture exists)
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+        raw = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config, device_map="cpu")
+        with torch.no_grad():
+            assert not torch.equal(raw.eval()(ids()).logits, trained)
 
 
 def test_quantized_logits_equal_bitsandbytes_training_path(tiny_checkpoint, bnb_model):

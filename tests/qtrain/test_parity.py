@@ -31,7 +31,7 @@ def _batches(tokenizer, n_batches: int, batch_size: int = 4) -> list[dict]:
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_losses_match_transformers_bnb_peft(tiny_checkpoint, tmp_path, use_rslora):
+def test_losses_match_transformers_bnb_peft(tiny_checkpoint, tmp_path, use_rslora, bnb_exact):
     # hidden/intermediate multiples of 64: bitsandbytes 0.50.2's native CPU dequantize is wrong
     # for rows whose length is a multiple of 16 but not 64 (tests/qtrain/test_model.py).
     path = tiny_checkpoint("llama", hidden_size=64, intermediate_size=192, num_layers=2)
@@ -56,7 +56,7 @@ def test_losses_match_transformers_bnb_peft(tiny_checkpoint, tmp_path, use_rslor
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
-    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.float32, device_map="cpu")
+    base = bnb_exact(AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.float32, device_map="cpu"))
     ref = peft.PeftModel.from_pretrained(base, tmp_path / "init", is_trainable=True)
     ref.train()
     ref_trainable = [p for p in ref.parameters() if p.requires_grad]
