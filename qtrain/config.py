@@ -139,6 +139,7 @@ class LogConfig:
     wandb: bool = False  # Weights & Biases (pip install wandb)
     wandb_project: str = "qtrain"
     plot: bool = True  # loss curve PNG in output_dir at the end
+    progress_seconds: float = 30.0  # without a terminal (log file, nohup, CI): a progress line at least this often (and every train.log_every steps)
 
 
 @dataclass
@@ -224,7 +225,11 @@ class Config:
                 "checkpoint.every": c.every,
             },
         )
-        _check("> 0 and finite", lambda v: math.isfinite(v) and v > 0, {"train.lr": t.lr, "train.lora_plus_ratio": t.lora_plus_ratio})
+        _check(
+            "> 0 and finite",
+            lambda v: math.isfinite(v) and v > 0,
+            {"train.lr": t.lr, "train.lora_plus_ratio": t.lora_plus_ratio, "log.progress_seconds": self.log.progress_seconds},
+        )
         if not 0.0 <= self.lora.dropout < 1.0:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
         if not 0.0 <= d.eval_fraction < 1.0:

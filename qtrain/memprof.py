@@ -184,21 +184,11 @@ class MemoryProfiler:
         return self._samples
 
     def _resolve_cpu(self, prof) -> None:
-        """Allocator totals at each mark and peaks between marks, from the profiler's events (their
-        sizes: the `total_allocated` they carry also counts earlier profiling sessions)."""
-        from torch._C._profiler import _EventType
-
-        allocs, marks = [], {}
-        stack = list(prof.profiler.kineto_results.experimental_event_tree())
-        while stack:
-            node = stack.pop()
-            if node.tag == _EventType.Allocation:
-                if node.extra_fields.device.type == "cpu":  # + bytes allocated, - bytes freed
-                    allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
-            elif node.name.startswith(_MARK):
+        """Allocator totals at each mark and peaks between marks, from the profiler's events."""
+        allocs, marks = cpu_allocations(prof), {}
+        for node in _events(prof):
+            if node.name.startswith(_MARK):
                 marks[int(node.name[len(_MARK) :])] = node.start_time_ns
-            stack.extend(node.children)
-        allocs.sort()
         i, total, peak = 0, 0, 0
         for n, s in enumerate(self._samples):
             t = marks.get(n)
@@ -210,6 +200,40 @@ class MemoryProfiler:
                 i += 1
             s.current, s.peak = self._baseline + total, self._baseline + peak
             peak = total
+
+
+def _events(prof):
+    """Every event of a finished torch.profiler.profile, nested ones included."""
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        yield node
+
+
+def cpu_allocations(prof) -> list[tuple[int, int]]:
+    """(time in ns, +bytes allocated or -bytes freed) of the CPU allocator events a profile with
+    `profile_memory=True` recorded, in time order (their sizes: the `total_allocated` the events carry
+    also counts earlier profiling sessions)."""
+    from torch._C._profiler import _EventType
+
+    allocs = [
+        (node.start_time_ns, node.extra_fields.alloc_size)
+        for node in _events(prof)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu"
+    ]
+    return sorted(allocs)
+
+
+def cpu_peak_bytes(fn) -> tuple[int, object]:
+    """(most bytes the CPU allocator held above its level at the start while `fn()` ran, fn's result)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    total, peak = 0, 0
+    for _, size in cpu_allocations(prof):
+        total += size
+        peak = max(peak, total)
+    return peak, result
 
 
 def peak_sample(samples: list[Sample]) -> Sample:

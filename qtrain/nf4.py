@@ -15,7 +15,10 @@ what bitsandbytes does, so the two agree bit for bit.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+import logging
 import math
 from dataclasses import dataclass, replace
 
@@ -192,9 +195,53 @@ def block_absmax(nf4: NF4Tensor) -> torch.Tensor:
 def dequantize_nf4(nf4: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight in `dtype` (default: the original dtype), as bitsandbytes `dequantize_4bit`.
 
-    Each packed byte indexes a table of its two levels (high nibble first), so the only fp32
-    temporary is the weight itself: about 6 bytes per element beyond the output, where indexing
-    the levels nibble by nibble would take 28 (CPU and pre-Ampere GPUs run this path).
+    On CPU, bitsandbytes' native kernel when it is installed (bit-identical to `dequantize_nf4_torch`,
+    17-21x faster on one core: 0.27 ms instead of 5.6 ms for a 1536 x 512 weight to fp32), else the
+    PyTorch code (`dequantize_nf4_torch`, also the path of pre-Ampere GPUs)."""
+    dtype = dtype or nf4.dtype
+    if nf4.device.type == "cpu" and nf4.numel() % 2 == 0 and (ops := bitsandbytes_ops()) is not None:
+        return _dequantize_nf4_native(ops, nf4, dtype)
+    return dequantize_nf4_torch(nf4, dtype)
+
+
+@functools.cache
+def bitsandbytes_ops():
+    """`torch.ops.bitsandbytes` (its native CPU kernels), or None when bitsandbytes is not installed.
+
+    Importing bitsandbytes on a CPU with AVX512-BF16 logs a warning that Hugging Face's optional
+    `kernels` package is missing (its bf16 inference kernel, which qtrain never uses): kept off the
+    console."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+    except (ImportError, OSError, RuntimeError):  # a broken install: the PyTorch path still works
+        return None
+    finally:
+        logger.setLevel(level)
+    return torch.ops.bitsandbytes
+
+
+def _dequantize_nf4_native(ops, nf4: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' CPU kernel over the flat weight. The flat shape (n,) is on purpose: given the 2-D
+    shape, bitsandbytes 0.50 restarts the 64-value blocks at every row, wrong for rows whose length is
+    no multiple of 64 (bitsandbytes quantizes the flat tensor); it needs an even n (whole bytes)."""
+    n = nf4.numel()
+    absmax = nf4.absmax.float()  # [nblocks]
+    if nf4.double_quant:  # code[idx] * scale[block] + offset, in fp32 as `block_absmax`
+        absmax = ops.dequantize_blockwise(nf4.absmax, nf4.absmax_scale, nf4.absmax_code, nf4.absmax_blocksize, torch.float32)
+        absmax += nf4.absmax_offset
+    w = ops.dequantize_4bit(nf4.packed, absmax, nf4.blocksize, "nf4", (n,), dtype)  # [1, n]
+    return w.view(nf4.shape)
+
+
+def dequantize_nf4_torch(nf4: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`dequantize_nf4` in PyTorch. Each packed byte indexes a table of its two levels (high nibble
+    first), so the only fp32 temporary is the weight itself: about 6 bytes per element beyond the
+    output, where indexing the levels nibble by nibble would take 28.
     """
     n = nf4.numel()
     pairs = torch.stack([nf4.code.repeat_interleave(16), nf4.code.repeat(16)], dim=1)  # [256, 2]: byte → levels

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from qtrain.adapter import load_adapter_weights, read_adapter_config, save_adapter
 from qtrain.config import DTYPES, Config, to_dict
@@ -46,6 +45,7 @@ from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
 from qtrain.model import enable_checkpointing, load_model, load_tokenizer
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
 from qtrain.presets import resolve_config
+from qtrain.progress import TrainProgress
 from qtrain.resume import load_state, resolve_resume, save_checkpoint, set_rng_state
 from qtrain.tiny import build_tiny_model
 
@@ -390,8 +390,8 @@ def train(
     t_start, tokens_here, seconds_before = time.perf_counter(), 0, trainer["train_seconds"]
     step = start
     try:
-        with logger, stop, _progress(console, device) as progress:
-            task = progress.add_task("train", total=cfg.train.max_steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0, mem=0.0)
+        progress = TrainProgress(console, cfg.train.max_steps, start, device.type, cfg.train.log_every, cfg.log.progress_seconds)
+        with logger, stop, progress:
             for step in range(start + 1, cfg.train.max_steps + 1):
                 micro = [next(data) for _ in range(cfg.train.grad_accum)]
                 measure = profiler is not None and step - start <= profile_memory
@@ -431,7 +431,7 @@ def train(
                     "peak_mem_gib": peak_memory_bytes(device) / GiB,
                 }
                 logger.log(step, record)
-                progress.update(task, completed=step, loss=loss, lr=record["lr"], tps=record["tokens_per_s"], mem=record["peak_mem_gib"])
+                progress.update(step, loss, record["lr"], record["tokens_per_s"], record["peak_mem_gib"])
                 if step % cfg.train.log_every == 0:
                     logger.flush()
                 if eval_examples and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
@@ -566,16 +566,3 @@ class _StopOnSigint:
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _progress(console: Console, device: torch.device) -> Progress:
-    mem = "GPU" if device.type == "cuda" else "RSS"
-    return Progress(
-        BarColumn(bar_width=16),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f} lr {task.fields[lr]:.1e} {task.fields[tps]:.0f} tok/s " + mem + " {task.fields[mem]:.2f}G"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-    )

@@ -18,7 +18,7 @@ from torch._C._profiler import _EventType
 
 IGNORE = -100
 # Odd on purpose: N=37 tokens is no multiple of any chunk size below (16 leaves a 5-row last chunk;
-# 64 > N is one short chunk), D=48, V=101 (prime). None -> default_chunk_size = 16, 0 -> unchunked.
+# 64 > N is one short chunk), D=48, V=101 (prime). None -> default_chunk_size = N (one chunk), 0 -> unchunked.
 N, D, V = 37, 48, 101
 CHUNKS = [1, 16, 37, 64, None, 0]
 GRAD_SCALE = 0.37  # backward gets d(out)/d(loss) != 1: the saved gradients must be scaled by it
@@ -207,8 +207,11 @@ def test_bad_inputs_raise_value_errors():
 
 def test_default_chunk_size():
     assert default_chunk_size(8192, 128256, 4096) == 256  # Llama-3 8B: ceil(V/D)=32, 8192/32
-    assert default_chunk_size(N, V, D) == 16  # ceil(101/48)=3, ceil(37/3)=13 -> 16
-    assert default_chunk_size(5, 10, 100) == 5  # next power of two (8) clamped to N
+    assert default_chunk_size(65536, 128256, 4096) == 2048  # long context: the logits stay about H's size
+    assert default_chunk_size(3000, 101, 48) == 1024  # ceil(101/48)=3, ceil(3000/3)=1000 -> 1024
+    # short sequences: at least 256 rows (the rule alone gives 2 rows at N=64, V=32000, D=512)
+    assert default_chunk_size(2048, 32000, 512) == 256 and default_chunk_size(700, 101, 48) == 256
+    assert default_chunk_size(64, 32000, 512) == 64 and default_chunk_size(N, V, D) == 37  # clamped to N
     assert default_chunk_size(1, 128256, 4096) == 1 and default_chunk_size(0, 100, 10) == 1
 
 
@@ -239,8 +242,11 @@ def test_workspace_formula_matches_measured_peak(chunk_size, grads):
 
 def test_chunked_peak_is_far_below_unchunked_for_a_large_vocab():
     hidden, weight, labels = make_inputs(n=MN, d=MD, v=16384)
-    chunked = op_peak_bytes(hidden.clone().requires_grad_(), weight, labels, None)
+    chunked = op_peak_bytes(hidden.clone().requires_grad_(), weight, labels, 2)
+    default = op_peak_bytes(hidden.clone().requires_grad_(), weight, labels, None)
     unchunked = op_peak_bytes(hidden.clone().requires_grad_(), weight, labels, 0)
-    # chunked: dH (128 KiB) + two logit rows of 16384 (128 KiB); unchunked: 3 fp32 [512, 16384] = 96 MiB
+    # chunks of 2: dH (128 KiB) + two logit rows of 16384 (128 KiB); unchunked: 3 fp32 [512, 16384] = 96 MiB;
+    # the default (256 rows, half of N) holds one [256, 16384] fp32 chunk: 16 MiB
     assert chunked * 100 < unchunked, (chunked, unchunked)
+    assert default * 5 < unchunked, (default, unchunked)
     assert unchunked >= 12 * MN * 16384

@@ -6,7 +6,7 @@ import torch
 
 from qtrain.lora import LoRASpec
 from qtrain.memory import OffloadActivations, SavedTensors
-from qtrain.memprof import CATEGORIES, MemoryProfiler
+from qtrain.memprof import CATEGORIES, MemoryProfiler, cpu_peak_bytes
 from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import train_step
 
@@ -75,3 +75,18 @@ def test_profiler_marks_phases_layers_and_accounts_every_category(tiny_checkpoin
     # the hooks are gone: another forward adds no marks
     model(input_ids=ids)
     assert len(profiler.samples()) == len(samples)
+
+
+def test_cpu_peak_bytes_counts_what_fn_holds_at_once():
+    kept = torch.ones(1 << 16)  # allocated before: not counted
+
+    def fn():
+        a = torch.empty(1 << 20, dtype=torch.uint8)  # 1 MiB
+        b = torch.empty(3 << 20, dtype=torch.uint8)  # 3 MiB: 4 MiB at once
+        del a, b
+        c = torch.empty(2 << 20, dtype=torch.uint8)  # 2 MiB, after both were freed
+        return c.numel()
+
+    peak, result = cpu_peak_bytes(fn)
+    assert result == 2 << 20 and peak == 4 << 20
+    assert kept.sum() == 1 << 16

@@ -12,8 +12,10 @@ from qtrain import nf4 as nf4_mod
 from qtrain.nf4 import (
     NF4_LEVELS,
     QUANT_STATE_KEY,
+    bitsandbytes_ops,
     block_absmax,
     dequantize_nf4,
+    dequantize_nf4_torch,
     dynamic_code,
     from_bnb_state_dict,
     is_bnb_nf4,
@@ -126,6 +128,22 @@ def test_exact_midpoints_round_down_like_bitsandbytes():
     idx = torch.stack([nf4.packed >> 4, nf4.packed & 0xF], -1).view(-1)
     assert idx[1:16].tolist() == list(range(15))  # midpoint i|i+1 -> i
     assert idx[65:80].tolist() == list(range(15))
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "sq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", [(64, 160), (300, 130), (513, 78), (2, 1), (1536, 512), (7, 9)], ids=str)
+def test_native_cpu_dequantization_is_the_pytorch_one_bit_for_bit(shape, dtype, double_quant):
+    """On CPU, dequantize_nf4 runs bitsandbytes' native kernel (flat, so rows of any even or odd
+    length, e.g. 160 or 130 values, keep bitsandbytes' flat 64-value blocks); odd element counts
+    (7 x 9) take the PyTorch path. Both give the same bits in every dtype."""
+    assert bitsandbytes_ops() is not None  # bitsandbytes is installed here: the native path runs
+    torch.manual_seed(3)
+    nf4 = quantize_nf4(torch.randn(shape).to(dtype) * 3, double_quant=double_quant)
+    for out in (None, *DTYPES):
+        got, want = dequantize_nf4(nf4, out), dequantize_nf4_torch(nf4, out)
+        assert got.dtype == want.dtype == (out or dtype) and got.shape == want.shape == shape
+        assert torch.equal(got, want), (shape, dtype, out)
 
 
 def test_packing_high_nibble_first():
