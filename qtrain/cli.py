@@ -111,11 +111,16 @@ def _memory_profile(args: argparse.Namespace) -> int:
         "log.plot=false",
     ]
     cfg = load_config(args.config, overrides)
-    if args.output_dir:
-        cfg.output_dir = args.output_dir
+    report_dir = Path(args.output_dir or Path(cfg.output_dir) / "memory-profile")
+    import tempfile
+
     from qtrain.train import train
 
-    result = train(cfg, profile_memory=args.steps)
+    # The measured steps are a run of their own: its files (config, metrics, a tiny base) go to a
+    # temporary folder, never over the run in output_dir; the report alone is kept.
+    with tempfile.TemporaryDirectory(prefix="qtrain-memory-profile-") as run_dir:
+        cfg.output_dir = run_dir
+        result = train(cfg, profile_memory=args.steps, report_dir=report_dir, profile_only=True)
     print(f"memory report: {result['memory_report']}")
     return 0
 
@@ -237,7 +242,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     pr.add_argument("overrides", nargs="*", help="overrides such as data.max_length=4096")
     pr.add_argument("--steps", type=int, default=3, help="training steps measured (default 3; the first includes optimizer set-up)")
-    pr.add_argument("--output-dir", help="default: the config's output_dir")
+    pr.add_argument("--output-dir", help="where the report goes (default: OUTPUT_DIR/memory-profile); nothing else is written")
     pr.set_defaults(func=_memory_profile)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into a 16-bit checkpoint")

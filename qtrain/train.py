@@ -262,9 +262,13 @@ def train(
     console: Console | None = None,
     should_stop: Callable[[int], bool] | None = None,
     profile_memory: int = 0,
+    report_dir: Path | None = None,
+    profile_only: bool = False,
 ) -> dict:
     """Run `cfg`. `should_stop(step)` → True stops after that step like Ctrl-C (checkpoint + Interrupted).
-    `profile_memory=N` measures the first N steps and writes a report to output_dir/memory."""
+    `profile_memory=N` measures the first N steps and writes a report to `report_dir` (default
+    output_dir/memory); with `profile_only`, the run ends right after the report, saving nothing
+    else (no checkpoint, adapter or result: `qtrain memory profile`)."""
     console = console or Console()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -415,8 +419,11 @@ def train(
                 if measure:
                     profiled_shapes += [(*b["input_ids"].shape, "position_ids" in b, "attention_mask" in b and not b["attention_mask"].all()) for b in micro]
                     if step - start == profile_memory or step == cfg.train.max_steps:
-                        memory_report = _memory_report(cfg, profiler, loaded, spec, device, profiled_shapes, out, progress.console)
+                        where = report_dir or out / "memory"
+                        memory_report = _memory_report(cfg, profiler, loaded, spec, device, profiled_shapes, where, progress.console)
                         profiler = None
+                        if profile_only:
+                            return {"steps": step - start, "memory_report": str(memory_report)}
                         if offload:
                             offload.keep = None
                 scheduler.step()
@@ -482,9 +489,9 @@ def describe_methods(cfg: Config, spec: LoRASpec, targets: list[str]) -> str:
     return " + ".join(parts)
 
 
-def _memory_report(cfg, profiler, loaded, spec, device, shapes, out: Path, console: Console) -> Path:
-    """Stop measuring; write output_dir/memory/ with the measurement beside the estimate for the
-    largest micro-batch the measured steps ran."""
+def _memory_report(cfg, profiler, loaded, spec, device, shapes, report_dir: Path, console: Console) -> Path:
+    """Stop measuring; write the report into `report_dir`: the measurement beside the estimate for
+    the largest micro-batch the measured steps ran."""
     from qtrain.memreport import write_report
 
     samples = profiler.samples()
@@ -508,7 +515,7 @@ def _memory_report(cfg, profiler, loaded, spec, device, shapes, out: Path, conso
         "loss chunk": "full logits" if w.loss_chunk == 0 else (w.loss_chunk or "auto"),
         "torch": torch.__version__,
     }
-    path = write_report(out / "memory", samples, est, info)
+    path = write_report(report_dir, samples, est, info)
     peak = max(x.peak for x in samples)
     console.print(f"[bold]memory[/] measured peak {peak / GiB:.2f} GiB, estimated {est.peak / GiB:.2f} GiB; report: {path}")
     return path

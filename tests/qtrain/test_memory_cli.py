@@ -57,8 +57,9 @@ def test_estimate_without_model_is_a_usage_error(capsys):
 
 def test_profile_writes_the_report(tmp_path, capsys):
     assert main(["memory", "profile", str(QUICKSTART), "--steps", "2", *TINY, f"output_dir={tmp_path}"]) == 0
-    report = tmp_path / "memory"
-    assert {p.name for p in report.iterdir()} >= {"memory.json", "memory_report.html", "memory_report.md", "memory_timeline.png", "memory_breakdown.png"}
+    report = tmp_path / "memory-profile"
+    assert [p.name for p in tmp_path.iterdir()] == ["memory-profile"]  # the report alone: no run files
+    assert {p.name for p in report.iterdir()} == {"memory.json", "memory_report.html", "memory_report.md", "memory_timeline.png", "memory_breakdown.png"}
     data = json.loads((report / "memory.json").read_text())
     steps = {s["step"] for s in data["samples"]}
     assert steps == {1, 2}
@@ -67,6 +68,31 @@ def test_profile_writes_the_report(tmp_path, capsys):
     phases = {s["phase"] for s in data["samples"]}
     assert phases == {"forward", "backward", "optimizer"}
     assert "memory report:" in capsys.readouterr().out
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `folder`: its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_profile_after_a_run_leaves_the_run_untouched(tmp_path, capsys):
+    """The README's order: `qtrain train CONFIG`, then `qtrain memory profile CONFIG`: the run's adapter,
+    checkpoints, metrics, TensorBoard events, plot, config and result stay as the run wrote them."""
+    run = tmp_path / "run"
+    assert main(["train", str(QUICKSTART), *TINY, "train.max_steps=3", "eval.exact_match=false", f"output_dir={run}"]) == 0
+    before = snapshot(run)
+    assert {"adapter/adapter_model.safetensors", "metrics.jsonl", "result.json", "config.json", "loss.png"} <= set(before)
+    assert any(name.startswith("tensorboard/") for name in before) and any(name.startswith("checkpoints/") for name in before)
+    assert main(["memory", "profile", str(QUICKSTART), "--steps", "2", *TINY, f"output_dir={run}"]) == 0
+    after = snapshot(run)
+    assert {k: v for k, v in after.items() if not k.startswith("memory-profile/")} == before
+    assert {k for k in after if k.startswith("memory-profile/")} == {f"memory-profile/{n}" for n in ("memory.json", "memory_report.html", "memory_report.md", "memory_timeline.png", "memory_breakdown.png")}
+    assert f"memory report: {run / 'memory-profile' / 'memory_report.html'}" in capsys.readouterr().out
+
+
+def test_profile_output_dir_flag(tmp_path):
+    assert main(["memory", "profile", str(QUICKSTART), "--steps", "1", *TINY, f"output_dir={tmp_path / 'run'}", "--output-dir", str(tmp_path / "report")]) == 0
+    assert not (tmp_path / "run").exists() and (tmp_path / "report" / "memory_report.html").exists()
 
 
 def test_train_profile_memory_measures_only_the_first_steps(tmp_path):
