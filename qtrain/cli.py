@@ -144,7 +144,7 @@ def _generate(args: argparse.Namespace) -> int:
     from qtrain.generate import Prompt, check_options, complete, load_for_inference, read_prompts_file, resolve_template
 
     check_options(args.max_new_tokens, args.temperature, args.batch_size)
-    prompts = [Prompt(p) for p in args.prompt or []]
+    prompts = [Prompt(text, extra) for text, extra in args.prompt or []]
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
     interactive = not prompts and sys.stdin.isatty()
@@ -187,6 +187,22 @@ def _generate(args: argparse.Namespace) -> int:
         if line.strip():
             show(complete(model, tokenizer, [Prompt(line.rstrip("\n"))], template, **options))
     return 0
+
+
+class _PromptAction(argparse.Action):
+    """`--prompt TEXT`: a new [text, input] pair in namespace.prompt."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.prompt = [*(namespace.prompt or []), [value, ""]]
+
+
+class _InputAction(argparse.Action):
+    """`--input TEXT`: the input of the --prompt just before it (an alpaca row's input)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if not namespace.prompt or namespace.prompt[-1][1]:
+            parser.error("--input TEXT belongs to the --prompt before it: --prompt 'Is this number even or odd?' --input 42")
+        namespace.prompt[-1][1] = value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -272,7 +288,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="PATH_OR_ID",
         help="base model directory or Hub id (default: the adapter's base_model_name_or_path)",
     )
-    g.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
+    g.add_argument("--prompt", action=_PromptAction, metavar="TEXT", help="a prompt (repeat for several)")
+    g.add_argument(
+        "--input",
+        action=_InputAction,
+        metavar="TEXT",
+        help="the input of the --prompt before it, as in an alpaca row (instruction + input)",
+    )
     g.add_argument(
         "--prompts-file",
         metavar="FILE",

@@ -117,13 +117,22 @@ class TrainConfig:
 
 
 @dataclass
+class SamplePrompt:
+    """A prompt generated at each eval, with the input of an alpaca row (appended below the prompt in
+    other formats): `{prompt: "Which letter comes next in the alphabet?", input: "k"}`."""
+
+    prompt: str
+    input: str = ""
+
+
+@dataclass
 class EvalConfig:
     every: int = 0  # eval loss / perplexity every N steps (0: only at the end)
     exact_match: bool = True  # greedy-generate the eval rows before and after training
     max_rows: int = 200  # eval rows used for loss and exact match
     max_new_tokens: int = 16
     batch_size: int = 32
-    samples: list[str] = field(default_factory=list)  # fixed prompts generated at each eval, printed and logged
+    samples: list[str | SamplePrompt] = field(default_factory=list)  # fixed prompts generated at each eval, printed and logged
 
 
 @dataclass
@@ -277,7 +286,14 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
             raise ConfigError(f"{dotted}: unknown key{hint} (allowed: {', '.join(fields)})")
         kwargs[key] = _convert(hints[key], value, dotted)
+    missing = [f for f in fields.values() if f.name not in kwargs and _required(f)]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0].name}: missing; it has no default (keys: {', '.join(fields)})")
     return cls(**kwargs)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
@@ -285,6 +301,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # a mapping is meant for the section: its own errors
+            return _convert(sections[0], value, key)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -327,12 +346,17 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
 
 
 def _name(tp: Any) -> str:
-    """`int | None` -> "int | NoneType"; Literal members by value: "auto | on | off | bool"."""
-    args = typing.get_args(tp)
-    return " | ".join(
-        " | ".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal else getattr(a, "__name__", str(a))
-        for a in args
-    )
+    """`int | None` -> "int | NoneType"; Literal members by value: "auto | on | off | bool"; a section
+    by its keys: "str | {prompt, input}"."""
+
+    def one(a: Any) -> str:
+        if typing.get_origin(a) is Literal:
+            return " | ".join(map(str, typing.get_args(a)))
+        if dataclasses.is_dataclass(a):
+            return "{" + ", ".join(f.name for f in dataclasses.fields(a)) + "}"
+        return getattr(a, "__name__", str(a))
+
+    return " | ".join(one(a) for a in typing.get_args(tp))
 
 
 def to_dict(cfg: Any) -> Any:

@@ -530,11 +530,13 @@ def _evaluate(cfg, model, tokenizer, examples, data_format, device, autocast, lo
     if cfg.eval.samples:
         from qtrain.generate import format_prompt
 
-        for prompt in cfg.eval.samples:
-            text, specials = format_prompt(prompt, data_format, tokenizer)
+        for sample in cfg.eval.samples:
+            prompt, extra = (sample, "") if isinstance(sample, str) else (sample.prompt, sample.input)
+            text, specials = format_prompt(prompt, data_format, tokenizer, extra)
             answer = generate(model, tokenizer, [text], cfg.eval.max_new_tokens, add_special_tokens=specials)[0]
-            console.print(f"  [dim]{prompt!r}[/] → {answer!r}")
-            logger.text(step, "samples", f"{prompt} → {answer}")
+            shown = repr(prompt) + (f" (input {extra!r})" if extra else "")
+            console.print(f"  {shown} → {answer!r}", markup=False, highlight=False)
+            logger.text(step, "samples", f"{prompt}{' | ' + extra if extra else ''} → {answer}")
     return metrics
 
 

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from qtrain.config import Config, ConfigError, LoRAConfig, TinyModelConfig, apply_override, load_config, to_dict
+from qtrain.config import (
+    Config,
+    ConfigError,
+    LoRAConfig,
+    SamplePrompt,
+    TinyModelConfig,
+    apply_override,
+    load_config,
+    to_dict,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs").glob("*.yml"))
@@ -511,9 +520,23 @@ def test_eval_samples_list_of_strings():
     assert load_config(QUICKSTART, ["eval.samples=[]"]).eval.samples == []
 
 
-def test_eval_samples_rejects_a_non_string_item():
-    msg = error_of(["eval.samples=[hello, 3]"])
-    assert msg.startswith("eval.samples[1]: expected a string, got 3")
+def test_eval_samples_with_inputs():
+    cfg = load_config(QUICKSTART, ["eval.samples=[plain, {prompt: 'Is this number even or odd?', input: '42'}, {prompt: p}]"])
+    assert cfg.eval.samples == ["plain", SamplePrompt("Is this number even or odd?", "42"), SamplePrompt("p", "")]
+    assert to_dict(cfg)["eval"]["samples"][1] == {"prompt": "Is this number even or odd?", "input": "42"}
+
+
+@pytest.mark.parametrize(
+    "samples, message",
+    [
+        ("[hello, 3]", "eval.samples[1]: 3 matches none of str | {prompt, input}"),
+        ("[{prompt: a, inptu: b}]", "eval.samples[0].inptu: unknown key; did you mean eval.samples[0].input? (allowed: prompt, input)"),
+        ("[{input: b}]", "eval.samples[0].prompt: missing; it has no default (keys: prompt, input)"),
+        ("[{prompt: a, input: 3}]", "eval.samples[0].input: expected a string, got 3"),
+    ],
+)
+def test_eval_samples_errors_name_the_item(samples, message):
+    assert error_of([f"eval.samples={samples}"]) == message
 
 
 def test_eval_samples_must_be_a_list():

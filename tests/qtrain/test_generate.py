@@ -135,6 +135,24 @@ def test_load_for_inference_follows_qtrain_json(adapter, base):
 # ---- the command ----
 
 
+def test_input_goes_with_the_prompt_before_it(adapter, hand_loaded, capsys):
+    """`--prompt P --input I` renders the alpaca row (P, I), as training rendered its rows."""
+    model, tok = hand_loaded
+    rows = [("Which letter comes next in the alphabet?", "k"), ("hi", ""), ("Is this number even or odd?", "42")]
+    expected = generate(model, tok, [alpaca_prompt({"instruction": p, "input": i}) for p, i in rows], 12)
+    argv = ["--adapter", str(adapter), *N, "--prompt", rows[0][0], "--input", "k", "--prompt", "hi", "--prompt", rows[2][0], "--input", "42"]
+    got = run_json(capsys, *argv)
+    assert [g["completion"] for g in got] == expected
+    assert got[0]["prompt"] == "Which letter comes next in the alphabet?\n\nk"
+
+
+@pytest.mark.parametrize("argv", [["--input", "k"], ["--prompt", "a", "--input", "k", "--input", "j"]], ids=["no_prompt", "twice"])
+def test_input_without_its_prompt_is_a_usage_error(adapter, argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--adapter", str(adapter), *argv])
+    assert info.value.code == 2 and "--input TEXT belongs to the --prompt before it" in capsys.readouterr().err
+
+
 def test_greedy_equals_evaluate_generate(adapter, hand_loaded, capsys):
     model, tok = hand_loaded
     expected = generate(model, tok, [alpaca_prompt({"instruction": p, "input": ""}) for p in PROMPTS], 12)

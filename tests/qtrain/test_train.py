@@ -281,7 +281,7 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
 def test_eval_every_n_steps_with_samples_tensorboard_and_plot(tmp_path):
     result, _ = run(
         tmp_path, "train.max_steps=4", "data.num_train=32", "data.num_eval=6", "eval.every=2",
-        "eval.max_new_tokens=3", 'eval.samples=["Is this number even or odd?", "b"]',
+        "eval.max_new_tokens=3", 'eval.samples=["Is this number even or odd?", {prompt: "Which letter comes next?", input: k}]',
     )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_loss" in r]
@@ -291,6 +291,7 @@ def test_eval_every_n_steps_with_samples_tensorboard_and_plot(tmp_path):
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [2, 2, 4, 4]
     assert samples[0]["text"].startswith("Is this number even or odd? → ")
+    assert samples[1]["text"].startswith("Which letter comes next? | k → ")
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
