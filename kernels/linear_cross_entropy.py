@@ -102,28 +102,43 @@ def _chunked_forward(
 ):
     """(loss, dH or None, dW or None): the loop over token chunks, in hidden's dtype + fp32.
 
+    Rows whose label is `ignore_index` (prompt tokens in SFT, padding) add nothing to the loss and get
+    a zero gradient, so their logits are never computed: when there are any, the chunks gather the
+    labelled rows only (`chunk_size` labelled rows each) and dH is zero elsewhere.
     backend "torch" or "triton" (already resolved): who computes each chunk's loss and dlogits."""
     n, d = hidden.shape
+    rows = _labelled_rows(labels, ignore_index)  # None: every row is labelled
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    g_hidden = torch.empty(n, d, dtype=hidden.dtype, device=hidden.device) if grad_hidden else None  # [N, D]
+    g_hidden = None
+    if grad_hidden:  # [N, D]; rows without a label keep a zero gradient
+        g_hidden = torch.empty if rows is None else torch.zeros
+        g_hidden = g_hidden(n, d, dtype=hidden.dtype, device=hidden.device)
     g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None  # [V, D]
-    for start in range(0, n, chunk_size):
-        h = hidden[start : start + chunk_size]  # [C, D]
-        y = labels[start : start + chunk_size]  # [C]
+    for start in range(0, n if rows is None else rows.numel(), chunk_size):
+        take = slice(start, start + chunk_size) if rows is None else rows[start : start + chunk_size]
+        h, y = hidden[take], labels[take]  # [C, D], [C]: views, or gathered labelled rows
         if backend == "triton":
             logits = h @ weight.T  # [C, V] in hidden's dtype, becomes dlogits in that dtype
             loss += _chunk_loss_triton_(logits, y, ignore_index, grad_hidden or grad_weight)
         else:
             logits = (h @ weight.T).float()  # [C, V]: in hidden's dtype, then an fp32 copy (none for fp32)
             loss += _chunk_loss_(logits, y, ignore_index, grad_hidden or grad_weight)
-        if g_hidden is not None:
-            torch.mm(logits.to(weight.dtype), weight, out=g_hidden[start : start + chunk_size])  # [C, D]
+        if g_hidden is not None and rows is None:
+            torch.mm(logits.to(weight.dtype), weight, out=g_hidden[take])  # [C, D]
+        elif g_hidden is not None:
+            g_hidden.index_copy_(0, take, logits.to(weight.dtype) @ weight)  # [C, D] into the labelled rows
         if g_weight is not None:  # .float(): no-op for fp32 (torch path); a copy of 16-bit dlogits (triton path)
             g_weight.addmm_(logits.T.float(), h.float())  # [V, D] += [V, C] @ [C, D], fp32
         del logits  # free this chunk's [C, V] before the next one is allocated
     if g_weight is not None:
         g_weight = g_weight.to(weight.dtype)
     return loss, g_hidden, g_weight
+
+
+def _labelled_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the rows that have a label [n_labelled], or None when every row has one."""
+    valid = labels != ignore_index
+    return None if bool(valid.all()) else valid.nonzero().squeeze(1)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -252,6 +267,9 @@ def linear_cross_entropy_workspace_bytes(
 
         chunk  = C*V*(f + 4) + 40*C    logits in dtype + their fp32 copy, later dlogits fp32 + its
                                        dtype copy for dH (never more than two [C, V] at once)
+               + 9*N + k*C*D*s         with ignored labels: the labelled rows' indices (and the mask
+                                       they come from), the chunk's gathered rows of H (k=1), and
+                                       with dH their gradient before it is scattered (k=2)
         no gradient:        chunk
         dH only (gH = N*D*s): max(gH + chunk, 2*gH)    forward; backward returns gH * grad (one more)
         dW too:  max(gH + V*D*4 + max(chunk, C*V*4 + C*D*f),   fp32 dW accumulator, h.float() for addmm
@@ -281,6 +299,7 @@ def linear_cross_entropy_workspace_bytes(
         chunk = c * v * s + ROW_BYTES * c
     else:
         chunk = c * v * (f + 4) + ROW_BYTES * c
+    chunk += 9 * n + (2 if needs_grad else 1) * c * d * s  # labelled rows gathered (an upper bound: none if all are)
     if not (needs_grad or weight_grad):
         return chunk
     g_hidden = n * d * s if needs_grad else 0

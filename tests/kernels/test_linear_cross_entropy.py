@@ -189,6 +189,29 @@ def test_no_grad_path_same_loss_and_no_grad_buffer():
     assert linear_cross_entropy(hidden, weight, labels, chunk_size=16) == loss
 
 
+@pytest.mark.parametrize("labelled", [0, 3, N], ids=["none", "three", "all"])
+def test_rows_without_a_label_are_never_multiplied(labelled):
+    """Prompt tokens (ignored labels) cost no lm_head work: the logits matmuls take the labelled rows
+    only; the loss and both gradients equal the reference, dH is zero on the other rows."""
+    hidden, weight, labels = make_inputs(ignore_every=N + 1)
+    keep = torch.randperm(N, generator=torch.Generator().manual_seed(1))[:labelled]
+    labels = torch.full_like(labels, IGNORE).index_copy_(0, keep, labels[keep])
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss = linear_cross_entropy(h, w, labels, chunk_size=16)
+        loss.backward()
+    matmuls = [e.input_shapes for e in prof.events() if e.name in ("aten::mm", "aten::addmm")]
+    token_rows = {shapes[0][0] if shapes[0][0] != V else shapes[0][1] for shapes in matmuls}  # dW: [V, C] @ [C, D]
+    assert token_rows <= set(range(1, min(labelled, 16) + 1)), matmuls  # never all N = 37 rows
+    assert bool(matmuls) == (labelled > 0)
+    ref_loss, ref_h, ref_w = loss_and_grads(linear_cross_entropy_reference, hidden, weight, labels)
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h.grad, ref_h / GRAD_SCALE, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, ref_w / GRAD_SCALE, rtol=1e-5, atol=1e-6)
+    unlabelled = torch.ones(N, dtype=torch.bool).index_fill_(0, keep, False)
+    assert torch.all(h.grad[unlabelled] == 0)
+
+
 def test_bad_inputs_raise_value_errors():
     hidden, weight, labels = make_inputs()
     with pytest.raises(ValueError, match=r"hidden \(37, 48\).*weight \(101, 47\)"):
