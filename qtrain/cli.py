@@ -125,9 +125,12 @@ def _memory_profile(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.output_dir:
         cfg.output_dir = args.output_dir
+    from qtrain.memreport import summary_lines
     from qtrain.train import train
 
     result = train(cfg, profile_memory=args.steps)
+    for line in summary_lines(result["memory_report"]):  # the ratio, and each under-estimated phase
+        print(f"memory: {line}")
     print(f"memory report: {result['memory_report']}")
     return 0
 

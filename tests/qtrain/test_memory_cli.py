@@ -4,6 +4,9 @@ training on a GPU."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,7 +69,23 @@ def test_profile_writes_the_report(tmp_path, capsys):
     assert 0.85 < data["ratio_estimate_over_measured"] < 1.15  # tiny model, padded batches, fp32 on CPU
     phases = {s["phase"] for s in data["samples"]}
     assert phases == {"forward", "backward", "optimizer"}
-    assert "memory report:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "memory report:" in out
+    assert f"memory: peak: estimate / measured = {round(data['ratio_estimate_over_measured'], 2):.2f}: the estimate is" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the torch profiler runs on CPU only")
+def test_profile_on_cpu_keeps_the_torch_profilers_noise_off_the_console(tmp_path):
+    argv = ["memory", "profile", str(QUICKSTART), "--steps", "2", *TINY, "--output-dir", str(tmp_path / "run")]
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "qtrain.cli", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    console = proc.stdout + proc.stderr
+    for noise in ("USDT:", "profiler_start", "profiler_stop", "CPUAllocator.cpp", "Memory block of unknown size"):
+        assert noise not in console, noise
+    assert "memory report:" in proc.stdout and (tmp_path / "run" / "memory" / "memory_report.html").is_file()
 
 
 def test_train_profile_memory_measures_only_the_first_steps(tmp_path):
