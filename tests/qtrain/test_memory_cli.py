@@ -53,6 +53,41 @@ def test_every_config_fits_the_card_it_is_written_for(config, capsys):
     assert data["device_total_bytes"] < card * GiB, (config.name, data["device_total_bytes"] / GiB)
 
 
+def header(config: Path) -> str:
+    """A config's leading comment, as one line (comment marks and line breaks undone)."""
+    lines = []
+    for line in config.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(" ".join(lines).split())
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_config_headers_quote_the_estimate(config, capsys):
+    """Every number a GPU config's header gives for memory is a row of `qtrain memory estimate CONFIG`,
+    in GiB with two decimals, under the row's own name."""
+    text = header(config)
+    if "Memory, ESTIMATED" not in text:
+        assert config.name == "quickstart.yaml"
+        return
+    assert main(["memory", "estimate", str(config), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    items = [i for i in data["items"] if i["bytes"] >= 0.005 * GiB]  # rows that print as 0.00 are left out
+    weights = sum(i["bytes"] for i in data["items"] if i["category"] == "weights")
+    quoted = [f"{i['name']} {i['bytes'] / GiB:.2f}" for i in items] + [
+        f"weights {weights / GiB:.2f} = NF4 linears",
+        f"peak allocated {data['peak_bytes'] / GiB:.2f} GiB ({data['phase']})",
+        f"GPU total {data['device_total_bytes'] / GiB:.2f} GiB",
+    ]
+    if data["paged_bytes"]:
+        quoted.append(f"paged optimizer state {data['paged_bytes'] / GiB:.2f}")
+    if data["host_bytes"]:
+        quoted.append(f"offloaded activations {data['host_bytes'] / GiB:.2f}")
+    missing = [q for q in quoted if q not in text]
+    assert not missing, (config.name, missing)
+
+
 def test_estimate_without_model_is_a_usage_error(capsys):
     assert main(["memory", "estimate", "--seq", "128"]) == 2
     assert "model" in capsys.readouterr().err
