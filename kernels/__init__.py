@@ -18,7 +18,7 @@ if __name__ == "kernels":
         "or start Python outside the qtrain repository root to reach Hugging Face's `kernels` package"
     )
 
-from qtrain.kernels.nf4_lora import (  # noqa: E402
+from qtrain.kernels.nf4_lora import (
     BACKENDS,
     NF4MatmulFunction,
     nf4_lora_reference,
