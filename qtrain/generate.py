@@ -1,4 +1,5 @@
-"""`qtrain generate`: load a base model + a trained LoRA adapter and complete prompts with it.
+"""`qtrain generate`: load a base model + a trained adapter (LoRA, DoRA, or any other method qtrain
+trains: see qtrain.methods.io) and complete prompts with it.
 
 The base is held the way it was in training (NF4 or not, and the dtype it was quantized from, both
 recorded in the adapter's qtrain.json), so the model generating is the one that was trained.
