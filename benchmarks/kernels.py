@@ -22,6 +22,9 @@ and exits 0.
 
 from __future__ import annotations
 
+if __name__ == "kernels":  # `python benchmarks/kernels.py` puts benchmarks/ first on sys.path
+    raise ImportError("benchmarks/kernels.py is qtrain's kernel benchmark, not Hugging Face's `kernels` package")
+
 import argparse
 import datetime as dt
 import importlib.util
