@@ -22,12 +22,15 @@ and exits 0.
 
 from __future__ import annotations
 
+if __name__ == "kernels":  # `python benchmarks/kernels.py` puts benchmarks/ first on sys.path
+    raise ImportError("benchmarks/kernels.py is qtrain's kernel benchmark, not Hugging Face's `kernels` package")
+
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import re
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -160,16 +163,12 @@ def check_outputs(variants, K: int) -> dict[str, float]:
 # ---- driver --------------------------------------------------------------------------------------------
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = status.stdout.strip()
-        return sha.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def _common():
+    """benchmarks/_common.py, loaded by path (benchmarks/ is no package; the tests load this script by path)."""
+    spec = importlib.util.spec_from_file_location("qtrain_benchmarks_common", Path(__file__).with_name("_common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(args) -> dict:
@@ -222,7 +221,7 @@ def metadata(args, bnb) -> dict:
     return {
         "gpu": torch.cuda.get_device_name(),
         "capability": ".".join(map(str, torch.cuda.get_device_capability())),
-        "commit": git_commit(),
+        **_common().git_state(ROOT),  # commit, dirty
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -265,7 +264,7 @@ def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
         f"# NF4+LoRA kernels on {meta['gpu']} (sm_{meta['capability'].replace('.', '')})",
         "",
         (
-            f"commit {meta['commit']}, {meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
+            f"commit {_common().describe_commit(meta)}, {meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
             f"bitsandbytes {meta['bitsandbytes']}; bf16 activations, rank {meta['rank']} fp32 adapter; {meta['timing']}."
         ),
         "Ratios are times (ours / baseline; < 1: ours faster). bnb = bitsandbytes matmul_4bit + LoRA, bf16 = cuBLAS bf16 + LoRA.",

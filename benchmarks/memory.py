@@ -44,10 +44,10 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
+import importlib.util
 import inspect
 import json
 import re
-import subprocess
 import sys
 import time
 import traceback
@@ -397,15 +397,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _common():
+    """benchmarks/_common.py, loaded by path (benchmarks/ is no package; the tests load this script by path)."""
+    spec = importlib.util.spec_from_file_location("qtrain_benchmarks_common", Path(__file__).with_name("_common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def git_state() -> dict:
+    """{"commit": HEAD's short hash, "dirty": uncommitted changes or not} (benchmarks/_common.py)."""
+    return _common().git_state(ROOT)
+
+
 def git_commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True)
-        return sha.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """HEAD's short hash, which result file names carry (benchmarks/e2e.py's too)."""
+    return git_state()["commit"]
 
 
 def gpu_slug(name: str) -> str:
@@ -425,7 +432,7 @@ def metadata(args, device: torch.device, dtype: torch.dtype, optimizer_name: str
         "gpu": torch.cuda.get_device_name(device) if cuda else device.type,
         "capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else "-",
         "gpu_memory_gib": torch.cuda.get_device_properties(device).total_memory / GiB if cuda else 0.0,
-        "commit": git_commit(),
+        **git_state(),  # commit, dirty
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "triton": version("triton"),
@@ -594,6 +601,7 @@ def merge_results(old: dict, new: dict) -> dict:
     searches = [s for s in old.get("max_seq", []) if (s["model"], s["offload"], s["cap_gib"]) not in new_searches]
     meta = dict(new["meta"])
     meta["invocations"] = old["meta"].get("invocations", [old["meta"].get("args")]) + [new["meta"].get("args")]
+    meta["dirty"] = bool(old["meta"].get("dirty") or new["meta"].get("dirty"))  # any rows from uncommitted code
     return {"meta": meta, "models": {**old.get("models", {}), **new["models"]}, "rows": rows,
             "max_seq": searches + new["max_seq"], "target_8gb": target_8gb(rows)}  # fmt: skip
 
@@ -639,7 +647,7 @@ def write_results(result: dict, out_dir: Path, base: dict | None = None) -> tupl
         f"# QLoRA training memory on {meta['gpu']} (sm_{meta['capability'].replace('.', '')}, {meta['gpu_memory_gib']:.0f} GiB)",
         "",
         (
-            f"commit {meta['commit']}, {meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
+            f"commit {_common().describe_commit(meta)}, {meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
             f"bitsandbytes {meta['bitsandbytes']}, transformers {meta['transformers']}."
         ),
         (

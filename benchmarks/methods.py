@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -163,12 +163,12 @@ def measure_peak(config, spec, methods, w, device: torch.device) -> tuple[int, f
     return peak, time.perf_counter() - t0
 
 
-def git_commit() -> str:
-    try:
-        run = lambda *a: subprocess.run(a, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        return run("git", "rev-parse", "--short", "HEAD") + ("-dirty" if run("git", "status", "--porcelain") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def _common():
+    """benchmarks/_common.py, loaded by path (benchmarks/ is no package; the tests load this script by path)."""
+    spec = importlib.util.spec_from_file_location("qtrain_benchmarks_common", Path(__file__).with_name("_common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     from qtrain.presets import preset_config
 
     args = parse_args(argv)
-    commit, started = git_commit(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")  # the code that runs
+    commit, started = _common().git_state(ROOT), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")  # the code that runs
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device if args.device != "auto" else "cpu")
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
                   f"  ({row['estimate_over_measured']:.2f})  full-model estimate {est_full.peak / GiB:6.2f} GiB", flush=True)  # fmt: skip
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (CPU-accounted: torch profiler allocator events)",
-        "commit": commit,
+        **commit,  # commit, dirty
         "date": started,
         "torch": torch.__version__,
         "model": MODEL,
@@ -263,7 +263,7 @@ def write_results(result: dict, out: Path) -> None:
     lines = [
         f"# PEFT methods on the NF4 base: {meta['model']}",
         "",
-        f"{meta['device']}, commit {meta['commit']}, {meta['date']}, torch {meta['torch']}, {meta['dtype']}.",
+        f"{meta['device']}, commit {_common().describe_commit(meta)}, {meta['date']}, torch {meta['torch']}, {meta['dtype']}.",
         (
             f"Measured: one training step of {meta['measured_model']}, batch 1 x {meta['seq']} tokens, gradient "
             f"checkpointing, chunked loss; estimated (full model): 32 layers, 1 x {meta['full_seq']} tokens, bf16, paged AdamW."

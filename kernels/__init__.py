@@ -7,7 +7,16 @@ Triton modules (`nf4_dequant`, `nf4_lora_triton`) are never imported here: they 
 To run them on CPU under Triton's interpreter, TRITON_INTERPRET=1 must be set before triton itself
 is first imported (tests/conftest.py does this). The dispatch function is
 `qtrain.kernels.nf4_lora.nf4_lora` (not re-exported here, where its name would shadow the module).
+
+Imported as a top-level `kernels` (Python started in the repository root), it raises ImportError:
+that name belongs to Hugging Face's `kernels` package, which bitsandbytes and transformers look for.
 """
+
+if __name__ == "kernels":
+    raise ImportError(
+        "this kernels/ folder is qtrain's, imported as qtrain.kernels: import qtrain.kernels, "
+        "or start Python outside the qtrain repository root to reach Hugging Face's `kernels` package"
+    )
 
 from qtrain.kernels.nf4_lora import (
     BACKENDS,

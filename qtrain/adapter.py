@@ -83,6 +83,7 @@ def save_adapter(
 ) -> Path:
     """Write the adapter atomically: into a temp dir beside `out_dir`, then rename over it.
 
+    A local `base_model` directory is recorded by its absolute path (`base_model_reference`).
     `base_dtype`/`quantized` record how the frozen base was held during training, so that
     `merge_adapter` can rebuild exactly that base; `extra_info` (e.g. the data format, which
     `qtrain generate` renders prompts with) joins them in qtrain.json. `methods`: the run's other
@@ -91,6 +92,7 @@ def save_adapter(
     from qtrain.methods.io import save_method
 
     methods = methods or []
+    base_model = base_model_reference(base_model)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
@@ -108,6 +110,13 @@ def save_adapter(
         (tmp / TRAINING_INFO).write_text(json.dumps(info | (extra_info or {})) + "\n")
     replace_dir(tmp, out_dir)
     return out_dir
+
+
+def base_model_reference(name_or_path: str) -> str:
+    """How an adapter records its base: a local directory by its absolute path, so that the adapter
+    loads from any working directory; anything else (a Hub id) as given."""
+    path = Path(name_or_path).expanduser()
+    return os.path.abspath(path) if path.is_dir() else name_or_path
 
 
 def replace_dir(src: Path, dst: Path) -> None:

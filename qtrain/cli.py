@@ -1,4 +1,8 @@
-"""`qtrain` command line: train, memory (estimate, profile), merge, generate."""
+"""`qtrain` command line: train, memory (estimate, profile), merge, generate.
+
+Only the standard library is imported here: torch, transformers and qtrain's modules load inside
+the subcommand that needs them, so `qtrain --help` and usage errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from qtrain.config import DTYPES, ConfigError, load_config
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # the keys of qtrain.config.DTYPES (which imports torch)
+NO_CONFIG = "give a config file, e.g. qtrain train configs/quickstart.yaml"
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.config is None:
+        args.usage_error(NO_CONFIG)  # exits 2, before torch is imported
+    from qtrain.config import load_config
+
     overrides = list(args.overrides)
     if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
         overrides.append(args.resume)  # `--resume key=value`: argparse took an override for the checkpoint
@@ -41,6 +50,7 @@ def _memory_estimate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from qtrain.config import load_config
     from qtrain.estimate import GiB, carries_mask, estimate, estimate_table, fmt_gib, max_seq_len, workload_for
     from qtrain.lora import LoRASpec
     from qtrain.presets import resolve_config
@@ -98,6 +108,8 @@ def _memory_estimate(args: argparse.Namespace) -> int:
 
 def _memory_profile(args: argparse.Namespace) -> int:
     """`qtrain memory profile CONFIG`: a few real training steps, measured, and the report."""
+    from qtrain.config import load_config
+
     overrides = list(args.overrides) + [
         f"train.max_steps={args.steps}",
         "eval.exact_match=false",
@@ -127,6 +139,7 @@ def _memory_profile(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from qtrain.adapter import merge_adapter
+    from qtrain.config import DTYPES
 
     out = merge_adapter(args.base, args.adapter, args.out, dtype=DTYPES[args.dtype], base_weights=args.base_weights)
     print(f"merged checkpoint written to {out}")
@@ -209,8 +222,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qtrain", description="Low-VRAM QLoRA fine-tuning.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="fine-tune from a YAML config", description="qtrain train CONFIG.yaml [key.sub=value ...]")
-    t.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    t = sub.add_parser(
+        "train",
+        help="fine-tune from a YAML config",
+        description="qtrain train CONFIG.yaml [key.sub=value ...]",
+        usage="%(prog)s CONFIG [key.sub=value ...] [--resume [CHECKPOINT]] [--profile-memory [STEPS]]",
+    )
+    t.add_argument("config", nargs="?", help="YAML config, e.g. configs/quickstart.yaml")  # missing: NO_CONFIG
     t.add_argument("overrides", nargs="*", help="overrides such as train.max_steps=50 lora.rank=8")
     t.add_argument(
         "--resume",
@@ -228,7 +246,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="STEPS",
         help="measure the first STEPS steps (default 3) and write a memory report to output_dir/memory",
     )
-    t.set_defaults(func=_train)
+    t.set_defaults(func=_train, usage_error=t.error)
 
     mem = sub.add_parser("memory", help="will it fit? estimate or measure training memory")
     msub = mem.add_subparsers(dest="memory_command", required=True)
@@ -261,27 +279,43 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--output-dir", help="where the report goes (default: OUTPUT_DIR/memory-profile); nothing else is written")
     pr.set_defaults(func=_memory_profile)
 
-    m = sub.add_parser("merge", help="merge a LoRA adapter into a 16-bit checkpoint")
-    m.add_argument("--base", required=True, help="base model directory or Hub id")
-    m.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
-    m.add_argument("--out", required=True, help="output directory")
-    m.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    m = sub.add_parser(
+        "merge",
+        help="merge a LoRA/DoRA adapter into a standalone 16-bit checkpoint",
+        description="qtrain merge --base PATH_OR_ID --adapter DIR --out DIR: adds a LoRA (or DoRA) adapter's "
+        "update to its base model's weights and writes a standalone 16-bit checkpoint (safetensors, config, "
+        "tokenizer) that transformers' AutoModelForCausalLM.from_pretrained loads without qtrain or PEFT. "
+        "Only LoRA and DoRA adapters merge; an adapter that holds other methods (IA3, AdaLoRA, bottleneck "
+        "adapters, prompt or prefix tuning, ...) does not: run it with qtrain generate --adapter DIR.",
+    )
+    m.add_argument("--base", required=True, metavar="PATH_OR_ID", help="base model directory or Hub id (the one the adapter was trained on)")
+    m.add_argument("--adapter", required=True, metavar="DIR", help="LoRA/DoRA adapter directory in PEFT format (e.g. runs/quickstart/adapter)")
+    m.add_argument("--out", required=True, metavar="DIR", help="output directory for the merged checkpoint")
+    m.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16", help="dtype of the merged weights (default bf16)")
     m.add_argument(
         "--base-weights",
         choices=("nf4", "original"),
         default="nf4",
-        help="merge into the dequantized NF4 weights the adapter was trained on (default) or the original ones",
+        help="nf4 (default): merge into the base as training saw it, every linear layer but lm_head "
+        "NF4-quantized and dequantized (the merged model computes what the trained one did); "
+        "original: merge into the checkpoint's own 16-bit weights (what the adapter was not trained against)",
     )
     m.set_defaults(func=_merge)
 
     g = sub.add_parser(
         "generate",
-        help="complete prompts with a base model + a trained LoRA adapter",
-        description="qtrain generate --adapter DIR [--prompt TEXT ...]; without --prompt/--prompts-file, "
-        "prompts are read from stdin, one per line (echo hi | qtrain generate --adapter DIR)",
+        help="complete prompts with a base model + a trained adapter (any method qtrain trains)",
+        description="qtrain generate --adapter DIR [--prompt TEXT ...]: loads the base model as it was held in "
+        "training, applies the adapter qtrain train wrote (LoRA, DoRA and every other method: IA3, AdaLoRA, "
+        "bottleneck adapters, prompt and prefix tuning, ...) and completes the prompts. Without "
+        "--prompt/--prompts-file, prompts are read from stdin, one per line (echo hi | qtrain generate --adapter DIR)",
     )
     g.add_argument(
-        "--adapter", required=True, metavar="DIR", help="adapter directory (PEFT format, e.g. runs/quickstart/adapter)"
+        "--adapter",
+        required=True,
+        metavar="DIR",
+        help="the adapter directory qtrain train wrote (e.g. runs/quickstart/adapter): LoRA/DoRA in PEFT format "
+        "and the other methods in their subfolders",
     )
     g.add_argument(
         "--base",
@@ -313,7 +347,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts generated together (default 8)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument(
-        "--dtype", choices=tuple(DTYPES), help="compute dtype (default: the one the adapter was trained with)"
+        "--dtype", choices=DTYPE_NAMES, help="compute dtype (default: the one the adapter was trained with)"
     )
     g.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="NF4 + LoRA kernels")
     g.add_argument(
@@ -333,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:  # qtrain.config.ConfigError is a ValueError
         print(f"qtrain {args.command}: error: {e}", file=sys.stderr)
         return 2
 

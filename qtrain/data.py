@@ -531,6 +531,20 @@ class Batches:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
+def describe_batches(mode: str, n_batches: int, batch_size: int, max_length: int = 0) -> str:
+    """What an epoch of `Batches` is, for the console: "250 batches of 16 rows per epoch (each padded
+    to its longest row)". `max_length`: data.max_length, named for packed batches."""
+    what = {
+        "pad": ("rows", "shuffled, each batch padded to its longest row"),
+        "group": ("rows", "rows of similar length together, each batch padded to its longest row"),
+        "pack": ("sequences", f"rows packed back to back into sequences of data.max_length={max_length} tokens"),
+    }
+    if mode not in what:
+        raise ValueError(f"mode {mode!r}: use pad, group or pack")
+    unit, how = what[mode]
+    return f"{n_batches} batch{'' if n_batches == 1 else 'es'} of {batch_size} {unit} per epoch ({how})"
+
+
 def batches(examples: list[Example], batch_size: int, pad_id: int, seed: int) -> Batches:
     """Endless shuffled, padded batches (a new permutation per epoch from seed + epoch)."""
     return Batches(examples, batch_size, pad_id, seed)

@@ -1,4 +1,5 @@
-"""`qtrain generate`: load a base model + a trained LoRA adapter and complete prompts with it.
+"""`qtrain generate`: load a base model + a trained adapter (LoRA, DoRA, or any other method qtrain
+trains: see qtrain.methods.io) and complete prompts with it.
 
 The base is held the way it was in training (NF4 or not, and the dtype it was quantized from, both
 recorded in the adapter's qtrain.json), so the model generating is the one that was trained.
@@ -8,6 +9,7 @@ Prompts are rendered with the training data's format (alpaca, a chat template, o
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +50,8 @@ def _dtype_from_info(info: dict, path: Path) -> torch.dtype | None:
 
 def resolve_base(adapter_dir: str | Path, base: str | None) -> tuple[Path, str]:
     """(the base checkpoint directory, the name it was given by): `base`, else the adapter's
-    base_model_name_or_path. Errors name where the name came from."""
+    base_model_name_or_path (a relative one that is not there from here is also looked for beside the
+    adapter: `_beside_the_adapter`). Errors name where the name came from."""
     from qtrain.checkpoint import resolve_model_dir
 
     cfg_path = Path(adapter_dir) / ADAPTER_CONFIG
@@ -60,11 +63,28 @@ def resolve_base(adapter_dir: str | Path, base: str | None) -> tuple[Path, str]:
         if not base:
             raise ValueError(f"{cfg_path}: records no base_model_name_or_path; pass --base PATH_OR_ID")
         source = f"base_model_name_or_path in {cfg_path}"
+    if source != "--base":
+        base = _beside_the_adapter(base, Path(adapter_dir))
     try:
         return resolve_model_dir(base), base
     except (OSError, ValueError) as e:  # not a directory; the Hub's errors (offline, unknown or invalid id)
         hint = "; pass --base PATH_OR_ID" if source != "--base" else ""
         raise FileNotFoundError(f"base model {base!r} ({source}) could not be found or downloaded: {e}{hint}") from None
+
+
+def _beside_the_adapter(base: str, adapter_dir: Path) -> str:
+    """A recorded relative base path that is not there from the working directory, resolved against
+    the adapter directory's ancestors instead: adapters saved before base paths were recorded
+    absolute name `runs/quickstart/base` relative to where training ran, and sit at
+    `runs/quickstart/adapter` (or deeper, in a checkpoint). Anything else is returned as is."""
+    path = Path(base).expanduser()
+    if path.is_absolute() or path.exists():
+        return base
+    for folder in Path(os.path.abspath(adapter_dir)).parents:
+        candidate = folder / path
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    return base
 
 
 def load_for_inference(

@@ -17,11 +17,19 @@ forward (recompute, under checkpointing) and backward. At every mark:
   `current` (recomputation under checkpointing, temporaries, the loss). bitsandbytes' paged
   optimizer state lives outside torch's allocator (CUDA unified memory): it is reported as
   `paged` and not counted in `current`.
+
+On CPU the torch profiler's own chatter (Kineto's "USDT: ... profiler_start/stop" lines, c10's
+"CPUAllocator.cpp: Memory block of unknown size ..." warning) is kept off the console:
+`profiler_noise_filtered` holds stderr while the profiler runs and writes every other line back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -32,6 +40,38 @@ from qtrain.memory import SavedTensors
 
 CATEGORIES = ("weights", "adapters", "gradients", "optimizer", "activations", "other")
 _MARK = "qtrain.mark:"
+PROFILER_NOISE = re.compile(
+    r"USDT:\S+ \S+ \d+:\d+ \w+\.cpp:\d+\] profiler_(start|stop)$"  # Kineto, at every start and stop
+    r"|\[W\S+ \S+ CPUAllocator\.cpp:\d+\] Memory block of unknown size was allocated before the profiling started"
+)
+
+
+@contextlib.contextmanager
+def profiler_noise_filtered():
+    """Stderr (file descriptor 2: C++ and Python alike) goes to a temporary file while the block runs;
+    afterwards every line of it but PROFILER_NOISE is written back to stderr, errors included. Off
+    when KINETO_LOG_LEVEL is set (the profiler's log was asked for) or stderr has no descriptor."""
+    try:
+        sys.stderr.flush()
+        saved = None if "KINETO_LOG_LEVEL" in os.environ else os.dup(2)
+    except (OSError, ValueError):  # fd 2 closed
+        saved = None
+    if saved is None:
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().splitlines(keepends=True)
+            kept = [line for line in lines if not PROFILER_NOISE.match(line.decode(errors="replace").rstrip())]
+            with open(2, "wb", closefd=False) as stderr:
+                stderr.write(b"".join(kept))
 
 
 @dataclass
@@ -65,6 +105,19 @@ def _nbytes(tensors) -> int:
 def is_paged(t: torch.Tensor) -> bool:
     """bitsandbytes marks the optimizer state it puts in CUDA unified memory."""
     return bool(getattr(t, "is_paged", False))
+
+
+def _start_cpu_profiler() -> torch.profiler.profile:
+    """The torch profiler, recording CPU allocator events, started with its noise filtered. c10 warns
+    when a block allocated before profiling is freed while it runs, on the first such free and every
+    1000th: a block allocated just before the start and freed just after it takes that first warning
+    here, inside the filter, instead of in the middle of the training steps."""
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with profiler_noise_filtered():
+        primer = torch.empty(64)
+        prof.__enter__()
+        del primer
+    return prof
 
 
 class MemoryProfiler:
@@ -107,8 +160,7 @@ class MemoryProfiler:
         self._step = n
         if self.device.type == "cpu" and self._profile is None:
             self._baseline = sum(self.parts().values())
-            self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-            self._profile.__enter__()
+            self._profile = _start_cpu_profiler()
         elif self.device.type == "cuda" and not self._samples:
             torch.cuda.reset_peak_memory_stats(self.device)
         with self.saved:
@@ -176,7 +228,8 @@ class MemoryProfiler:
     def samples(self) -> list[Sample]:
         """The marks so far, with `current`, `peak` and `other` filled in."""
         if self._profile is not None:
-            self._profile.__exit__(None, None, None)
+            with profiler_noise_filtered():
+                self._profile.__exit__(None, None, None)
             self._resolve_cpu(self._profile)
             self._profile = None
         for s in self._samples:

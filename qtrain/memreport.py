@@ -61,8 +61,14 @@ NOTES = [
         "Paged optimizer state (bitsandbytes paged_adamw_*) lives in CUDA unified memory, outside "
         "torch's allocator: it is listed apart and is in neither peak."
     ),
-    "Ratio = estimated peak / measured peak: above 1 the estimate is on the safe side.",
+    (
+        "Ratio = estimate / measured: above 1 the estimate is on the safe side (it over-estimates), below 1 it "
+        "under-estimates. Each phase's measured peak is compared with the estimate's moment in that phase (loss "
+        "forward: forward; loss backward, a layer's backward: backward; optimizer step: optimizer); a phase whose "
+        "measured peak exceeds that estimate by more than 10% is flagged as under-estimated."
+    ),
 ]
+UNDER_ESTIMATE_TOLERANCE = 0.10  # a phase is flagged when its measured peak is more than 10% above its estimate
 
 
 def fmt_bytes(n: float, unit: str | None = None) -> str:
@@ -98,6 +104,16 @@ def phase_peaks(samples: list[Sample]) -> dict[str, int]:
     return out
 
 
+def phase_peak_intervals(samples: list[Sample]) -> dict[str, int]:
+    """The index of the sample closing each phase's highest interval (the first, on ties)."""
+    out: dict[str, int] = {}
+    for i, s in enumerate(samples):
+        phase = interval(samples, i)[0].phase
+        if phase not in out or s.peak > samples[out[phase]].peak:
+            out[phase] = i
+    return out
+
+
 def measured(samples: list[Sample]) -> dict:
     """The measured peak: its interval, step and phase, its breakdown (summing to the peak), the
     peak of each phase and the most paged optimizer state seen."""
@@ -126,6 +142,64 @@ def measured(samples: list[Sample]) -> dict:
 def _estimate_phase(name: str) -> str:
     """An estimate moment ("loss forward", "last layer's backward", ...) → a measured phase."""
     return next((p for p in PHASES if p in name), name)
+
+
+def compare_phases(samples: list[Sample], estimate: Estimate | None) -> list[dict]:
+    """Each measured phase beside the estimate's largest moment in that phase (phases the estimate
+    has no moment for are left out): phase, measured_bytes, where (step and interval of the measured
+    peak), moment, estimated_bytes, ratio (estimate / measured), underestimated (measured more than
+    10% above the estimate)."""
+    if estimate is None:
+        return []
+    out = []
+    for phase, i in phase_peak_intervals(samples).items():
+        moments = {k: v for k, v in estimate.phases.items() if _estimate_phase(k) == phase}
+        if not moments or not samples[i].peak:
+            continue
+        moment = max(moments, key=moments.get)
+        opening, name = interval(samples, i)
+        out.append(
+            {
+                "phase": phase,
+                "measured_bytes": samples[i].peak,
+                "where": f"step {opening.step}, {name}",
+                "moment": moment,
+                "estimated_bytes": moments[moment],
+                "ratio": moments[moment] / samples[i].peak,
+                "underestimated": samples[i].peak > moments[moment] * (1 + UNDER_ESTIMATE_TOLERANCE),
+            }
+        )
+    return out
+
+
+def ratio_text(r: float) -> str:
+    """"estimate / measured = 0.94: the estimate is 6% below the measurement" (the percentage read off
+    the ratio as printed, so that the two agree)."""
+    shown = round(r, 2)
+    pct = round(abs(shown - 1) * 100)
+    if pct == 0:
+        return f"estimate / measured = {shown:.2f}: the estimate matches the measurement"
+    side = "below the measurement" if shown < 1 else "above the measurement (on the safe side)"
+    return f"estimate / measured = {shown:.2f}: the estimate is {pct}% {side}"
+
+
+def underestimate_text(c: dict) -> str:
+    """One flagged phase, for the report and the console."""
+    return (
+        f"{c['phase']} under-estimated: measured {fmt_bytes(c['measured_bytes'])} ({c['where']}), estimated "
+        f"{fmt_bytes(c['estimated_bytes'])} ({c['moment']}); {ratio_text(c['ratio'])}"
+    )
+
+
+def summary_lines(report: str | Path) -> list[str]:
+    """For the console, from a written report (its memory_report.html or folder): the overall ratio,
+    then one line per under-estimated phase."""
+    folder = Path(report) if Path(report).is_dir() else Path(report).parent
+    doc = json.loads((folder / "memory.json").read_text())
+    if doc.get("ratio_estimate_over_measured") is None:
+        return []
+    lines = [f"peak: {ratio_text(doc['ratio_estimate_over_measured'])}"]
+    return lines + [underestimate_text(c) for c in doc.get("phases_compared", []) if c["underestimated"]]
 
 
 # ---- the plots ----
@@ -272,7 +346,7 @@ def _blocks(samples: list[Sample], estimate: Estimate | None, info: dict, m: dic
             ("h2", f"Estimate at its peak ({estimate.phase})"),
             ("table", ["category", "item", "size", "note"], rows),
         ]
-    blocks += _phase_blocks(m, estimate, unit)
+    blocks += _phase_blocks(m, estimate, unit, compare_phases(samples, estimate))
     blocks += [("h2", "What the numbers mean"), ("ul", NOTES)]
     blocks += [
         ("h2", "Timeline"),
@@ -296,13 +370,7 @@ def _peak_blocks(m: dict, estimate: Estimate | None, unit: str) -> list[tuple]:
     if estimate is not None:
         r = ratio(estimate, m)
         rows.append(["estimated peak", f(estimate.peak), estimate.phase])
-        rows.append(
-            [
-                "ratio estimate / measured",
-                f"{r:.2f}" if r is not None else "—",
-                "above 1: the estimate is on the safe side",
-            ]
-        )
+        rows.append(["ratio estimate / measured", f"{r:.2f}" if r is not None else "—", ratio_text(r) if r else ""])
         if estimate.workload is None or estimate.workload.device == "cuda":
             rows.append(["estimated GPU total", f(estimate.device_total), "+ CUDA context and allocator slack"])
     if m["paged_bytes"] or (estimate is not None and estimate.paged):
@@ -336,11 +404,12 @@ def _category_blocks(m: dict, estimate: Estimate | None, unit: str) -> list[tupl
     return [("h2", "By category at the peak"), ("table", header, rows)]
 
 
-def _phase_blocks(m: dict, estimate: Estimate | None, unit: str) -> list[tuple]:
+def _phase_blocks(m: dict, estimate: Estimate | None, unit: str, compared: list[dict]) -> list[tuple]:
     def f(n):
         return fmt_bytes(n, unit)
 
     measured_peaks = m["phase_peaks_bytes"]
+    checks = {c["phase"]: c for c in compared}
     rows = []
     for phase in dict.fromkeys([*PHASES, *measured_peaks]):
         moments = {k: v for k, v in (estimate.phases if estimate else {}).items() if _estimate_phase(k) == phase}
@@ -351,9 +420,22 @@ def _phase_blocks(m: dict, estimate: Estimate | None, unit: str) -> list[tuple]:
         if estimate is not None:
             top = max(moments, key=moments.get) if moments else None
             row += [f(moments[top]) if top else "—", ", ".join(f"{k} {f(v)}" for k, v in moments.items()) or "—"]
+            row.append(_check_cell(checks.get(phase)))
         rows.append(row)
-    header = ["phase", "measured peak"] + (["estimated peak", "estimated moments"] if estimate is not None else [])
-    return [("h2", "Peak per phase"), ("table", header, rows)]
+    header = ["phase", "measured peak"]
+    header += ["estimated peak", "estimated moments", "estimate / measured"] if estimate is not None else []
+    blocks = [("h2", "Peak per phase"), ("table", header, rows)]
+    flagged = [underestimate_text(c) for c in compared if c["underestimated"]]
+    if flagged:
+        pct = round(100 * UNDER_ESTIMATE_TOLERANCE)
+        blocks += [("h2", f"Under-estimated phases (measured more than {pct}% above the estimate)"), ("ul", flagged)]
+    return blocks
+
+
+def _check_cell(c: dict | None) -> str:
+    if c is None:
+        return "—"
+    return f"{c['ratio']:.2f}" + (" ⚠ under-estimated" if c["underestimated"] else "")
 
 
 def _md_cell(text: str) -> str:
@@ -430,6 +512,7 @@ def write_report(out_dir: Path, samples: list[Sample], estimate: Estimate | None
         "measured": m,
         "estimate": estimate.to_dict() if estimate is not None else None,
         "ratio_estimate_over_measured": ratio(estimate, m),
+        "phases_compared": compare_phases(samples, estimate),
         "samples": [s.to_dict() for s in samples],
     }
     (out_dir / "memory.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")

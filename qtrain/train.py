@@ -29,7 +29,7 @@ from rich.console import Console
 
 from qtrain.adapter import load_adapter_weights, read_adapter_config, save_adapter
 from qtrain.config import DTYPES, Config, to_dict
-from qtrain.data import IGNORE_INDEX, Batches, eval_batches, load_data
+from qtrain.data import IGNORE_INDEX, Batches, describe_batches, eval_batches, load_data
 from qtrain.estimate import estimate, suggestions, workload_for
 from qtrain.evaluate import exact_match, generate
 from qtrain.fused import apply_fused_ops
@@ -318,7 +318,7 @@ def train(
     eval_rendered = eval_data.rendered[: cfg.eval.max_rows] if eval_data else []
     console.print(
         f"[bold]data[/] {len(train_data.examples)} train rows ({train_data.source}, {train_data.format}), "
-        f"{len(eval_examples)} eval rows, {len(data.plan())} {mode} batches per epoch"
+        f"{len(eval_examples)} eval rows, {describe_batches(mode, len(data.plan()), cfg.train.batch_size, cfg.data.max_length)}"
     )
     for ds in (train_data, eval_data) if eval_data else (train_data,):
         if ds.skipped:
@@ -492,7 +492,7 @@ def describe_methods(cfg: Config, spec: LoRASpec, targets: list[str]) -> str:
 def _memory_report(cfg, profiler, loaded, spec, device, shapes, report_dir: Path, console: Console) -> Path:
     """Stop measuring; write the report into `report_dir`: the measurement beside the estimate for
     the largest micro-batch the measured steps ran."""
-    from qtrain.memreport import write_report
+    from qtrain.memreport import summary_lines, write_report
 
     samples = profiler.samples()
     profiler.detach()
@@ -518,6 +518,8 @@ def _memory_report(cfg, profiler, loaded, spec, device, shapes, report_dir: Path
     path = write_report(report_dir, samples, est, info)
     peak = max(x.peak for x in samples)
     console.print(f"[bold]memory[/] measured peak {peak / GiB:.2f} GiB, estimated {est.peak / GiB:.2f} GiB; report: {path}")
+    for line in summary_lines(path):  # the ratio, and each phase the estimate under-estimates
+        console.print(f"[bold]memory[/] {line}", highlight=False)
     return path
 
 

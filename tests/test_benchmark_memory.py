@@ -158,7 +158,7 @@ def test_write_results(bench_mod, tmp_path):
     failed = {"model": "llama-2-7b", "setting": "build", "seq": None, "error": "RuntimeError: boom"}
     search = {"model": "llama-3.1-8b", "offload": True, "cap_gib": 24.0, "predicted": 40960, "found": 131072,
               "found_is_limit": True, "predicted_over_found": 40960 / 131072, "tries": [(40960, True), (131072, True)]}  # fmt: skip
-    meta = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "gpu_memory_gib": 79.1, "commit": "abc1234-dirty",
+    meta = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "gpu_memory_gib": 79.1, "commit": "abc1234", "dirty": True,
             "date": "2026-01-02T03:04:05+00:00", "torch": "2.13.0", "triton": "3.9.0", "bitsandbytes": "0.50.2",
             "transformers": "5.0", "optimizer": "paged_adamw_32bit", "loss": bench_mod.describe_loss(None),
             "cap_gib": 24.0, "steps": 3}  # fmt: skip
@@ -169,10 +169,14 @@ def test_write_results(bench_mod, tmp_path):
         "target_8gb": bench_mod.target_8gb([row, failed]),
     }
     json_path, md_path = bench_mod.write_results(result, tmp_path)
-    assert json_path.name == "memory-nvidia-h100-80gb-hbm3-2026-01-02-abc1234-dirty.json"
+    assert json_path.name == "memory-nvidia-h100-80gb-hbm3-2026-01-02-abc1234.json"  # dirty or not: the commit
     assert md_path.name == json_path.name.replace(".json", ".md")
     assert json.loads(json_path.read_text())["rows"][0]["seq"] == 2048
+    assert json.loads(json_path.read_text())["meta"]["dirty"] is True
     md = md_path.read_text()
+    assert "commit abc1234 (with uncommitted changes), 2026-01-02" in md
+    clean = bench_mod.merge_results({**result, "models": {}}, {**result, "models": {}, "meta": {**meta, "dirty": False}})
+    assert clean["meta"]["dirty"] is True  # merged with rows measured on uncommitted code
     assert "| llama-3.1-8b | seq | 2048 | 7.00 | 7.50 | 1.07 | 7.60 | 8.20 | 1.08 | 3000 | yes | yes |  |" in md
     assert "| llama-2-7b | build | - |" in md and "RuntimeError: boom" in md
     assert "| llama-3.1-8b | yes | 24 | 40960 | ≥ 131072 | 0.31 |" in md
@@ -199,6 +203,9 @@ def test_run_and_write_end_to_end_on_cpu(bench_mod, fake_cap, monkeypatch, tmp_p
     assert result["models"]["tiny-llama"]["backend"] == "torch"
     json_path, md_path = save.paths
     assert json_path.name.startswith("memory-cpu-") and md_path.read_text().startswith("# QLoRA training memory on cpu")
+    state = bench_mod.git_state()
+    assert json_path.name.endswith(f"-{state['commit']}.json") and "-dirty" not in json_path.name
+    assert (result["meta"]["commit"], result["meta"]["dirty"]) == (state["commit"], state["dirty"])
     assert json.loads(json_path.read_text())["rows"] == json.loads(json.dumps(rows))
     assert "| tiny-llama | seq+offload | 32 |" in capsys.readouterr().out
 

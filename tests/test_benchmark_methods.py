@@ -53,9 +53,11 @@ def test_measure_and_write(bench, tmp_path):
     assert abs(est.peak / peak - 1) < 0.25 and seconds > 0  # a sanity bound: tests/qtrain/test_estimate.py holds 10%
     row = {"method": "LoRA + prompt tuning", "trainable_params": 1, "measured_peak": peak, "frozen_weights": 1,
            "estimated_peak": est.peak, "estimate_over_measured": est.peak / peak, "estimated_peak_full": est.peak}  # fmt: skip
-    meta = {"device": "cpu (CPU-accounted)", "commit": "abc", "date": "2026-11-30T00:00:00+00:00", "torch": "x",
+    meta = {"device": "cpu (CPU-accounted)", "commit": "abc", "dirty": True, "date": "2026-11-30T00:00:00+00:00", "torch": "x",
             "model": "tiny", "measured_model": "tiny", "seq": 32, "full_seq": 32, "dtype": "float32"}  # fmt: skip
     bench.write_results({"meta": meta, "rows": [row]}, tmp_path)
     md = (tmp_path / "methods-cpu-2026-11-30-abc.md").read_text()
     assert "| LoRA + prompt tuning |" in md and "above the frozen weights" in md
+    assert "commit abc (with uncommitted changes), 2026-11-30" in md
+    assert json.loads((tmp_path / "methods-cpu-2026-11-30-abc.json").read_text())["meta"]["dirty"] is True
     assert json.loads((tmp_path / "methods-cpu-2026-11-30-abc.json").read_text())["rows"][0]["measured_peak"] == peak

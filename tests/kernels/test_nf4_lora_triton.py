@@ -330,11 +330,12 @@ def test_benchmark_shapes_and_report(tmp_path):
     row = dict(model="llama-3-8b", proj="q", K=4096, N=4096, bias=False, M=512, mode="fwd", ms=times, max_rel_err={},
                **bench.derived(times, 512, "fwd", 4096, 4096, 16))  # fmt: skip
     assert row["ours_over_bnb"] == 0.5 and row["ours_over_bf16"] == 2.0
-    meta = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "commit": "abc1234", "date": "2026-11-01T00:00:00+00:00",
+    meta = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "commit": "abc1234", "dirty": True, "date": "2026-11-01T00:00:00+00:00",
                 "torch": "x", "triton": "y", "bitsandbytes": None, "rank": 16, "timing": "t"}  # fmt: skip
     json_path, md_path = bench.write_results({"meta": meta, "rows": [row]}, tmp_path)
     assert json_path.name == "kernels-nvidia-h100-80gb-hbm3-2026-11-01-abc1234.json"
     assert "| llama-3-8b | q | 4096x4096 | 512 | fwd | 1.000 | 2.000 | 0.500 |" in md_path.read_text()
+    assert "commit abc1234 (with uncommitted changes), 2026-11-01" in md_path.read_text()
 
 
 # ---- GPU: bf16 at real shapes ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,77 @@ def test_usage_errors_exit_2(argv, capsys):
         main(argv)
     assert info.value.code == 2
     assert "usage: qtrain" in capsys.readouterr().err
+
+
+def test_train_without_config_asks_for_one(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: qtrain train CONFIG")
+    assert err.splitlines()[-1] == "qtrain train: error: give a config file, e.g. qtrain train configs/quickstart.yaml"
+
+
+def help_text(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse's line breaks undone
+
+
+def test_merge_help_says_what_merges_and_what_base_weights_means(capsys):
+    text = help_text(["merge"], capsys)
+    assert "standalone 16-bit checkpoint" in text and "AutoModelForCausalLM.from_pretrained loads" in text
+    assert "Only LoRA and DoRA adapters merge" in text and "qtrain generate --adapter DIR" in text
+    assert "nf4 (default): merge into the base as training saw it" in text
+    assert "original: merge into the checkpoint's own 16-bit weights" in text
+
+
+def test_generate_help_names_every_method_not_only_lora(capsys):
+    text = help_text(["generate"], capsys)
+    assert "LoRA adapter" not in text
+    assert "LoRA, DoRA and every other method" in text and "the other methods in their subfolders" in text
+    main_help = help_text([], capsys)
+    assert "a trained adapter (any method qtrain trains)" in main_help
+
+
+def test_dtype_names_are_the_configs():
+    from qtrain.cli import DTYPE_NAMES
+    from qtrain.config import DTYPES
+
+    assert DTYPE_NAMES == tuple(DTYPES)
+
+
+HELP_AND_USAGE_ERRORS = [
+    ["--help"],
+    ["train", "--help"],
+    ["memory", "estimate", "--help"],
+    ["memory", "profile", "--help"],
+    ["merge", "--help"],
+    ["generate", "--help"],
+    [],
+    ["frobnicate"],
+    ["train"],
+    ["merge", "--base", "x"],
+]
+
+
+def test_help_and_usage_errors_import_neither_torch_nor_transformers():
+    """`qtrain --help` answers at once: the heavy modules load only inside the subcommands."""
+    code = (
+        "import json, sys\n"
+        "from qtrain.cli import main\n"
+        f"for argv in {HELP_AND_USAGE_ERRORS!r}:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, 2), (argv, e.code)\n"
+        "heavy = ('torch', 'transformers', 'qtrain.config', 'rich')\n"
+        "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == []
 
 
 def test_console_script(tmp_path):

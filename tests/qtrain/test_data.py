@@ -32,6 +32,7 @@ from qtrain.data import (
     chat_messages,
     collate,
     collate_packed,
+    describe_batches,
     detect_format,
     eval_batches,
     load_data,
@@ -944,6 +945,27 @@ def test_batches_drop_the_partial_last_batch():
     for epoch in (got[:2], got[2:]):
         flat = [i for b in epoch for i in b]
         assert len(set(flat)) == 8  # distinct within an epoch; 2 rows sit out, different ones each epoch
+
+
+@pytest.mark.parametrize(
+    "mode, text",
+    [
+        ("pad", "250 batches of 16 rows per epoch (shuffled, each batch padded to its longest row)"),
+        ("group", "250 batches of 16 rows per epoch (rows of similar length together, each batch padded to its longest row)"),
+        ("pack", "250 batches of 16 sequences per epoch (rows packed back to back into sequences of data.max_length=512 tokens)"),
+    ],
+)
+def test_describe_batches_says_what_a_batch_holds(mode, text):
+    assert describe_batches(mode, 250, 16, max_length=512) == text
+
+
+def test_describe_batches_counts_a_real_plan():
+    stream = Batches(varied(120), 4, 0, seed=0, mode="pack", max_length=64)
+    n = len(stream.plan())
+    assert describe_batches("pack", n, 4, 64).startswith(f"{n} batches of 4 sequences per epoch")
+    assert describe_batches("pad", 1, 4) == "1 batch of 4 rows per epoch (shuffled, each batch padded to its longest row)"
+    with pytest.raises(ValueError, match="mode 'packed': use pad, group or pack"):
+        describe_batches("packed", 3, 4)
 
 
 def test_batches_are_padded_with_labels_masked():

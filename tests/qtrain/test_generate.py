@@ -251,6 +251,64 @@ def test_after_a_training_run(tmp_path, capsys):
     assert capsys.readouterr().out.count("◀ completion") == 2
 
 
+def test_a_run_with_a_relative_output_dir_generates_from_any_folder(tmp_path, monkeypatch, capsys):
+    """The adapter records its local base by absolute path: `qtrain generate --adapter /abs/...` works
+    from another working directory."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["train", str(QUICKSTART), *TINY_TRAIN, "output_dir=runs/quick"]) == 0
+    adapter = tmp_path / "work" / "runs" / "quick" / "adapter"
+    for name in ("adapter_config.json", "qtrain.json"):
+        assert json.loads((adapter / name).read_text())["base_model_name_or_path"] == str(adapter.parent / "base")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(adapter), "--prompt", "hi", *N, "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_hub_ids_are_recorded_as_given(tmp_path, monkeypatch):
+    from qtrain.adapter import base_model_reference
+
+    monkeypatch.chdir(tmp_path)
+    assert base_model_reference("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    (tmp_path / "org" / "model").mkdir(parents=True)  # a local folder of that shape: a directory, made absolute
+    assert base_model_reference("org/model") == str(tmp_path / "org" / "model")
+
+
+def with_recorded_base(adapter: Path, out: Path, base: str) -> Path:
+    """A copy of `adapter` that names its base `base`, as adapters saved before absolute paths did."""
+    shutil.copytree(adapter, out)
+    for name in ("adapter_config.json", "qtrain.json"):
+        cfg = json.loads((out / name).read_text())
+        cfg["base_model_name_or_path"] = base
+        (out / name).write_text(json.dumps(cfg))
+    return out
+
+
+def test_an_older_adapter_with_a_relative_base_loads_from_another_folder(base, adapter, tmp_path, monkeypatch, capsys):
+    from qtrain.generate import resolve_base
+
+    run = tmp_path / "runs" / "quick"
+    shutil.copytree(base, run / "base")
+    old = with_recorded_base(adapter, run / "adapter", "runs/quick/base")  # relative to tmp_path, where it trained
+    in_checkpoint = with_recorded_base(adapter, run / "checkpoints" / "step-2" / "adapter", "runs/quick/base")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert resolve_base(old, None) == (run / "base", str(run / "base"))
+    assert resolve_base(in_checkpoint, None) == (run / "base", str(run / "base"))
+    assert main(["generate", "--adapter", str(old), "--prompt", "hi", *N, "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_a_relative_base_found_nowhere_keeps_its_error(adapter, tmp_path, monkeypatch, capsys):
+    lost = with_recorded_base(adapter, tmp_path / "runs" / "lost" / "adapter", "runs/lost/base")
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--adapter", str(lost), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "base model 'runs/lost/base' (base_model_name_or_path in" in err and err.rstrip().endswith("pass --base PATH_OR_ID")
+
+
 # ---- errors: exit status 2, naming the path ----
 
 

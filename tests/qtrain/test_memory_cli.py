@@ -4,6 +4,9 @@ training on a GPU."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +53,41 @@ def test_every_config_fits_the_card_it_is_written_for(config, capsys):
     assert data["device_total_bytes"] < card * GiB, (config.name, data["device_total_bytes"] / GiB)
 
 
+def header(config: Path) -> str:
+    """A config's leading comment, as one line (comment marks and line breaks undone)."""
+    lines = []
+    for line in config.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(" ".join(lines).split())
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_config_headers_quote_the_estimate(config, capsys):
+    """Every number a GPU config's header gives for memory is a row of `qtrain memory estimate CONFIG`,
+    in GiB with two decimals, under the row's own name."""
+    text = header(config)
+    if "Memory, ESTIMATED" not in text:
+        assert config.name == "quickstart.yaml"
+        return
+    assert main(["memory", "estimate", str(config), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    items = [i for i in data["items"] if i["bytes"] >= 0.005 * GiB]  # rows that print as 0.00 are left out
+    weights = sum(i["bytes"] for i in data["items"] if i["category"] == "weights")
+    quoted = [f"{i['name']} {i['bytes'] / GiB:.2f}" for i in items] + [
+        f"weights {weights / GiB:.2f} = NF4 linears",
+        f"peak allocated {data['peak_bytes'] / GiB:.2f} GiB ({data['phase']})",
+        f"GPU total {data['device_total_bytes'] / GiB:.2f} GiB",
+    ]
+    if data["paged_bytes"]:
+        quoted.append(f"paged optimizer state {data['paged_bytes'] / GiB:.2f}")
+    if data["host_bytes"]:
+        quoted.append(f"offloaded activations {data['host_bytes'] / GiB:.2f}")
+    missing = [q for q in quoted if q not in text]
+    assert not missing, (config.name, missing)
+
+
 def test_estimate_without_model_is_a_usage_error(capsys):
     assert main(["memory", "estimate", "--seq", "128"]) == 2
     assert "model" in capsys.readouterr().err
@@ -67,7 +105,23 @@ def test_profile_writes_the_report(tmp_path, capsys):
     assert 0.85 < data["ratio_estimate_over_measured"] < 1.15  # tiny model, padded batches, fp32 on CPU
     phases = {s["phase"] for s in data["samples"]}
     assert phases == {"forward", "backward", "optimizer"}
-    assert "memory report:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "memory report:" in out
+    assert f"memory peak: estimate / measured = {round(data['ratio_estimate_over_measured'], 2):.2f}: the estimate is" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the torch profiler runs on CPU only")
+def test_profile_on_cpu_keeps_the_torch_profilers_noise_off_the_console(tmp_path):
+    argv = ["memory", "profile", str(QUICKSTART), "--steps", "2", *TINY, "--output-dir", str(tmp_path / "run")]
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "qtrain.cli", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    console = proc.stdout + proc.stderr
+    for noise in ("USDT:", "profiler_start", "profiler_stop", "CPUAllocator.cpp", "Memory block of unknown size"):
+        assert noise not in console, noise
+    assert "memory report:" in proc.stdout and (tmp_path / "run" / "memory_report.html").is_file()
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:

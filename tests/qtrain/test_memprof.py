@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
+import pytest
 import torch
 
 from qtrain.lora import LoRASpec
 from qtrain.memory import OffloadActivations, SavedTensors
-from qtrain.memprof import CATEGORIES, MemoryProfiler, cpu_peak_bytes
+from qtrain.memprof import CATEGORIES, MemoryProfiler, cpu_peak_bytes, profiler_noise_filtered
 from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import train_step
 
@@ -90,3 +94,29 @@ def test_cpu_peak_bytes_counts_what_fn_holds_at_once():
     peak, result = cpu_peak_bytes(fn)
     assert result == 2 << 20 and peak == 4 << 20
     assert kept.sum() == 1 << 16
+
+
+USDT = b"USDT:2026-12-02 16:12:02 4095:4095 SyncActivityProfilerHandler.cpp:52] profiler_start\n"
+UNKNOWN_BLOCK = (
+    b"[W1202 16:12:02.413988311 CPUAllocator.cpp:245] Memory block of unknown size was allocated before the "
+    b"profiling started, profiler results will not include the deallocation event\n"
+)
+
+
+def test_profiler_noise_is_dropped_and_every_other_line_written_back(capfd, monkeypatch):
+    monkeypatch.delenv("KINETO_LOG_LEVEL", raising=False)
+    with pytest.raises(RuntimeError, match="boom"), profiler_noise_filtered():
+        os.write(2, USDT + b"a real error from C++\n" + UNKNOWN_BLOCK + USDT.replace(b"start", b"stop"))
+        print("a Python warning", file=sys.stderr)
+        raise RuntimeError("boom")  # stderr is given back on the way out
+    err = capfd.readouterr().err
+    assert sorted(err.splitlines()) == ["a Python warning", "a real error from C++"]
+    os.write(2, USDT)
+    assert capfd.readouterr().err == USDT.decode()  # restored: outside the block nothing is filtered
+
+
+def test_profiler_noise_stays_when_kinetos_log_is_asked_for(capfd, monkeypatch):
+    monkeypatch.setenv("KINETO_LOG_LEVEL", "0")
+    with profiler_noise_filtered():
+        os.write(2, USDT)
+    assert capfd.readouterr().err == USDT.decode()

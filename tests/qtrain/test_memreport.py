@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 
@@ -11,7 +12,7 @@ import torch
 
 from qtrain.estimate import Estimate, Item
 from qtrain.memprof import CATEGORIES, Sample
-from qtrain.memreport import fmt_bytes, timeline_figure, write_report
+from qtrain.memreport import fmt_bytes, ratio_text, summary_lines, timeline_figure, write_report
 from qtrain.model import enable_checkpointing
 
 GiB, MiB = 2**30, 2**20
@@ -104,6 +105,9 @@ def test_report_files_json_markdown_html(tmp_path):
     assert "| model | tiny-llama |" in md and "| gradient checkpointing | yes |" in md
     assert fmt_bytes(peak, "GiB") in md and fmt_bytes(est.peak, "GiB") in md
     assert f"| {est.peak / peak:.2f} |" in md
+    assert "| 1.02 | estimate / measured = 1.02: the estimate is 2% above the measurement (on the safe side) |" in md
+    assert "| forward | 5.06 GiB | 5.19 GiB | loss forward 5.19 GiB | 1.02 |" in md  # within 10%: not flagged
+    assert "⚠" not in md and "## Under-estimated phases" not in md
     assert "| weights | 2.00 GiB | 2.00 GiB | 0.00 GiB |" in md
     assert "| other | 1.50 GiB | 0.50 GiB | -1.00 GiB |" in md
     assert "| transient | 0.00 GiB | 1.00 GiB | +1.00 GiB |" in md
@@ -117,6 +121,52 @@ def test_report_files_json_markdown_html(tmp_path):
     assert "<table>" in text and fmt_bytes(peak, "GiB") in text and "<td>weights</td>" in text
 
 
+@pytest.mark.parametrize(
+    "ratio, text",
+    [
+        (0.94, "estimate / measured = 0.94: the estimate is 6% below the measurement"),
+        (0.9449, "estimate / measured = 0.94: the estimate is 6% below the measurement"),  # as printed
+        (1.12, "estimate / measured = 1.12: the estimate is 12% above the measurement (on the safe side)"),
+        (1.001, "estimate / measured = 1.00: the estimate matches the measurement"),
+    ],
+)
+def test_ratio_text_says_which_side(ratio, text):
+    assert ratio_text(ratio) == text
+
+
+def test_phases_measured_more_than_10_percent_above_the_estimate_are_flagged(tmp_path):
+    samples, est = two_steps(), an_estimate()
+    est.phases["last layer's backward"] = 2 * GiB  # measured backward peak: 2.76 GiB (step 2)
+    est.phases["optimizer step"] = 2 * GiB + 180 * MiB  # measured 2.19 GiB: 7% above, within the tolerance
+    page = write_report(tmp_path, samples, est, {"title": "flags"})
+    backward = W + A + O + GiB // 2 + A + 10 * MiB
+    doc = json.loads((tmp_path / "memory.json").read_text())
+    compared = {c["phase"]: c for c in doc["phases_compared"]}
+    assert [p for p, c in compared.items() if c["underestimated"]] == ["backward"]
+    assert compared["backward"] == {
+        "phase": "backward",
+        "measured_bytes": backward,
+        "where": "step 2, lm_head + loss backward → backward layer 0",
+        "moment": "last layer's backward",
+        "estimated_bytes": 2 * GiB,
+        "ratio": pytest.approx(2 * GiB / backward),
+        "underestimated": True,
+    }
+    flag = (
+        "backward under-estimated: measured 2.76 GiB (step 2, lm_head + loss backward → backward layer 0), "
+        "estimated 2.00 GiB (last layer's backward); estimate / measured = 0.72: the estimate is 28% below the measurement"
+    )
+    md = (tmp_path / "memory_report.md").read_text()
+    assert "| backward | 2.76 GiB | 2.00 GiB | last layer's backward 2.00 GiB | 0.72 ⚠ under-estimated |" in md
+    assert "| optimizer | 2.19 GiB | 2.18 GiB | optimizer step 2.18 GiB | 0.99 |" in md
+    assert "## Under-estimated phases (measured more than 10% above the estimate)" in md and f"- {flag}\n" in md
+    assert f"<li>{html.escape(flag)}</li>" in page.read_text()
+    assert summary_lines(page) == [
+        "peak: estimate / measured = 1.02: the estimate is 2% above the measurement (on the safe side)",
+        flag,
+    ]
+
+
 def test_report_without_estimate(tmp_path):
     samples = two_steps()
     page = write_report(tmp_path, samples, None, {"device": "cpu"})
@@ -125,6 +175,7 @@ def test_report_without_estimate(tmp_path):
     assert all((tmp_path / name).is_file() for name in FILES) and page.is_file()
     md = (tmp_path / "memory_report.md").read_text()
     assert "| category | measured |" in md and "| transient | 1.00 GiB |" in md and "ratio" not in md
+    assert doc["phases_compared"] == [] and summary_lines(page) == []
 
 
 def test_small_runs_use_mib(tmp_path):
