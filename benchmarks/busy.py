@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import subprocess
@@ -72,7 +73,7 @@ def run_quickstart(policy: str, busy: bool, overrides: list[str], timeout: float
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
-        f"# The quickstart idle and beside one busy process ({meta['date'][:10]}, {meta['commit']})",
+        f"# The quickstart idle and beside one busy process ({meta['date'][:10]}, commit {_common().describe_commit(meta)})",
         "",
         f"{meta['cpu']}, {meta['cores']} cores; overrides: {' '.join(meta['overrides']) or 'none'}.",
         "",
@@ -95,14 +96,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from cpu import cpu_name, git_commit, write_results  # noqa: E402  (benchmarks/ is no package)
+def _common():
+    """benchmarks/_common.py, loaded by path (benchmarks/ is no package; the tests load this script by path)."""
+    spec = importlib.util.spec_from_file_location("qtrain_benchmarks_common", Path(__file__).with_name("_common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+def main(argv=None) -> int:
     args = parse_args(argv)
-    commit, dirty = git_commit()
-    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit, "dirty": dirty,
-            "cpu": cpu_name(), "cores": os.cpu_count(), "overrides": args.overrides}  # fmt: skip
+    common = _common()
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **common.git_state(ROOT),
+            "cpu": common.cpu_name(), "cores": os.cpu_count(), "overrides": args.overrides}  # fmt: skip
     result = {"meta": meta, "policies": {}}
     for policy in args.policies:
         row = {}
@@ -110,7 +116,7 @@ def main(argv=None) -> int:
             row["busy" if busy else "idle"] = run_quickstart(policy, busy, args.overrides, args.timeout)
             print(f"{policy:>10} {'busy' if busy else 'idle'}: {row['busy' if busy else 'idle']['wall_seconds']:.1f} s", flush=True)
         result["policies"][policy] = row
-    paths = write_results(result, args.out, "busy", markdown(result))
+    paths = common.write_results(result, args.out, "busy", markdown(result))
     print(markdown(result) + f"\nresults: {paths[0]}")
     return 0
 

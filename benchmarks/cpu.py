@@ -32,10 +32,9 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
-import platform
+import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -122,37 +121,16 @@ def run_setting(config, batch: int, seq: int, dtype_name: str, rounds: int, warm
     return row
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags.split(":", 1)[1].split() if f.startswith(("avx512_bf16", "avx512f", "amx", "avx2")))
-
-
-def git_commit() -> tuple[str, bool]:
-    """(short commit, whether the tree had uncommitted changes)."""
-    def run(*a):
-        return subprocess.run(a, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        return run("git", "rev-parse", "--short", "HEAD"), bool(run("git", "status", "--porcelain"))
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", False
+def _common():
+    """benchmarks/_common.py, loaded by path (benchmarks/ is no package; the tests load this script by path)."""
+    spec = importlib.util.spec_from_file_location("qtrain_benchmarks_common", Path(__file__).with_name("_common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def metadata(args) -> dict:
-    commit, dirty = git_commit()
+    common = _common()
     versions = {}
     for dist in ("torch", "transformers", "bitsandbytes", "peft"):
         try:
@@ -161,11 +139,10 @@ def metadata(args) -> dict:
             versions[dist] = None
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "dirty": dirty,
-        "cpu": cpu_name(),
-        "cpu_flags": cpu_flags(),
-        "cores": torch.get_num_threads() if args.threads == 0 else None,
+        **common.git_state(ROOT),  # commit, dirty
+        "cpu": common.cpu_name(),
+        "cpu_flags": common.cpu_flags(),
+        "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "model": args.model,
         "model_config": MODELS[args.model],
@@ -183,7 +160,7 @@ def _mib(n: int) -> str:
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
-        f"# CPU training: qtrain vs transformers + bitsandbytes NF4 + PEFT ({meta['date'][:10]}, {meta['commit']})",
+        f"# CPU training: qtrain vs transformers + bitsandbytes NF4 + PEFT ({meta['date'][:10]}, commit {_common().describe_commit(meta)})",
         "",
         f"{meta['cpu']}, {meta['threads']} thread(s); torch {meta['torch']}, transformers {meta['transformers']}, "
         f"bitsandbytes {meta['bitsandbytes']}, peft {meta['peft']}. Model `{meta['model']}` {meta['model_config']}; "
@@ -201,19 +178,6 @@ def markdown(result: dict) -> str:
             f"| {r['max_loss_diff']:.1e} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def write_results(result: dict, out: Path) -> tuple[Path, Path]:
-    meta = result["meta"]
-    slug = re.sub(r"[^a-z0-9]+", "-", meta["cpu"].lower()).strip("-")[:40]
-    stem = out / f"cpu-{slug}-{meta['date'][:10]}-{meta['commit']}"
-    out.mkdir(parents=True, exist_ok=True)
-    paths = stem.with_suffix(".json"), stem.with_suffix(".md")
-    for path, text in zip(paths, (json.dumps(result, indent=2), markdown(result))):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)  # atomic: a reader never sees half a file
-    return paths
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -245,7 +209,7 @@ def main(argv=None) -> int:
               f"qtrain {q['tokens_per_s']:8,.0f} tok/s {_mib(q['step_memory_bytes']):>8} MiB | "
               f"speed {row['speed_ratio']:.2f}x memory {row['memory_ratio']:.2f}x | max loss diff {row['max_loss_diff']:.1e}",
               flush=True)  # fmt: skip
-        paths = write_results(result, args.out)
+        paths = _common().write_results(result, args.out, "cpu", markdown(result))  # after every setting
     print(f"results: {paths[0]} and {paths[1].name}")
     return 0
 

@@ -284,8 +284,8 @@ def test_lora_linear_triton_backend_matches_torch_backend(triton_device):
 def test_benchmark_exits_cleanly_without_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the benchmark would run")
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
-    # cwd outside the repo: `python benchmarks/kernels.py` puts benchmarks/ (not the root) on sys.path
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_speed.py"
+    # cwd outside the repo: `python benchmarks/kernel_speed.py` puts benchmarks/ (not the root) on sys.path
     proc = subprocess.run(
         [sys.executable, str(script), "--quick"], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
     )
@@ -315,7 +315,7 @@ def test_kernels_compile_for_nvidia_targets(tmp_path):
 def test_benchmark_shapes_and_report(tmp_path):
     import importlib.util
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_speed.py"
     spec = importlib.util.spec_from_file_location("qtrain_benchmark_kernels", script)  # not `kernels`
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -1,8 +1,8 @@
 """NF4 linear + LoRA: the fused Triton backend against what others run, on real projection shapes.
 
-    python benchmarks/kernels.py                       # every model, M in 1 16 512 4096 8192, all modes
-    python benchmarks/kernels.py --quick               # Llama-3-8B, M in 1 512 4096, fewer repetitions
-    python benchmarks/kernels.py --models llama-3-8b qwen2.5-7b --m 512 4096 --modes fwd fwd+bwd
+    python benchmarks/kernel_speed.py                       # every model, M in 1 16 512 4096 8192, all modes
+    python benchmarks/kernel_speed.py --quick               # Llama-3-8B, M in 1 512 4096, fewer repetitions
+    python benchmarks/kernel_speed.py --models llama-3-8b qwen2.5-7b --m 512 4096 --modes fwd fwd+bwd
 
 Variants, all with the same rank-r LoRA adapter kept in fp32 (as PEFT and qtrain do for QLoRA):
 - ours: `qtrain.kernels.nf4_lora_triton` (W dequantized in registers inside the matmul, fused epilogue);
@@ -21,9 +21,6 @@ and exits 0.
 """
 
 from __future__ import annotations
-
-if __name__ == "kernels":  # `python benchmarks/kernels.py` puts benchmarks/ first on sys.path
-    raise ImportError("benchmarks/kernels.py is qtrain's kernel benchmark, not Hugging Face's `kernels` package")
 
 import argparse
 import datetime as dt
@@ -281,7 +278,7 @@ def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing measured.")
+        print("benchmarks/kernel_speed.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing measured.")
         return 0
     print(HEADER)
     result = run(args)
