@@ -47,22 +47,28 @@ def linear_cross_entropy_reference(
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
 
 
-MIN_CHUNK_TOKENS = 256  # below this, every chunk re-reads the whole [V, D] lm_head for a few rows
+CHUNK_ROWS = (64, 256)  # a chunk of at least this many rows, and at most this many unless H is larger
 
 
 def default_chunk_size(n_tokens: int, vocab: int, hidden_size: int) -> int:
-    """Tokens per chunk: one chunk of logits [C, V] about as large as H [N, D], and at least 256 rows.
+    """Tokens per chunk: half the tokens, within 64..256 rows, or more when the logits stay H's size.
 
-    Liger-Kernel's rule, C = next_power_of_2(ceil(N / ceil(V / D))), keeps the logits near H's size
-    whatever N; alone it gives tiny chunks at short sequences (N=64, V=32000, D=512: C=2), and each
-    chunk reads all of W [V, D] three times (logits, dH, dW) for C rows. So C is at least
-    MIN_CHUNK_TOKENS, then clamped to [1, N]. Measured (benchmarks/cpu.py's model, one CPU thread,
-    D=512, V=32000, forward + backward): C=256 is the fastest of 64..1024 and full logits at N=256..2048
-    in fp32 and bf16, and 9x faster than C=2 at N=64. Llama-3 8B (V=128256, D=4096) with N=8192
-    tokens: ceil(V/D)=32, C=256, 256 x 128256 logits (131 MB in fp32); N=65536: C=2048.
+    Each chunk reads all of W [V, D] twice (logits, dH), so small chunks are slow: at D=512, V=32000
+    on one CPU thread a [C, D] x [D, V] product costs about the same ~17 ms from C=16 to C=32
+    (reading W), 0.45 ms a row from C=64 on (arithmetic). Large chunks hold more: one chunk's logits,
+    C x V fp32, is most of what the loss adds to a step. So C = next_power_of_2(N / 2), clamped to
+    64..256 rows (at most half the full logits from N=128 on, never below the size that pays for
+    reading W), and at least Liger-Kernel's next_power_of_2(ceil(N / ceil(V / D))), which keeps the
+    logits about H's size at long sequences (Llama-3 8B, V=128256, D=4096: N=8192 gives 256,
+    N=65536 gives 2048); then at most N. Measured on the model of benchmarks/cpu.py (fp32, forward +
+    backward of the loss): N=2048: 256 rows 1.63 s, 64 rows (the Liger rule alone) 1.83 s, full
+    logits 2.03 s; N=256: 128 rows 241 ms, 64 rows 294 ms; N=64: 64 rows 68 ms, 32 rows 83 ms, 2 rows
+    (the Liger rule alone) 551 ms.
     """
-    chunk = max(1, math.ceil(n_tokens / math.ceil(vocab / hidden_size)))
-    return max(1, min(n_tokens, max(MIN_CHUNK_TOKENS, 1 << (chunk - 1).bit_length())))
+    lo, hi = CHUNK_ROWS
+    liger = 1 << (max(1, math.ceil(n_tokens / math.ceil(vocab / hidden_size))) - 1).bit_length()
+    half = 1 << (max(1, math.ceil(n_tokens / 2)) - 1).bit_length()
+    return max(1, min(n_tokens, max(liger, min(hi, max(lo, half)))))
 
 
 def _chunk_loss_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, grad: bool) -> torch.Tensor:

@@ -230,10 +230,11 @@ def _dequantize_nf4_native(ops, nf4: NF4Tensor, dtype: torch.dtype) -> torch.Ten
     shape, bitsandbytes 0.50 restarts the 64-value blocks at every row, wrong for rows whose length is
     no multiple of 64 (bitsandbytes quantizes the flat tensor); it needs an even n (whole bytes)."""
     n = nf4.numel()
-    absmax = nf4.absmax.float()  # [nblocks]
     if nf4.double_quant:  # code[idx] * scale[block] + offset, in fp32 as `block_absmax`
         absmax = ops.dequantize_blockwise(nf4.absmax, nf4.absmax_scale, nf4.absmax_code, nf4.absmax_blocksize, torch.float32)
         absmax += nf4.absmax_offset
+    else:
+        absmax = nf4.absmax.float()  # [nblocks]
     w = ops.dequantize_4bit(nf4.packed, absmax, nf4.blocksize, "nf4", (n,), dtype)  # [1, n]
     return w.view(nf4.shape)
 
