@@ -1,7 +1,7 @@
 """The quickstart on an idle and on a busy CPU, under each CPU-thread policy.
 
-    python benchmarks/busy.py                                     # full quickstart, every policy (~15 min on 2 cores)
-    python benchmarks/busy.py --policies qtrain torch --overrides train.max_steps=100 eval.max_rows=40
+    python benchmarks/busy.py                                     # full quickstart: qtrain's policy and torch's (~15 min on 2 cores)
+    python benchmarks/busy.py --policies qtrain torch one-thread passive short-spin --overrides train.max_steps=100
 
 A laptop or CI machine is rarely idle. With as many OpenMP threads as cores, one other busy process
 makes every parallel region wait for the thread that lost its core, and GNU OpenMP's threads spin
@@ -15,7 +15,8 @@ policy:
   with `train.threads=0` (leave the thread count to torch) and `OMP_WAIT_POLICY` set to an empty
   value, which GNU OpenMP treats as unset;
 - `one-thread`: `train.threads=1`;
-- `passive`: torch's thread count with `OMP_WAIT_POLICY=PASSIVE` (waiting threads sleep at once).
+- `passive`: torch's thread count with `OMP_WAIT_POLICY=PASSIVE` (waiting threads sleep at once);
+- `short-spin`: torch's thread count, GNU OpenMP spinning 10,000 rounds (`GOMP_SPINCOUNT`) before it sleeps.
 
 Reported: the wall time of the whole command (model build, exact match before and after, training)
 and the training seconds it reports (result.json), idle and busy, and busy / idle. Target (issue 14):
@@ -43,7 +44,9 @@ POLICIES = {  # name: (environment, overrides)
     "torch": ({"OMP_WAIT_POLICY": ""}, ["train.threads=0"]),
     "one-thread": ({}, ["train.threads=1"]),
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["train.threads=0"]),
+    "short-spin": ({"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "10000"}, ["train.threads=0"]),
 }
+DEFAULT_POLICIES = ["qtrain", "torch"]
 BUSY_LOOP = "while True: pass"
 
 
@@ -57,7 +60,8 @@ def run_quickstart(policy: str, busy: bool, overrides: list[str], timeout: float
             argv = [sys.executable, "-m", "qtrain.cli", "train", str(QUICKSTART), *overrides, *policy_overrides,
                     "log.tensorboard=false", "log.plot=false", f"output_dir={out}"]  # fmt: skip
             t0 = time.perf_counter()
-            proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+            # cwd: not the repository root, whose kernels/ folder must not be importable as `kernels`
+            proc = subprocess.run(argv, cwd=out, env=env, capture_output=True, text=True, timeout=timeout, check=False)
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise RuntimeError(f"{policy} (busy={busy}) failed with {proc.returncode}: {proc.stderr[-2000:]}")
@@ -89,7 +93,7 @@ def markdown(result: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policies", nargs="+", choices=sorted(POLICIES), default=list(POLICIES))
+    p.add_argument("--policies", nargs="+", choices=sorted(POLICIES), default=DEFAULT_POLICIES, help="default: qtrain torch")
     p.add_argument("--overrides", nargs="*", default=[], help="quickstart overrides, e.g. train.max_steps=100")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run before it counts as failed")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

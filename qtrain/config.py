@@ -113,6 +113,7 @@ class TrainConfig:
     autocast: bool = True  # with a bf16/fp16 model.dtype: matmuls under torch.autocast (fp16 adds loss scaling)
     seed: int = 42
     deterministic: bool = False  # deterministic kernels (slower on GPU)
+    threads: int | None = None  # torch CPU threads; null: adaptive (every core, one fewer per core's worth of other work: qtrain.threads); 0: torch's default
     log_every: int = 10  # steps between console/TensorBoard flushes
 
 
@@ -232,6 +233,7 @@ class Config:
                 "data.num_eval": d.num_eval,
                 "eval.every": e.every,
                 "checkpoint.every": c.every,
+                "train.threads": 0 if t.threads is None else t.threads,
             },
         )
         _check(

@@ -7,6 +7,7 @@ weights saved with `save_pretrained` (sharded safetensors), and a character-leve
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -84,6 +85,21 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(path, max_shard_size=max_shard_size)
+    with _no_progress_bars():  # a tiny model: no "Writing model shards" bar on the console
+        model.save_pretrained(path, max_shard_size=max_shard_size)
     char_tokenizer().save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' progress bars off for the block, then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()

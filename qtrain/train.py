@@ -47,6 +47,7 @@ from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optim
 from qtrain.presets import resolve_config
 from qtrain.progress import TrainProgress
 from qtrain.resume import load_state, resolve_resume, save_checkpoint, set_rng_state
+from qtrain.threads import ThreadGovernor
 from qtrain.tiny import build_tiny_model
 
 GiB = 2**30
@@ -277,6 +278,7 @@ def train(
     optimizer_name = resolve_optimizer(cfg.train.optimizer, device)  # fails before the model loads
     dtype = DTYPES[cfg.model.dtype]
     seed_everything(cfg.train.seed, cfg.train.deterministic)
+    threads = ThreadGovernor(cfg.train.threads)  # adaptive by default: a core fewer per core of other work
 
     # 1. model: NF4 base, LoRA adapters on the targets
     path = model_path(cfg, out)
@@ -304,7 +306,8 @@ def train(
     )
     console.print(
         f"[bold]model[/] {path} ({loaded.config.model_type}, {'NF4' if cfg.model.quantize else cfg.model.dtype} base) "
-        f"loaded in {time.perf_counter() - t0:.1f}s on {device}; {describe_methods(cfg, spec, loaded.targets)}; "
+        f"loaded in {time.perf_counter() - t0:.1f}s on {device}{f' ({threads.describe()})' if device.type == 'cpu' else ''}; "
+        f"{describe_methods(cfg, spec, loaded.targets)}; "
         f"trainable {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)"
     )
     if fused:
@@ -377,6 +380,7 @@ def train(
 
     # 5. score before
     can_score = cfg.eval.exact_match and any(r.answer is not None for r in eval_rendered)
+    threads.tick()
     if can_score and "exact_match_before" not in trainer:
         trainer["exact_match_before"] = exact_match(model, tokenizer, eval_rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         console.print(f"[bold]exact match before[/] {trainer['exact_match_before']:.1%}")
@@ -397,6 +401,7 @@ def train(
         progress = TrainProgress(console, cfg.train.max_steps, start, device.type, cfg.train.log_every, cfg.log.progress_seconds)
         with logger, stop, progress:
             for step in range(start + 1, cfg.train.max_steps + 1):
+                threads.tick()
                 micro = [next(data) for _ in range(cfg.train.grad_accum)]
                 measure = profiler is not None and step - start <= profile_memory
                 try:

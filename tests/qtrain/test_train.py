@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from qtrain.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_INFO, load_adapter_weights, read_adapter_config
-from qtrain.config import Config, load_config
+from qtrain.config import Config, ConfigError, load_config
 from qtrain.data import IGNORE_INDEX, batches, synthetic_split, tokenize_row
 from qtrain.lora import LoRASpec, lora_modules
 from qtrain.model import load_model
@@ -223,6 +223,13 @@ def test_cuda_without_gpu_raises():
     with pytest.raises(ValueError, match="device=cuda but no CUDA GPU"):
         pick_device("cuda")
     assert pick_device("auto") == torch.device("cpu")
+
+
+def test_threads_key_is_checked():
+    assert load_config(QUICKSTART, ["train.threads=2"]).train.threads == 2
+    assert load_config(QUICKSTART).train.threads is None
+    with pytest.raises(ConfigError, match=r"train.threads: must be >= 0, got -1"):
+        load_config(QUICKSTART, ["train.threads=-1"])
 
 
 def test_cpu_device():
