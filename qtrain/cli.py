@@ -95,7 +95,8 @@ def _memory_estimate(args: argparse.Namespace) -> int:
     what = f"{model}: {method}, batch {w.batch_size} x {w.seq_len} tokens, {str(w.dtype).removeprefix('torch.')}, "
     what += f"{'NF4' if w.quantize else '16-bit'} base, {w.backend} kernels, checkpointing {'on' if w.gradient_checkpointing else 'off'}"
     what += (", offload on" if w.offload_activations else "") + f", {w.optimizer}, on {w.device}"
-    console.print(estimate_table(est, title=what))
+    console.print(what, soft_wrap=True)  # one line, however long
+    console.print(estimate_table(est, title=None))
     table = Table(title=f"longest seq_len that fits (batch {w.batch_size})", title_justify="left")
     table.add_column("GPU memory")
     table.add_column("max seq_len", justify="right")
@@ -162,7 +163,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompts += read_prompts_file(args.prompts_file)
     interactive = not prompts and sys.stdin.isatty()
     if not prompts and not interactive:  # `echo hi | qtrain generate ...`: one prompt per line
-        prompts = [Prompt(line) for line in sys.stdin.read().splitlines() if line.strip()]
+        prompts = [Prompt.from_line(line) for line in sys.stdin.read().splitlines() if line.strip()]
         if not prompts:
             raise ValueError("no prompts: give --prompt TEXT, --prompts-file FILE, or prompts on stdin, one per line")
     model, tokenizer, info = load_for_inference(
@@ -198,7 +199,7 @@ def _generate(args: argparse.Namespace) -> int:
     err.print("type a prompt and press Enter; Ctrl-D to quit", style="dim")
     for line in sys.stdin:
         if line.strip():
-            show(complete(model, tokenizer, [Prompt(line.rstrip("\n"))], template, **options))
+            show(complete(model, tokenizer, [Prompt.from_line(line)], template, **options))
     return 0
 
 
@@ -308,7 +309,8 @@ def parser() -> argparse.ArgumentParser:
         description="qtrain generate --adapter DIR [--prompt TEXT ...]: loads the base model as it was held in "
         "training, applies the adapter qtrain train wrote (LoRA, DoRA and every other method: IA3, AdaLoRA, "
         "bottleneck adapters, prompt and prefix tuning, ...) and completes the prompts. Without "
-        "--prompt/--prompts-file, prompts are read from stdin, one per line (echo hi | qtrain generate --adapter DIR)",
+        "--prompt/--prompts-file, prompts are read from stdin, one per line, PROMPT or PROMPT<tab>INPUT "
+        "(printf 'Is this number even or odd?\\t42\\n' | qtrain generate --adapter DIR)",
     )
     g.add_argument(
         "--adapter",

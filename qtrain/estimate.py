@@ -523,7 +523,7 @@ def fmt_gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def estimate_table(est: Estimate, title: str = "memory estimate"):
+def estimate_table(est: Estimate, title: str | None = "memory estimate"):
     """A rich Table of the estimate's items, with the totals as the last rows."""
     from rich.table import Table
 

@@ -29,10 +29,16 @@ PROMPT_FORMATS = (*FORMATS, "none")  # what format_prompt renders
 
 @dataclass
 class Prompt:
-    """One prompt; `input` is alpaca's optional input (from a .jsonl prompts file)."""
+    """One prompt; `input` is alpaca's optional input (--input, a .jsonl prompts file, or after a tab)."""
 
     text: str
     input: str = ""
+
+    @classmethod
+    def from_line(cls, line: str) -> Prompt:
+        """A line of stdin or a plain prompts file: "PROMPT", or "PROMPT<tab>INPUT"."""
+        text, _, extra = line.rstrip("\n").partition("\t")
+        return cls(text, extra)
 
 
 # ---- loading ----
@@ -194,14 +200,14 @@ def resolve_template(template: str, info: dict) -> str:
 
 
 def read_prompts_file(path: str | Path) -> list[Prompt]:
-    """One prompt per non-empty line; or, for .jsonl, one JSON object per line with a "prompt" or
-    "instruction" string (and an optional alpaca "input")."""
+    """One prompt per non-empty line ("PROMPT" or "PROMPT<tab>INPUT"); or, for .jsonl, one JSON object
+    per line with a "prompt" or "instruction" string (and an optional alpaca "input")."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such prompts file")
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix != ".jsonl":
-        return [Prompt(line) for line in lines if line.strip()]
+        return [Prompt.from_line(line) for line in lines if line.strip()]
     prompts = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

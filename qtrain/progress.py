@@ -7,7 +7,8 @@
 On a terminal: rich's bar (step, loss, lr, tok/s, memory, elapsed, ETA), redrawn in place. When the
 console is not a terminal (a log file, `nohup`, CI), a redrawn bar would print nothing until the end;
 instead one plain line is printed at the first step, every `every_steps` steps, whenever
-`every_seconds` have passed since the last line, and at the last step:
+`every_seconds` have passed since the last line, and at the last step, with the mean loss of the
+steps since the line before:
 
     step 120/600 (20%) loss 1.2345 lr 2.94e-03 5,310 tok/s RSS 0.21 GiB elapsed 0:00:24 ETA 0:01:36
 """
@@ -41,6 +42,7 @@ class TrainProgress:
         self.total, self.start, self.every_steps, self.every_seconds = total, start, every_steps, every_seconds
         self.mem_name = "GPU" if device_type == "cuda" else "RSS"
         self._clock, self._t0, self._last = clock, None, None
+        self._losses: list[float] = []  # since the last plain line
         self._live = console.is_terminal
         self._bar = _bar(console, self.mem_name) if self._live else None
         self._console = console
@@ -68,11 +70,14 @@ class TrainProgress:
             self._bar.update(self._task, completed=step, loss=loss, lr=lr, tps=tokens_per_s, mem=mem_gib)
             return
         now = self._clock()
+        self._losses.append(loss)
         due = self._last is None or step % self.every_steps == 0 or step == self.total
         if not (due or now - self._last >= self.every_seconds):
             return
         self._last = now
-        line = self.line(step, loss, lr, tokens_per_s, mem_gib, now - self._t0)
+        mean_loss = sum(self._losses) / len(self._losses)
+        self._losses.clear()
+        line = self.line(step, mean_loss, lr, tokens_per_s, mem_gib, now - self._t0)
         self._console.print(line, highlight=False, markup=False, soft_wrap=True)  # one line, however narrow
 
     def line(self, step: int, loss: float, lr: float, tokens_per_s: float, mem_gib: float, elapsed: float) -> str:

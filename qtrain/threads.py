@@ -87,6 +87,6 @@ class ThreadGovernor:
         return self.threads
 
     def describe(self) -> str:
-        """"2 CPU threads (adaptive)" for the console."""
+        """"2 CPU threads, adaptive" for the console."""
         how = "adaptive" if self.setting is None else "torch's default" if self.setting == 0 else "train.threads"
-        return f"{self.threads} CPU threads ({how})"
+        return f"{self.threads} CPU threads, {how}"

@@ -497,7 +497,7 @@ def describe_methods(cfg: Config, spec: LoRASpec, targets: list[str]) -> str:
 def _memory_report(cfg, profiler, loaded, spec, device, shapes, report_dir: Path, console: Console) -> Path:
     """Stop measuring; write the report into `report_dir`: the measurement beside the estimate for
     the largest micro-batch the measured steps ran."""
-    from qtrain.memreport import summary_lines, write_report
+    from qtrain.memreport import fmt_bytes, summary_lines, write_report
 
     samples = profiler.samples()
     profiler.detach()
@@ -522,7 +522,7 @@ def _memory_report(cfg, profiler, loaded, spec, device, shapes, report_dir: Path
     }
     path = write_report(report_dir, samples, est, info)
     peak = max(x.peak for x in samples)
-    console.print(f"[bold]memory[/] measured peak {peak / GiB:.2f} GiB, estimated {est.peak / GiB:.2f} GiB; report: {path}")
+    console.print(f"[bold]memory[/] measured peak {fmt_bytes(peak)}, estimated {fmt_bytes(est.peak)}; report: {path}")
     for line in summary_lines(path):  # the ratio, and each phase the estimate under-estimates
         console.print(f"[bold]memory[/] {line}", highlight=False)
     return path

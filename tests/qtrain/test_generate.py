@@ -146,6 +146,21 @@ def test_input_goes_with_the_prompt_before_it(adapter, hand_loaded, capsys):
     assert got[0]["prompt"] == "Which letter comes next in the alphabet?\n\nk"
 
 
+def test_a_tab_separates_the_input_on_stdin_and_in_plain_prompts_files(adapter, tmp_path):
+    from qtrain.generate import Prompt
+
+    assert Prompt.from_line("Is this number even or odd?\t42\n") == Prompt("Is this number even or odd?", "42")
+    assert Prompt.from_line("no input\n") == Prompt("no input", "")
+    (tmp_path / "p.txt").write_text("Which letter comes next in the alphabet?\tk\nhi\n")
+    assert read_prompts_file(tmp_path / "p.txt") == [Prompt("Which letter comes next in the alphabet?", "k"), Prompt("hi", "")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "qtrain.cli", "generate", "--adapter", str(adapter), *N, "--json"],
+        input="Which letter comes next in the alphabet?\tk\n", cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["prompt"] == "Which letter comes next in the alphabet?\n\nk"
+
+
 @pytest.mark.parametrize("argv", [["--input", "k"], ["--prompt", "a", "--input", "k", "--input", "j"]], ids=["no_prompt", "twice"])
 def test_input_without_its_prompt_is_a_usage_error(adapter, argv, capsys):
     with pytest.raises(SystemExit) as info:

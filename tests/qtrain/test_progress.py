@@ -42,6 +42,7 @@ def test_without_a_terminal_lines_every_n_steps_and_at_the_first_and_last():
     lines = out.getvalue().splitlines()
     assert [int(LINE.fullmatch(line)[1]) for line in lines] == [1, 10, 20, 30, 40, 50]
     assert lines[0] == "step 1/50 (2%) loss 1.9800 lr 1.00e-03 1,234 tok/s RSS 0.25 GiB elapsed 0:00:01 ETA 0:00:49"
+    assert " loss 1.8800 " in lines[1]  # the mean over steps 2..10: 2 - 6/50
     assert lines[-1].endswith("elapsed 0:00:50 ETA 0:00:00")
 
 

@@ -37,7 +37,7 @@ def test_idle_machine_keeps_every_core():
     g = governor(m)
     assert g.threads == 4 == torch.get_num_threads()
     m.run(6, ours=3.9, others=0.1)
-    assert g.tick() == 4 and g.describe() == "4 CPU threads (adaptive)"
+    assert g.tick() == 4 and g.describe() == "4 CPU threads, adaptive"
 
 
 def test_other_work_takes_a_core_each_and_gives_it_back():
@@ -68,7 +68,7 @@ def test_a_fixed_setting_never_changes(setting, threads):
     g = governor(m, setting)
     m.run(6, ours=1.0, others=3.0)
     assert g.tick() == threads == torch.get_num_threads()
-    assert g.describe() == f"{threads} CPU threads ({'torch' + chr(39) + 's default' if setting == 0 else 'train.threads'})"
+    assert g.describe() == f"{threads} CPU threads, " + ("torch's default" if setting == 0 else "train.threads")
 
 
 def test_without_proc_stat_torchs_default_stays():
