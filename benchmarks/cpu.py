@@ -1,6 +1,6 @@
 """CPU training speed and step memory: qtrain against transformers + bitsandbytes NF4 + PEFT, side by side.
 
-    python benchmarks/cpu.py                                  # the six settings of issue 14, one thread (~6 min)
+    python benchmarks/cpu.py                                  # the six settings of issue 14, one thread (~10 min)
     python benchmarks/cpu.py --settings 1x64:fp32 4x256:bf16 --rounds 3
     python benchmarks/cpu.py --threads 2
 
@@ -184,8 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", nargs="+", type=parse_setting, default=[parse_setting(s) for s in DEFAULT_SETTINGS],
                    metavar="BxS:DTYPE", help=f"default: {' '.join(DEFAULT_SETTINGS)}")  # fmt: skip
-    p.add_argument("--rounds", type=int, default=5, help="measured steps per stack and setting (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps per stack first (default 1)")
+    p.add_argument("--rounds", type=int, default=9, help="measured steps per stack and setting (default 9)")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per stack first (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)")
     p.add_argument("--model", choices=sorted(MODELS), default="llama-512")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
