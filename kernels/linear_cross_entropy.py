@@ -117,8 +117,8 @@ def _chunked_forward(
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     g_hidden = None
     if grad_hidden:  # [N, D]; rows without a label keep a zero gradient
-        g_hidden = torch.empty if rows is None else torch.zeros
-        g_hidden = g_hidden(n, d, dtype=hidden.dtype, device=hidden.device)
+        alloc = torch.empty if rows is None else torch.zeros
+        g_hidden = alloc(n, d, dtype=hidden.dtype, device=hidden.device)
     g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None  # [V, D]
     for start in range(0, n if rows is None else rows.numel(), chunk_size):
         take = slice(start, start + chunk_size) if rows is None else rows[start : start + chunk_size]

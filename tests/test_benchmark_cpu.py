@@ -41,7 +41,7 @@ def test_settings_parse_and_bad_ones_are_named(cpu):
 def test_side_by_side_run_writes_the_table(cpu, tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
-        assert cpu.main(["--model", "tiny", "--settings", "2x16:fp32", "1x24:bf16", "--rounds", "2", "--out", str(tmp_path)]) == 0
+        assert cpu.main(["--model", "tiny", "--settings", "2x16:fp32", "1x24:bf16", "--rounds", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
     finally:
         torch.set_num_threads(threads)
     (json_path,) = tmp_path.glob("cpu-*.json")

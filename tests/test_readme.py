@@ -132,9 +132,11 @@ def scratch(tmp_path_factory) -> Path:
 
 
 def run(command: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"COLUMNS": "200", "TERM": "dumb", "NO_COLOR": "1"}
+    """`command` in a shell in `cwd`; stdout and stderr as one stream, in the order printed (stdout)."""
+    env = os.environ | {"COLUMNS": "200", "TERM": "dumb", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # the `qtrain` script
-    return subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800, check=False)
+    return subprocess.run(command, shell=True, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=1800, check=False)  # fmt: skip
 
 
 QUICKSTART = "qtrain train configs/quickstart.yaml"
@@ -144,7 +146,7 @@ QUICKSTART = "qtrain train configs/quickstart.yaml"
 def quickstart(scratch) -> subprocess.CompletedProcess:
     """The README's main job, run once in full: the later commands use its adapter."""
     proc = run(QUICKSTART, scratch)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:]
     return proc
 
 
@@ -153,7 +155,7 @@ def test_readme_console_outputs_are_what_the_commands_print(scratch, quickstart)
     assert len(steps) >= 5 and steps[0][1] == QUICKSTART  # the quickstart, profile, an error, estimate, generate
     for where, command, expected in steps:
         proc = quickstart if command == QUICKSTART else run(command, scratch)
-        printed = (proc.stdout + proc.stderr).splitlines()
+        printed = proc.stdout.splitlines()
         problem = matches(expected, printed)
         assert problem is None, f"{where}: `{command}`: {problem}\n--- printed:\n" + "\n".join(printed)
 
@@ -176,7 +178,7 @@ def test_readme_bash_commands_run_and_keep_to_their_own_output_dir(scratch, quic
             command = f"{command} {' '.join(TINY + (ADALORA if 'adalora' in method else []))}"
         before = {p: p.stat().st_mtime_ns for p in scratch.rglob("*") if p.is_file()}
         proc = run(command, scratch)
-        assert proc.returncode == 0, f"{where}: `{command}` exited {proc.returncode}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, f"{where}: `{command}` exited {proc.returncode}\n{proc.stdout[-3000:]}"
         written = {p for p in scratch.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns}
         outs = [a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")] + [
             argv[i + 1] for i, a in enumerate(argv) if a in ("--out", "--output-dir")
@@ -192,3 +194,13 @@ def test_readme_bash_commands_run_and_keep_to_their_own_output_dir(scratch, quic
         else:
             assert not written, f"{where}: `{command}` wrote {sorted(map(str, written))[:5]}"
     assert ran >= 10
+
+
+def test_the_output_check_itself_fails_on_a_difference():
+    """The comparison above can fail: only `~` values, `...` lines and spacing are free."""
+    shown = ["model x loaded in ~0.1s", "...", "eval step 600: loss ~1.1489, perplexity ~3.15", "┏━━┳━┓"]
+    assert matches(shown, ["model x loaded in 2.5s", "step 1", "step 2", "eval step 600: loss 1.2, perplexity 3.3", "┏━━━━━┳━┓"]) is None
+    assert matches(shown, ["model x loaded in 2.5s", "eval step 600: loss 1.2, perplexity 3.3"]).startswith("expected '┏")
+    assert "expected 'model x" in matches(shown, ["model y loaded in 2.5s"])
+    assert "printed more" in matches(["a"], ["a", "b"])
+    assert matches(["step 20/600 (3%)"], ["step 20/600 (4%)"]) is not None  # unmarked numbers must be equal
