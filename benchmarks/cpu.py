@@ -55,13 +55,24 @@ MODELS = {  # LlamaConfig keyword arguments
 
 
 @functools.cache
-def e2e():
-    """benchmarks/e2e.py as a module (benchmarks/ is no package): its stacks are the ones timed here."""
-    spec = importlib.util.spec_from_file_location("qtrain_benchmark_e2e", Path(__file__).with_name("e2e.py"))
+def _sibling(name: str):
+    """benchmarks/<name>.py as a module, loaded by path (benchmarks/ is no package; the tests load
+    this script by path too)."""
+    spec = importlib.util.spec_from_file_location(f"qtrain_benchmark_{name}", Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def e2e():
+    """benchmarks/e2e.py: its stacks are the ones timed here."""
+    return _sibling("e2e")
+
+
+def _common():
+    """benchmarks/_common.py: commit, CPU name, result files."""
+    return _sibling("_common")
 
 
 def model_config(name: str):
@@ -119,14 +130,6 @@ def run_setting(config, batch: int, seq: int, dtype_name: str, rounds: int, warm
     row["memory_ratio"] = row["qtrain"]["step_memory_bytes"] / row["baseline"]["step_memory_bytes"]
     row["max_loss_diff"] = max(abs(a - b) for a, b in zip(losses["qtrain"], losses["baseline"]))
     return row
-
-
-def _common():
-    """benchmarks/_common.py, loaded by path (benchmarks/ is no package; the tests load this script by path)."""
-    spec = importlib.util.spec_from_file_location("qtrain_benchmarks_common", Path(__file__).with_name("_common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def metadata(args) -> dict:
