@@ -280,8 +280,12 @@ def cpu_allocations(prof) -> list[tuple[int, int]]:
 
 def cpu_peak_bytes(fn) -> tuple[int, object]:
     """(most bytes the CPU allocator held above its level at the start while `fn()` ran, fn's result)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = _start_cpu_profiler()
+    try:
         result = fn()
+    finally:
+        with profiler_noise_filtered():
+            prof.__exit__(None, None, None)
     total, peak = 0, 0
     for _, size in cpu_allocations(prof):
         total += size
