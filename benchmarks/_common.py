@@ -21,12 +21,12 @@ def _git(root: Path, *args: str) -> str:
 
 
 def git_state(root: Path = ROOT) -> dict:
-    """{"commit": HEAD's short hash, "dirty": whether tracked or untracked files differ from it};
+    """{"commit": HEAD's short hash, "dirty": whether tracked or untracked files (result files aside) differ from it};
     {"commit": "unknown", "dirty": None} outside a git checkout or without git."""
     try:
         return {
             "commit": _git(root, "rev-parse", "--short", "HEAD"),
-            "dirty": bool(_git(root, "status", "--porcelain")),
+            "dirty": bool(_git(root, "status", "--porcelain", "--", ".", ":!benchmarks/results")),  # results are outputs
         }
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown", "dirty": None}

@@ -47,28 +47,26 @@ def linear_cross_entropy_reference(
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
 
 
-CHUNK_ROWS = (64, 256)  # a chunk of at least this many rows, and at most this many unless H is larger
+MIN_CHUNK_ROWS = 256  # below this, every chunk's reading of the whole [V, D] lm_head costs more than it saves
 
 
 def default_chunk_size(n_tokens: int, vocab: int, hidden_size: int) -> int:
-    """Tokens per chunk: half the tokens, within 64..256 rows, or more when the logits stay H's size.
+    """Tokens per chunk: at least 256 rows, more when the logits stay about H's size; at most N.
 
     Each chunk reads all of W [V, D] twice (logits, dH), so small chunks are slow: at D=512, V=32000
     on one CPU thread a [C, D] x [D, V] product costs about the same ~17 ms from C=16 to C=32
-    (reading W), 0.45 ms a row from C=64 on (arithmetic). Large chunks hold more: one chunk's logits,
-    C x V fp32, is most of what the loss adds to a step. So C = next_power_of_2(N / 2), clamped to
-    64..256 rows (at most half the full logits from N=128 on, never below the size that pays for
-    reading W), and at least Liger-Kernel's next_power_of_2(ceil(N / ceil(V / D))), which keeps the
-    logits about H's size at long sequences (Llama-3 8B, V=128256, D=4096: N=8192 gives 256,
-    N=65536 gives 2048); then at most N. Measured on the model of benchmarks/cpu.py (fp32, forward +
-    backward of the loss): N=2048: 256 rows 1.63 s, 64 rows (the Liger rule alone) 1.83 s, full
-    logits 2.03 s; N=256: 128 rows 241 ms, 64 rows 294 ms; N=64: 64 rows 68 ms, 32 rows 83 ms, 2 rows
-    (the Liger rule alone) 551 ms.
+    (reading W), 0.45 ms a row from C=64 on (arithmetic). So C = 256 rows, or Liger-Kernel's
+    next_power_of_2(ceil(N / ceil(V / D))) when that is larger, which keeps the logits about H's
+    size at long sequences (Llama-3 8B, V=128256, D=4096: N=8192 gives 256, N=65536 gives 2048);
+    then at most N. Measured on the model of benchmarks/cpu.py (fp32, forward + backward of the
+    loss): N=2048: 256 rows 1.63 s, 64 rows (the Liger rule alone) 1.83 s, full logits 2.03 s;
+    N=256: 256 rows 209 ms, 128 rows 241 ms, 64 rows 294 ms; N=64: 64 rows 68 ms, 32 rows 83 ms,
+    2 rows (the Liger rule alone) 551 ms. A whole training step follows: at 2 x 128 tokens, 128-row
+    chunks would hold half the logits (step memory 0.20x of full logits' instead of 0.37x) but
+    train at 0.96x of transformers + PEFT's speed instead of 1.10x (benchmarks/cpu.py).
     """
-    lo, hi = CHUNK_ROWS
     liger = 1 << (max(1, math.ceil(n_tokens / math.ceil(vocab / hidden_size))) - 1).bit_length()
-    half = 1 << (max(1, math.ceil(n_tokens / 2)) - 1).bit_length()
-    return max(1, min(n_tokens, max(liger, min(hi, max(lo, half)))))
+    return max(1, min(n_tokens, max(MIN_CHUNK_ROWS, liger)))
 
 
 def _chunk_loss_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, grad: bool) -> torch.Tensor:

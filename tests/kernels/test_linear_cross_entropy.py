@@ -232,8 +232,8 @@ def test_default_chunk_size():
     assert default_chunk_size(8192, 128256, 4096) == 256  # Llama-3 8B: ceil(V/D)=32, 8192/32
     assert default_chunk_size(65536, 128256, 4096) == 2048  # long context: the logits stay about H's size
     assert default_chunk_size(3000, 101, 48) == 1024  # ceil(101/48)=3, ceil(3000/3)=1000 -> 1024
-    # otherwise half the tokens, within 64..256 rows (the Liger rule alone gives 2 rows at N=64, V=32000, D=512)
-    assert [default_chunk_size(n, 32000, 512) for n in (64, 128, 256, 512, 2048)] == [64, 64, 128, 256, 256]
+    # otherwise 256 rows, or all of them below that (the Liger rule alone gives 2 rows at N=64, V=32000, D=512)
+    assert [default_chunk_size(n, 32000, 512) for n in (64, 128, 256, 512, 2048)] == [64, 128, 256, 256, 256]
     assert default_chunk_size(N, V, D) == 37 and default_chunk_size(5, 10, 100) == 5  # at most N
     assert default_chunk_size(1, 128256, 4096) == 1 and default_chunk_size(0, 100, 10) == 1
 
