@@ -109,7 +109,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     gradient_checkpointing: bool = True
     offload_activations: bool = False  # keep checkpointed activations in pinned CPU RAM
-    loss_chunk_tokens: int | None = None  # lm_head + cross-entropy over chunks of this many tokens; null: automatic (a chunk's logits ≈ the hidden states in size); 0: full logits
+    loss_chunk_tokens: int | None = None  # lm_head + cross-entropy over chunks of this many tokens; null: automatic (256, more at long sequences); 0: full logits
     autocast: bool = True  # with a bf16/fp16 model.dtype: matmuls under torch.autocast (fp16 adds loss scaling)
     seed: int = 42
     deterministic: bool = False  # deterministic kernels (slower on GPU)
