@@ -109,7 +109,10 @@ def _memory_estimate(args: argparse.Namespace) -> int:
 
 def _memory_profile(args: argparse.Namespace) -> int:
     """`qtrain memory profile CONFIG`: a few real training steps, measured, and the report."""
+    import tempfile
+
     from qtrain.config import load_config
+    from qtrain.train import train
 
     overrides = list(args.overrides) + [
         f"train.max_steps={args.steps}",
@@ -125,10 +128,6 @@ def _memory_profile(args: argparse.Namespace) -> int:
     ]
     cfg = load_config(args.config, overrides)
     report_dir = Path(args.output_dir or Path(cfg.output_dir) / "memory-profile")
-    import tempfile
-
-    from qtrain.train import train
-
     # The measured steps are a run of their own: its files (config, metrics, a tiny base) go to a
     # temporary folder, never over the run in output_dir; the report alone is kept.
     with tempfile.TemporaryDirectory(prefix="qtrain-memory-profile-") as run_dir:

@@ -97,11 +97,7 @@ def interval(samples: list[Sample], i: int) -> tuple[Sample, str]:
 
 def phase_peaks(samples: list[Sample]) -> dict[str, int]:
     """The highest interval peak of each phase (the phase of the mark opening the interval)."""
-    out: dict[str, int] = {}
-    for i, s in enumerate(samples):
-        phase = interval(samples, i)[0].phase
-        out[phase] = max(out.get(phase, 0), s.peak)
-    return out
+    return {phase: samples[i].peak for phase, i in phase_peak_intervals(samples).items()}
 
 
 def phase_peak_intervals(samples: list[Sample]) -> dict[str, int]:
@@ -144,6 +140,11 @@ def _estimate_phase(name: str) -> str:
     return next((p for p in PHASES if p in name), name)
 
 
+def phase_moments(estimate: Estimate | None, phase: str) -> dict[str, int]:
+    """The estimate's moments (name: bytes) that fall in measured phase `phase`."""
+    return {k: v for k, v in (estimate.phases if estimate else {}).items() if _estimate_phase(k) == phase}
+
+
 def compare_phases(samples: list[Sample], estimate: Estimate | None) -> list[dict]:
     """Each measured phase beside the estimate's largest moment in that phase (phases the estimate
     has no moment for are left out): phase, measured_bytes, where (step and interval of the measured
@@ -153,7 +154,7 @@ def compare_phases(samples: list[Sample], estimate: Estimate | None) -> list[dic
         return []
     out = []
     for phase, i in phase_peak_intervals(samples).items():
-        moments = {k: v for k, v in estimate.phases.items() if _estimate_phase(k) == phase}
+        moments = phase_moments(estimate, phase)
         if not moments or not samples[i].peak:
             continue
         moment = max(moments, key=moments.get)
@@ -330,7 +331,7 @@ def ratio(estimate: Estimate | None, m: dict) -> float | None:
     return estimate.peak / m["peak_bytes"] if estimate is not None and m["peak_bytes"] else None
 
 
-def _blocks(samples: list[Sample], estimate: Estimate | None, info: dict, m: dict) -> list[tuple]:
+def _blocks(samples: list[Sample], estimate: Estimate | None, info: dict, m: dict, compared: list[dict]) -> list[tuple]:
     unit = _scale(max(m["peak_bytes"], estimate.peak if estimate else 0))[0]  # one unit for the whole report
     title = str(info.get("title", "qtrain memory report"))
     steps = sorted({s.step for s in samples})
@@ -346,7 +347,7 @@ def _blocks(samples: list[Sample], estimate: Estimate | None, info: dict, m: dic
             ("h2", f"Estimate at its peak ({estimate.phase})"),
             ("table", ["category", "item", "size", "note"], rows),
         ]
-    blocks += _phase_blocks(m, estimate, unit, compare_phases(samples, estimate))
+    blocks += _phase_blocks(m, estimate, unit, compared)
     blocks += [("h2", "What the numbers mean"), ("ul", NOTES)]
     blocks += [
         ("h2", "Timeline"),
@@ -412,7 +413,7 @@ def _phase_blocks(m: dict, estimate: Estimate | None, unit: str, compared: list[
     checks = {c["phase"]: c for c in compared}
     rows = []
     for phase in dict.fromkeys([*PHASES, *measured_peaks]):
-        moments = {k: v for k, v in (estimate.phases if estimate else {}).items() if _estimate_phase(k) == phase}
+        moments = phase_moments(estimate, phase)
         if phase not in measured_peaks and not moments:
             continue
         mv = measured_peaks.get(phase)
@@ -506,20 +507,20 @@ def write_report(out_dir: Path, samples: list[Sample], estimate: Estimate | None
     Returns the HTML report's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    m = measured(samples)
+    m, compared = measured(samples), compare_phases(samples, estimate)
     doc = {
         "info": info,
         "measured": m,
         "estimate": estimate.to_dict() if estimate is not None else None,
         "ratio_estimate_over_measured": ratio(estimate, m),
-        "phases_compared": compare_phases(samples, estimate),
+        "phases_compared": compared,
         "samples": [s.to_dict() for s in samples],
     }
     (out_dir / "memory.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     title = str(info.get("title", "qtrain memory report"))
     _save(timeline_figure(samples, estimate, title), out_dir / TIMELINE)
     _save(breakdown_figure(samples, estimate, title), out_dir / BREAKDOWN)
-    blocks = _blocks(samples, estimate, info, m)
+    blocks = _blocks(samples, estimate, info, m, compared)
     (out_dir / "memory_report.md").write_text(to_markdown(blocks))
     page = out_dir / "memory_report.html"
     page.write_text(to_html(blocks, out_dir))
