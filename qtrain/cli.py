@@ -26,17 +26,29 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(args.config, overrides)  # fails on bad keys before anything loads
-    from qtrain.train import Interrupted, OutOfMemory, train
+    from qtrain.train import Interrupted, OutOfMemory, StorageError, train
 
+    again = f"qtrain train {args.config} {' '.join(args.overrides)} --resume".replace("  ", " ")
     try:
-        train(cfg, profile_memory=args.profile_memory)
+        train(cfg, profile_memory=args.profile_memory, overwrite=args.overwrite)
     except Interrupted as e:
-        print(f"qtrain train: {e}; continue with: qtrain train {args.config} {' '.join(args.overrides)} --resume".rstrip())
+        print(f"qtrain train: {e}; continue with: {again}")
         return 130  # the shell convention for Ctrl-C
-    except OutOfMemory as e:
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, mid-step; checkpoints are whole or absent
+        print(f"\nqtrain train: stopped at once (second Ctrl-C); {_resume_hint(cfg.output_dir, again)}", file=sys.stderr)
+        return 130
+    except (OutOfMemory, StorageError) as e:
         print(f"qtrain train: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _resume_hint(output_dir: str, again: str) -> str:
+    from qtrain.resume import last_good_checkpoint, list_checkpoints, run_of
+
+    found = list_checkpoints(Path(output_dir))
+    good = found and last_good_checkpoint(Path(output_dir), run_of(found[-1]) or "")
+    return f"continue from {good} with: {again}" if good else "no checkpoint was saved yet: run it again"
 
 
 BUDGETS_GIB = (8, 12, 16, 24)
@@ -226,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
         "train",
         help="fine-tune from a YAML config",
         description="qtrain train CONFIG.yaml [key.sub=value ...]",
-        usage="%(prog)s CONFIG [key.sub=value ...] [--resume [CHECKPOINT]] [--profile-memory [STEPS]]",
+        usage="%(prog)s CONFIG [key.sub=value ...] [--resume [CHECKPOINT] | --overwrite] [--profile-memory [STEPS]]",
     )
     t.add_argument("config", nargs="?", help="YAML config, e.g. configs/quickstart.yaml")  # missing: NO_CONFIG
     t.add_argument("overrides", nargs="*", help="overrides such as train.max_steps=50 lora.rank=8")
@@ -245,6 +257,11 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         metavar="STEPS",
         help="measure the first STEPS steps (default 3) and write a memory report to output_dir/memory",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="output_dir holds a finished or stopped run: move it aside to OUTPUT_DIR.old-DATE-TIME (nothing is deleted) and start afresh",
     )
     t.set_defaults(func=_train, usage_error=t.error)
 

@@ -310,6 +310,12 @@ def swap_linears(
             name = f"{prefix}{child_name}"
             if isinstance(child, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
                 wanted = is_target(name, spec)
+                if wanted and spec.rank > min(child.in_features, child.out_features):
+                    raise ValueError(
+                        f"lora.rank={spec.rank} is larger than {name} ({child.in_features} -> {child.out_features}) "
+                        f"can use: a LoRA update has rank at most min(in, out) = {min(child.in_features, child.out_features)}; "
+                        "choose a smaller lora.rank"
+                    )
                 new = LoRALinear.from_linear(
                     child,
                     rank=spec.rank if wanted else 0,

@@ -24,11 +24,13 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import re
 from pathlib import Path
 
 from qtrain.estimate import Estimate
 from qtrain.memprof import CATEGORIES, Sample
+from qtrain.metrics import atomic_write_text
 
 GiB, MiB = 2**30, 2**20
 PHASES = ("forward", "backward", "optimizer")
@@ -207,7 +209,10 @@ def summary_lines(report: str | Path) -> list[str]:
 
 
 def _save(fig, png: Path) -> None:
-    fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
+    """The figure as a PNG, atomically (temp file + rename)."""
+    tmp = png.with_name(f".{png.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, png)
 
 
 def _scale(peak: int) -> tuple[str, int]:
@@ -516,12 +521,12 @@ def write_report(out_dir: Path, samples: list[Sample], estimate: Estimate | None
         "phases_compared": compared,
         "samples": [s.to_dict() for s in samples],
     }
-    (out_dir / "memory.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    atomic_write_text(out_dir / "memory.json", json.dumps(doc, indent=1, default=str) + "\n")
     title = str(info.get("title", "qtrain memory report"))
     _save(timeline_figure(samples, estimate, title), out_dir / TIMELINE)
     _save(breakdown_figure(samples, estimate, title), out_dir / BREAKDOWN)
     blocks = _blocks(samples, estimate, info, m, compared)
-    (out_dir / "memory_report.md").write_text(to_markdown(blocks))
+    atomic_write_text(out_dir / "memory_report.md", to_markdown(blocks))
     page = out_dir / "memory_report.html"
-    page.write_text(to_html(blocks, out_dir))
+    atomic_write_text(page, to_html(blocks, out_dir))
     return page

@@ -198,10 +198,10 @@ def _trim_jsonl(path: Path, resume_step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if not (isinstance(r.get("step"), (int, float)) and r["step"] > resume_step)]
-    _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file in the same folder and os.replace: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -8,12 +8,17 @@ weights saved with `save_pretrained` (sharded safetensors), and a character-leve
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
+TINY_SPEC = "qtrain-tiny.json"  # what a tiny base was built from; written last: its presence means complete
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
 ARCHITECTURES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
@@ -89,6 +94,47 @@ def build_tiny_model(
         model.save_pretrained(path, max_shard_size=max_shard_size)
     char_tokenizer().save_pretrained(path)
     return path
+
+
+def ensure_tiny_model(path: str | Path, **spec) -> Path:
+    """The tiny base at `path`, built from `spec` (build_tiny_model's arguments) unless already there.
+
+    Built in a temp folder beside `path` and renamed into place with `qtrain-tiny.json` (the spec)
+    inside, so a kill mid-build leaves no half base. A base built from another spec is refused: its
+    weights are not the ones this config asks for."""
+    path = Path(path)
+    if path.exists():
+        check_tiny_model(path, spec)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a kill mid-build: ours by name
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+    try:
+        build_tiny_model(tmp, **spec)
+        (tmp / TINY_SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def check_tiny_model(path: Path, spec: dict) -> None:
+    """ValueError unless `path` is a complete tiny base built from `spec`."""
+    try:
+        built = json.loads((path / TINY_SPEC).read_text())
+    except (OSError, ValueError):
+        raise ValueError(
+            f"{path}: not a complete tiny base ({TINY_SPEC} missing or unreadable: an interrupted build by an "
+            "older qtrain, or another model); move the folder away and run again to rebuild it"
+        ) from None
+    changed = [f"model.tiny.{k}: {built.get(k)!r} there, {v!r} now" for k, v in sorted(spec.items()) if built.get(k) != v]
+    if changed:
+        raise ValueError(
+            f"{path} was built from another model.tiny ({'; '.join(changed)}); use another output_dir "
+            "for this model, or the model.tiny settings it was built from"
+        )
 
 
 @contextlib.contextmanager

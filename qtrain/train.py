@@ -3,15 +3,20 @@
     config → model (NF4 base + LoRA) → data → optimizer → [resume] → score before
            → loop (step, log, eval, checkpoint) → adapter → score after → summary
 
-Stops cleanly: Ctrl-C saves a checkpoint and raises Interrupted; a NaN/inf loss raises
+Stops cleanly: Ctrl-C or SIGTERM saves a checkpoint and raises Interrupted; a NaN/inf loss raises
 FloatingPointError before the update (the last checkpoint stays the last good one); CUDA OOM
-raises OutOfMemory with what was running and settings to try.
+raises OutOfMemory with what was running and settings to try; a full disk raises StorageError.
+
+The run holds its output folder's lock from start to end, refuses a folder that holds another run
+(unless resuming it, or moving it aside with `overwrite`), and writes nothing into it before the
+model, tokenizer and data have loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -19,6 +24,7 @@ import random
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -41,14 +47,15 @@ from qtrain.memprof import MemoryProfiler
 from qtrain.methods import PeftMethod, mark_trainable
 from qtrain.methods.base import LoRAParameters
 from qtrain.methods.io import load_method
-from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
+from qtrain.metrics import MetricsLogger, atomic_write_text, plot_loss, read_metrics, summary_table
 from qtrain.model import enable_checkpointing, load_model, load_tokenizer
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
 from qtrain.presets import resolve_config
 from qtrain.progress import TrainProgress
-from qtrain.resume import load_state, resolve_resume, save_checkpoint, set_rng_state
+from qtrain.resume import last_good_checkpoint, resolve_resume, save_checkpoint, set_rng_state
+from qtrain.rundir import RunLock, check_fresh, move_aside
 from qtrain.threads import ThreadGovernor
-from qtrain.tiny import build_tiny_model
+from qtrain.tiny import ensure_tiny_model
 
 GiB = 2**30
 
@@ -63,6 +70,10 @@ class Interrupted(Exception):
 
 class OutOfMemory(RuntimeError):
     pass
+
+
+class StorageError(RuntimeError):
+    """Writing the run's files failed (disk full): says where, and what to resume from."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -83,13 +94,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def model_path(cfg: Config, output_dir: Path) -> str:
-    """The checkpoint to load: the configured one, or the tiny model built (once) in output_dir/base."""
+    """The checkpoint to load: the configured one, or the tiny model built (once, atomically) in
+    output_dir/base; a base built from other model.tiny settings is refused."""
     if cfg.model.name_or_path is not None:
         return cfg.model.name_or_path
-    base = output_dir / "base"
-    if not (base / "config.json").exists():
-        build_tiny_model(base, **dataclasses.asdict(cfg.model.tiny))
-    return str(base)
+    return str(ensure_tiny_model(output_dir / "base", **dataclasses.asdict(cfg.model.tiny)))
 
 
 # ---- one step ----
@@ -265,17 +274,29 @@ def train(
     profile_memory: int = 0,
     report_dir: Path | None = None,
     profile_only: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Run `cfg`. `should_stop(step)` → True stops after that step like Ctrl-C (checkpoint + Interrupted).
     `profile_memory=N` measures the first N steps and writes a report to `report_dir` (default
     output_dir/memory); with `profile_only`, the run ends right after the report, saving nothing
-    else (no checkpoint, adapter or result: `qtrain memory profile`)."""
+    else (no checkpoint, adapter or result: `qtrain memory profile`). A fresh run in an output_dir
+    that holds a run is refused, or with `overwrite` moves that run aside (never deletes it)."""
     console = console or Console()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     device = pick_device(cfg.device)
     optimizer_name = resolve_optimizer(cfg.train.optimizer, device)  # fails before the model loads
+    with RunLock(out, say=lambda text: console.print(f"[yellow]{text}[/]")), _resource_errors(out):
+        return _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory, report_dir, profile_only, overwrite)
+
+
+def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory, report_dir, profile_only, overwrite) -> dict:
+    """The recipe, in a locked output folder (see `train`)."""
+    # 0. the folder: resume its run, or start a fresh one where no run is (a resumed finished run: done)
+    resumed = resolve_resume(cfg.checkpoint.resume, out, say=lambda text: console.print(f"[yellow]{text}[/]")) if cfg.checkpoint.resume else None
+    if resumed and resumed[1]["step"] >= cfg.train.max_steps and (out / "result.json").exists():
+        return _already_finished(cfg, out, resumed, console)
+    foreign_resume = resumed and resumed[0].parent.parent.resolve() != out.resolve()
+    move = check_fresh(out, overwrite) if not resumed or foreign_resume else []
     dtype = DTYPES[cfg.model.dtype]
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     threads = ThreadGovernor(cfg.train.threads)  # adaptive by default: a core fewer per core of other work
@@ -328,6 +349,10 @@ def train(
             console.print(f"[yellow]skipped {len(ds.skipped)} malformed rows[/] of {ds.source} (data.bad_rows=skip); first: {ds.skipped[0]}")
         if ds.too_long:
             console.print(f"[yellow]dropped {ds.too_long} rows[/] of {ds.source}: the prompt fills data.max_length={cfg.data.max_length}")
+    # model, tokenizer and data are valid: only now does the run write into its folder
+    if move:
+        console.print(f"[yellow]output_dir:[/] the previous run moved to {move_aside(out, move)} (--overwrite)")
+    write_json(out / "config.json", to_dict(cfg))
 
     # 3. optimizer, schedule, precision
     groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.lora_plus_ratio)
@@ -344,26 +369,28 @@ def train(
     model.config.use_cache = False
 
     # 4. resume: adapter, optimizer, schedule, scaler, data position, RNG, counters
-    start, trainer = 0, {"losses": [], "tokens_seen": 0, "train_seconds": 0.0}
-    if cfg.checkpoint.resume:
-        ckpt = resolve_resume(cfg.checkpoint.resume, out)
-        state = load_state(ckpt)
+    start, trainer = 0, {"losses": [], "tokens_seen": 0, "train_seconds": 0.0, "run_id": uuid.uuid4().hex}
+    ckpt = None
+    if resumed:
+        ckpt, state, meta = resumed
         if use_lora:
             load_adapter_weights(model, ckpt / "adapter")
         for method in methods:
             load_method(model, method, ckpt / "adapter", resume=True)
             method.load_trainer_state(model, state.get("methods", {}).get(method.name, {}))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        _load_optimizer_state(optimizer, scheduler, state, ckpt)
         if scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         start, trainer = state["step"], state["trainer"]
-        _warn_config_changes(console, json.loads((ckpt / "checkpoint.json").read_text())["config"], to_dict(cfg))
+        trainer["run_id"] = trainer.get("run_id") or meta.get("run_id") or ""  # "": a checkpoint from before run ids
+        _warn_config_changes(console, meta["config"], to_dict(cfg), start)
         console.print(f"[bold]resumed[/] from {ckpt} at step {start}")
+    run_id = trainer["run_id"]
 
     def save(step: int) -> Path:
+        _check_finite(model, step, out, run_id, ckpt)  # a diverged adapter is never saved as a checkpoint
         state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -372,7 +399,8 @@ def train(
             "trainer": trainer,
             "methods": {m.name: m.trainer_state() for m in methods},
         }
-        return save_checkpoint(out, step, write_adapter, state, to_dict(cfg), cfg.checkpoint.keep_last)
+        loss = trainer["losses"][-1] if trainer["losses"] else None
+        return save_checkpoint(out, step, write_adapter, state, to_dict(cfg), cfg.checkpoint.keep_last, run_id, loss)
 
     def write_adapter(target: Path) -> Path:
         info = {"data_format": train_data.format}
@@ -393,8 +421,8 @@ def train(
             offload.keep = profiler.saved  # what stays on the GPU is still counted
     model.train()
     logger = MetricsLogger(out, cfg.log, to_dict(cfg), resume_step=start if cfg.checkpoint.resume else None)
-    stop = _StopOnSigint()
-    last_checkpoint: Path | None = ckpt if cfg.checkpoint.resume else None
+    stop = _StopOnSignals()
+    last_checkpoint: Path | None = ckpt
     t_start, tokens_here, seconds_before = time.perf_counter(), 0, trainer["train_seconds"]
     step = start
     try:
@@ -412,11 +440,7 @@ def train(
                             methods=methods, step=step, total_steps=cfg.train.max_steps, loss_backend=loss_backend,
                         )  # fmt: skip
                 except FloatingPointError as e:
-                    kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
-                    raise FloatingPointError(
-                        f"step {step}: {e}; stopped before the update ({kept}). Lower train.lr, raise "
-                        "train.warmup_steps, or check the data"
-                    ) from None
+                    raise FloatingPointError(f"step {step}: {e}; stopped before the update ({_last_good(out, run_id, ckpt)}") from None
                 except torch.OutOfMemoryError:
                     optimizer.zero_grad(set_to_none=True)
                     shape = max((tuple(b["input_ids"].shape) for b in micro), key=lambda s: s[0] * s[1])
@@ -454,9 +478,12 @@ def train(
                 if stop.requested or (should_stop and should_stop(step)):
                     raise Interrupted(step, save(step))
             eval_metrics = {}
-            if eval_examples:
+            if step == start:  # resumed at the end (killed before the adapter was written): finish, log nothing twice
+                eval_metrics = {k: v for r in read_metrics(out / "metrics.jsonl") if r.get("step") == step for k, v in r.items() if k.startswith("eval_")}
+            elif eval_examples:
                 eval_metrics = _evaluate(cfg, model, tokenizer, eval_examples, train_data.format, device, autocast, logger, step, console)
-            last_checkpoint = save(step)
+            if step > start:
+                last_checkpoint = save(step)
     finally:
         model.config.use_cache = True
 
@@ -483,9 +510,81 @@ def train(
         result["memory_report"] = str(memory_report)
     if cfg.log.plot:
         result["loss_plot"] = str(plot_loss(read_metrics(out / "metrics.jsonl"), out / "loss.png"))
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "result.json", result)
     console.print(summary_table(result))
     return result
+
+
+def write_json(path: Path, data: dict) -> None:
+    """`data` as indented JSON at `path`, atomically (temp file + rename)."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _already_finished(cfg: Config, out: Path, resumed: tuple, console: Console) -> dict:
+    """--resume of a run whose checkpoint is at (or past) train.max_steps: nothing to train, nothing written."""
+    ckpt, state, _ = resumed
+    if state["step"] > cfg.train.max_steps:
+        raise ValueError(f"{ckpt} is at step {state['step']}, past train.max_steps={cfg.train.max_steps}; raise train.max_steps to continue")
+    console.print(f"[bold]resume:[/] {ckpt} is the end of the run (train.max_steps={cfg.train.max_steps}): nothing to do; raise train.max_steps to train further")
+    return json.loads((out / "result.json").read_text())
+
+
+def _load_optimizer_state(optimizer, scheduler, state: dict, ckpt: Path) -> None:
+    """The optimizer's and scheduler's state from the checkpoint, with this config's lr, weight decay
+    and LoRA+ ratio (the schedule's shape always comes from the config): a changed train.lr applies."""
+    fresh = [(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    if len(state["optimizer"]["param_groups"]) != len(fresh):
+        raise ValueError(
+            f"{ckpt}: train.lora_plus_ratio switches LoRA+ {'off' if len(fresh) == 1 else 'on'} (one lr for A and B, or two): "
+            "a run cannot change that on resume; keep LoRA+ as it was (a ratio of 1 is off), or start a new run"
+        )
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for i, (group, (lr, weight_decay)) in enumerate(zip(optimizer.param_groups, fresh)):
+        group["initial_lr"], group["weight_decay"] = lr, weight_decay
+        scheduler.base_lrs[i] = lr
+        group["lr"] = lr * scheduler.lr_lambdas[i](scheduler.last_epoch)  # what LambdaLR computes
+
+
+def _check_finite(model, step: int, out: Path, run_id: str, resumed_from: Path | None) -> None:
+    """FloatingPointError naming the first trainable tensor that holds NaN/inf."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p).all():
+            raise FloatingPointError(f"step {step}: the update made {name} NaN/inf; not saved ({_last_good(out, run_id, resumed_from)}")
+
+
+def _last_good(out: Path, run_id: str, resumed_from: Path | None) -> str:
+    """Where a diverged run can go back to, and what to change."""
+    good = last_good_checkpoint(out, run_id) or resumed_from
+    if not good:
+        return "no checkpoint was saved yet). Lower train.lr, raise train.warmup_steps, or check the data"
+    return (
+        f"last good checkpoint: {good}). Continue from it with --resume {good} and a lower train.lr or a higher "
+        "train.warmup_steps (a resume applies them), or check the data"
+    )
+
+
+@contextlib.contextmanager
+def _resource_errors(out: Path):
+    """A full disk (or quota) while the run writes → StorageError naming the path and the checkpoint
+    to resume; host RAM exhausted → OutOfMemory with what to lower."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - safetensors and torch wrap OS errors in their own types
+        if "DefaultCPUAllocator" in str(e):
+            raise OutOfMemory(
+                f"out of host memory (RAM): {str(e).splitlines()[0]}. Lower lora.rank, train.batch_size or "
+                "data.max_length, or see qtrain memory estimate CONFIG --device cpu"
+            ) from None
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
+        if not full:
+            raise
+        from qtrain.resume import list_checkpoints
+
+        where = getattr(e, "filename", None) or f"the disk holding {out}"
+        found = list_checkpoints(out)
+        resume = f"free space, then continue with --resume (newest checkpoint: {found[-1]})" if found else "free space and run again"
+        raise StorageError(f"no space left on {where}; {resume}") from None
 
 
 def describe_methods(cfg: Config, spec: LoRASpec, targets: list[str]) -> str:
@@ -547,36 +646,50 @@ def _evaluate(cfg, model, tokenizer, examples, data_format, device, autocast, lo
     return metrics
 
 
-def _warn_config_changes(console: Console, saved: dict, now: dict, prefix: str = "") -> None:
-    """Resuming with different data or batch settings continues, but not bit-for-bit: say so."""
+# Applied from the first resumed step: the optimizer's hyperparameters and the schedule's shape.
+APPLIED_ON_RESUME = ("train.lr", "train.weight_decay", "train.lora_plus_ratio", "train.warmup_steps", "train.schedule", "train.max_grad_norm")
+
+
+def _warn_config_changes(console: Console, saved: dict, now: dict, step: int, prefix: str = "") -> None:
+    """Say what a resume changes: the optimizer's settings apply from the next step; other changes
+    (data, batch) continue the run, but not bit-for-bit."""
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)
+        name = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
-            _warn_config_changes(console, a, b, f"{prefix}{key}.")
-        elif a != b and f"{prefix}{key}" not in ("checkpoint.resume", "train.max_steps", "output_dir"):
-            console.print(f"[yellow]resume:[/] {prefix}{key} was {a!r} in the checkpoint, now {b!r}")
+            _warn_config_changes(console, a, b, step, f"{name}.")
+        elif a != b and name not in ("checkpoint.resume", "train.max_steps", "output_dir"):
+            applied = f": applied from step {step + 1}" if name in APPLIED_ON_RESUME else ""
+            console.print(f"[yellow]resume:[/] {name} was {a!r} in the checkpoint, now {b!r}{applied}")
 
 
-class _StopOnSigint:
-    """While active, the first Ctrl-C only sets `requested` (the loop saves and stops after the
-    current step); a second one interrupts at once."""
+class _StopOnSignals:
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM (a scheduler's or `docker stop`'s request)
+    only sets `requested`: the loop saves and stops after the current step. Then the previous handlers
+    are back: a second Ctrl-C interrupts at once (KeyboardInterrupt; checkpoints stay whole)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def _handle(self, signum, frame):
         self.requested = True
-        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C: default behaviour
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        self._restore()
         return False
 
 
