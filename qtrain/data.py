@@ -107,6 +107,9 @@ class BadRow(str):
         row.where, row.reason = where, reason
         return row
 
+    def __getnewargs__(self) -> tuple[str, str]:  # copy and pickle rebuild it from both parts
+        return self.where, self.reason
+
 
 @dataclass
 class Table:

@@ -4,7 +4,9 @@ split, packing (and that packed examples do not see each other), and resumable b
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import random
 from collections import Counter
 from itertools import islice, pairwise
@@ -773,6 +775,12 @@ def test_write_skipped_rows_is_atomic(tok, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_skipped_rows([ds], out)
     assert out.read_text() == "old\n"  # a failed write leaves the old record whole
+
+
+def test_skipped_rows_survive_copy_and_pickle(tok, tmp_path):
+    ds = build(write_lines(tmp_path / "t.jsonl", [GOOD, "{"]), tok, bad_rows="skip")
+    for again in (copy.deepcopy(ds.skipped), pickle.loads(pickle.dumps(ds.skipped))):
+        assert again == ds.skipped and [(b.where, b.reason) for b in again] == [(b.where, b.reason) for b in ds.skipped]
 
 
 BOM = b"\xef\xbb\xbf"
