@@ -21,6 +21,7 @@ import json
 import os
 import random
 import string
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,12 +247,14 @@ def write_skipped_rows(data: list[Dataset | None], path: str | Path) -> int:
     if not skipped:
         return 0
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"where": b.where, "reason": b.reason}) + "\n" for b in skipped)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"where": b.where, "reason": b.reason}) + "\n" for b in skipped)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return len(skipped)
 
 

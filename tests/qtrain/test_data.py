@@ -775,6 +775,7 @@ def test_write_skipped_rows_is_atomic(tok, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_skipped_rows([ds], out)
     assert out.read_text() == "old\n"  # a failed write leaves the old record whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # and no temp file
 
 
 def test_skipped_rows_survive_copy_and_pickle(tok, tmp_path):
