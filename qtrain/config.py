@@ -92,7 +92,7 @@ class DataConfig:
     train_on_prompt: bool = False  # default: loss on response (assistant) tokens only
     packing: bool = False  # concatenate rows into max_length sequences (position ids restart per row)
     group_by_length: bool = False  # batch rows of similar length together (less padding)
-    bad_rows: Literal["error", "skip"] = "error"  # a malformed row stops with file + row, or is skipped and counted
+    bad_rows: Literal["error", "skip"] = "error"  # malformed rows stop the run, listed with file + line, or are skipped and counted
 
 
 @dataclass
