@@ -92,7 +92,7 @@ class DataConfig:
     train_on_prompt: bool = False  # default: loss on response (assistant) tokens only
     packing: bool = False  # concatenate rows into max_length sequences (position ids restart per row)
     group_by_length: bool = False  # batch rows of similar length together (less padding)
-    bad_rows: Literal["error", "skip"] = "error"  # a malformed row stops with file + row, or is skipped and counted
+    bad_rows: Literal["error", "skip"] = "error"  # malformed rows stop the run, listed with file + line, or are skipped and counted
 
 
 @dataclass
@@ -386,6 +386,39 @@ def apply_override(data: dict, override: str) -> None:
     node[last] = value
 
 
+class DuplicateKeyError(ValueError):
+    """A key given twice in one YAML mapping: "key train.lr is given twice (lines 3 and 7)"."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check_keys(node, "", set())
+        return super().construct_document(node)
+
+    def _check_keys(self, node: yaml.Node, path: str, seen_nodes: set[int]) -> None:
+        if id(node) in seen_nodes:  # an alias of a node already checked (or a recursive one)
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_keys(item, f"{path}[{i}]", seen_nodes)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        lines: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            dotted = f"{path}.{key}" if path else str(key)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise DuplicateKeyError(f"key {dotted} is given twice (lines {lines[key]} and {line}); keep one")
+            lines[key] = line
+            self._check_keys(value_node, dotted, seen_nodes)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     data: dict = {}
     if path is not None:
@@ -393,7 +426,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.exists():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
+        except DuplicateKeyError as e:
+            raise ConfigError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):

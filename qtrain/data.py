@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import string
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,12 @@ from jinja2 import TemplateError
 
 IGNORE_INDEX = -100
 FORMATS = ("alpaca", "chat", "prompt_completion", "text")
+FORMAT_COLUMNS = {
+    "alpaca": {"instruction", "input", "output"},
+    "chat": {"messages", "conversations"},
+    "prompt_completion": {"prompt", "completion"},
+    "text": {"text"},
+}
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 # Used when a tokenizer has no chat template: role headers, and EOS closing each assistant turn
@@ -86,13 +94,30 @@ def synthetic_split(num_train: int, num_eval: int, seed: int) -> tuple[list[dict
 
 # ---- reading rows: every row keeps a locator ("file:line" or "source row N") for its errors ----
 
+BAD_ROWS_LISTED = 20  # malformed rows listed in the error (the count covers all of them)
+
+
+class BadRow(str):
+    """A malformed row: the string "locator: reason", with `where` and `reason` kept apart."""
+
+    where: str
+    reason: str
+
+    def __new__(cls, where: str, reason: str) -> BadRow:
+        row = super().__new__(cls, f"{where}: {reason}")
+        row.where, row.reason = where, reason
+        return row
+
+    def __getnewargs__(self) -> tuple[str, str]:  # copy and pickle rebuild it from both parts
+        return self.where, self.reason
+
 
 @dataclass
 class Table:
     rows: list[dict]
     where: list[str]  # one locator per row
     source: str
-    skipped: list[str] = field(default_factory=list)  # "locator: reason" of rows dropped with bad_rows=skip
+    skipped: list[BadRow] = field(default_factory=list)  # rows that could not be read (unparseable...)
 
 
 def read_jsonl(path: str | Path, bad_rows: str = "error") -> Table:
@@ -101,29 +126,59 @@ def read_jsonl(path: str | Path, bad_rows: str = "error") -> Table:
     if not path.exists():
         raise FileNotFoundError(f"{path}: data file not found")
     table = Table([], [], str(path))
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark is not part of line 1
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as e:
-                reason = f"not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
-                _bad(table, where, reason, bad_rows)
+            except json.JSONDecodeError as e:
+                table.skipped.append(BadRow(where, f"not valid JSON ({e.msg})"))
+                continue
+            if not isinstance(row, dict):
+                table.skipped.append(BadRow(where, f"expected a JSON object, got {type(row).__name__}"))
                 continue
             table.rows.append(row)
             table.where.append(where)
-    return table
+    return _checked(table, bad_rows)
+
+
+def read_csv(path: str | Path, bad_rows: str = "error") -> Table:
+    """Rows of a .csv file with a header line: every cell is text, an empty cell is missing (None).
+    Read with the csv module, so a row's locator is the line it starts on (quoted cells may span lines)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: data file not found")
+    table = Table([], [], str(path))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, [])
+            start = reader.line_num + 1
+            for cells in reader:
+                where, start = f"{path}:{start}", reader.line_num + 1
+                if not cells:  # a blank line
+                    continue
+                if len(cells) != len(header):
+                    n = len(cells)
+                    table.skipped.append(BadRow(where, f"{n} cell{'s' * (n != 1)}, the header has {len(header)}"))
+                    continue
+                table.rows.append({name: cell if cell else None for name, cell in zip(header, cells)})
+                table.where.append(where)
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: could not be read as CSV: {e}") from None
+    return _checked(table, bad_rows)
 
 
 def read_table(source: str, split: str = "train", subset: str | None = None, bad_rows: str = "error") -> Table:
-    """Rows of a local .jsonl/.json/.csv/.parquet file, a local dataset folder, or a Hub dataset id."""
+    """Rows of a local .jsonl/.json/.csv/.parquet file, a local dataset folder, or a Hub dataset id.
+    Dataset scripts are never run (datasets >= 4 refuses them; the error says so)."""
     path = Path(source)
     if path.suffix == ".jsonl":
         return read_jsonl(path, bad_rows)
+    if path.suffix == ".csv":
+        return read_csv(path, bad_rows)
     if path.is_file() and path.suffix not in FILE_KINDS:
         raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use {', '.join(FILE_KINDS)}")
     import datasets  # heavy: imported when data files are used
@@ -132,15 +187,12 @@ def read_table(source: str, split: str = "train", subset: str | None = None, bad
         if not path.exists():
             raise FileNotFoundError(f"{path}: data file not found")
         load = {"path": FILE_KINDS[path.suffix], "data_files": str(path), "split": "train"}
-        if path.suffix == ".csv":  # csv cells are text: a column of digits stays strings, not int64
-            with open(path, newline="", encoding="utf-8") as f:
-                header = next(csv.reader(f), None)
-            if header:
-                load["features"] = datasets.Features({name: datasets.Value("string") for name in header})
-        label, first_row = str(path), 2 if path.suffix == ".csv" else 1  # csv: line 1 is the header
+        if path.suffix == ".json":
+            load["encoding"] = "utf-8-sig"  # a byte order mark is not part of the first row
+        label = str(path)
     else:
         load = {"path": source, "name": subset, "split": split}
-        label, first_row = f"{source} ({split})", 1
+        label = f"{source} ({split})"
     try:
         ds = datasets.load_dataset(**load)
     except (FileNotFoundError, ValueError) as e:
@@ -148,9 +200,7 @@ def read_table(source: str, split: str = "train", subset: str | None = None, bad
     except Exception as e:  # noqa: BLE001 - datasets wraps parser errors (pyarrow, json...) in many types
         raise ValueError(f"{label}: could not be read as a dataset ({type(e).__name__}: {e})") from None
     rows = ds.to_list()
-    if path.suffix == ".csv":
-        return Table(rows, [f"{label}:{i + first_row}" for i in range(len(rows))], label)
-    return Table(rows, [f"{label} row {i + first_row}" for i in range(len(rows))], label)
+    return Table(rows, [f"{label} row {i + 1}" for i in range(len(rows))], label)
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
@@ -158,16 +208,60 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def _bad(table: Table, where: str, reason: str, bad_rows: str) -> None:
-    if bad_rows != "skip":
-        raise ValueError(f"{where}: {reason} (set data.bad_rows=skip to skip such rows)")
-    table.skipped.append(f"{where}: {reason}")
+def _checked(table: Table, bad_rows: str) -> Table:
+    """`table`, or (bad_rows=error) the error listing its unreadable rows."""
+    if bad_rows != "skip" and table.skipped:
+        raise bad_rows_error([(table.source, table.skipped)])
+    return table
+
+
+def _line(where: str) -> int:
+    """The line or row number a locator ends with ("f.jsonl:7", "f.json row 7"), for file order."""
+    digits = where[len(where.rstrip("0123456789")) :]
+    return int(digits) if digits else 0
+
+
+def bad_rows_error(files: list[tuple[str, list[BadRow]]]) -> ValueError:
+    """One error for the malformed rows of each file, in file order: a first line that stands alone
+    ("f.jsonl: 3 malformed rows (first at f.jsonl:2: ...); fix them or set data.bad_rows=skip"),
+    then up to BAD_ROWS_LISTED rows per file."""
+    lines = []
+    for source, bad in files:
+        if not bad:
+            continue
+        bad = sorted(bad, key=lambda b: _line(b.where))
+        n = len(bad)
+        lines.append(
+            f"{source}: {n} malformed row{'s' * (n != 1)} (first at {bad[0]}); fix them or set data.bad_rows=skip"
+        )
+        lines += [f"  {b}" for b in bad[:BAD_ROWS_LISTED]]
+        if n > BAD_ROWS_LISTED:
+            lines.append(f"  ... and {n - BAD_ROWS_LISTED} more")
+    return ValueError("\n".join(lines))
+
+
+def write_skipped_rows(data: list[Dataset | None], path: str | Path) -> int:
+    """Write the rows skipped with data.bad_rows=skip, one {"where", "reason"} per line, to `path`
+    (atomically: a temp file renamed over it). Returns how many; writes nothing when there are none."""
+    skipped = [bad for ds in data if ds is not None for bad in ds.skipped]
+    if not skipped:
+        return 0
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"where": b.where, "reason": b.reason}) + "\n" for b in skipped)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(skipped)
 
 
 # ---- formats: a row → segments of text, each trained on or not ----
 
 
-def detect_format(row: dict, where: str) -> str:
+def _format_of(row: dict) -> str | None:
     keys = set(row)
     if "messages" in keys or "conversations" in keys:
         return "chat"
@@ -177,23 +271,26 @@ def detect_format(row: dict, where: str) -> str:
         return "prompt_completion"
     if "text" in keys:
         return "text"
-    raise ValueError(
-        f"{where}: cannot tell the data format from the columns {sorted(keys)}; expected messages (chat), "
+    return None
+
+
+def _no_format(row: dict) -> str:
+    return (
+        f"cannot tell the data format from the columns {sorted(row)}; expected messages (chat), "
         "instruction + output (alpaca), prompt + completion, or text; or set data.format"
     )
 
 
-def _detect(table: Table, bad_rows: str) -> str:
-    """The format of the first row; with bad_rows=skip, of the first row that has one."""
-    first_error = None
-    for row, where in zip(table.rows, table.where):
-        try:
-            return detect_format(row, where)
-        except ValueError as e:
-            if bad_rows != "skip":
-                raise
-            first_error = first_error or e
-    raise first_error
+def detect_format(row: dict, where: str) -> str:
+    fmt = _format_of(row)
+    if fmt is None:
+        raise ValueError(f"{where}: {_no_format(row)}")
+    return fmt
+
+
+def _detect(table: Table) -> str | None:
+    """The format of the first row that has one (None: no row has one)."""
+    return next((fmt for fmt in map(_format_of, table.rows) if fmt is not None), None)
 
 
 @dataclass
@@ -335,57 +432,91 @@ class Dataset:
     rendered: list[Rendered]
     format: str
     source: str
-    skipped: list[str] = field(default_factory=list)  # malformed rows dropped (data.bad_rows=skip)
+    skipped: list[BadRow] = field(default_factory=list)  # malformed rows dropped (data.bad_rows=skip)
     too_long: int = 0  # rows dropped because the prompt alone fills data.max_length
 
 
 def build_dataset(table: Table, fmt: str, tokenizer, max_length: int, train_on_prompt: bool, bad_rows: str) -> Dataset:
-    """Render and tokenize every row of `table`; a malformed row raises or is skipped (counted)."""
-    if not table.rows:
-        why = f"; every row was malformed, first: {table.skipped[0]}" if table.skipped else ""
-        raise ValueError(f"{table.source}: no rows{why}")
-    if fmt == "auto":
-        fmt = _detect(table, bad_rows)
-    if fmt == "chat":
+    """Render and tokenize every row of `table`. Malformed rows (the table's unreadable ones too)
+    are skipped and listed in `.skipped`, or (bad_rows=error) raise one error listing them all."""
+    ds = _build(table, fmt, tokenizer, max_length, train_on_prompt)
+    if bad_rows != "skip" and ds.skipped:
+        raise bad_rows_error([(table.source, ds.skipped)])
+    _check_kept(ds, table, max_length)
+    return ds
+
+
+def _build(table: Table, fmt: str, tokenizer, max_length: int, train_on_prompt: bool) -> Dataset:
+    """Every row of `table` rendered and tokenized, or its reason in `.skipped` (in file order)."""
+    row_fmt = _detect(table) if fmt == "auto" else fmt
+    if row_fmt == "chat":
         ensure_chat_template(tokenizer)
-    ds = Dataset([], [], fmt, table.source, list(table.skipped))
+    ds = Dataset([], [], row_fmt or fmt, table.source, list(table.skipped))
     for row, where in zip(table.rows, table.where):
         try:
-            rendered = render(row, fmt, tokenizer)
+            if fmt == "auto" and not set(row) & FORMAT_COLUMNS.get(row_fmt, set()):  # not even a broken row_fmt one
+                raise ValueError(_no_format(row))
+            rendered = render(row, row_fmt, tokenizer)
             example = tokenize(tokenizer, rendered, max_length, train_on_prompt)
         except ValueError as e:
-            if bad_rows != "skip":
-                raise ValueError(f"{where}: {e} (set data.bad_rows=skip to skip such rows)") from None
-            ds.skipped.append(f"{where}: {e}")
+            ds.skipped.append(BadRow(where, str(e)))
             continue
         if all(label == IGNORE_INDEX for label in example.labels):  # nothing left to learn after truncation
             ds.too_long += 1
             continue
         ds.examples.append(example)
         ds.rendered.append(rendered)
-    if not ds.examples:
-        why = f"first: {ds.skipped[0]}" if ds.skipped else f"the prompts fill data.max_length={max_length}"
-        raise ValueError(f"{table.source}: every row was dropped; {why}")
+    ds.skipped.sort(key=lambda bad: _line(bad.where))
     return ds
+
+
+def _check_kept(ds: Dataset, table: Table, max_length: int) -> None:
+    """A dataset of no examples is an error that says why."""
+    if ds.examples:
+        return
+    if not table.rows:
+        why = f"; every row was malformed, first: {table.skipped[0]}" if table.skipped else ""
+        raise ValueError(f"{table.source}: no rows{why}")
+    why = f"first: {ds.skipped[0]}" if ds.skipped else f"the prompts fill data.max_length={max_length}"
+    raise ValueError(f"{table.source}: every row was dropped; {why}")
 
 
 def load_data(cfg, tokenizer) -> tuple[Dataset, Dataset | None]:
     """Train and eval data of a run (`cfg`: a DataConfig). Eval: data.eval, or a seeded
-    `eval_fraction` of the train rows, or held-out synthetic rows."""
+    `eval_fraction` of the train rows, or held-out synthetic rows. With data.bad_rows=error, one
+    error lists the malformed rows of the train and eval files."""
     if cfg.train == "synthetic":
         train_rows, eval_rows = synthetic_split(cfg.num_train, cfg.num_eval, cfg.seed)
         train = Table(train_rows, [f"synthetic row {i + 1}" for i in range(len(train_rows))], "synthetic")
         held_out = Table(eval_rows, [f"synthetic eval row {i + 1}" for i in range(len(eval_rows))], "synthetic eval")
-    else:
-        train = read_table(cfg.train, cfg.train_split, cfg.subset, cfg.bad_rows)
+    else:  # unreadable rows are kept in .skipped and reported below, with the file's other bad rows
+        train = read_table(cfg.train, cfg.train_split, cfg.subset, bad_rows="skip")
         # eval_fraction only when there is no data.eval: with one, every train row is trained on
         train, held_out = split_table(train, 0.0 if cfg.eval else cfg.eval_fraction, cfg.seed)
     if cfg.eval:
-        held_out = read_table(cfg.eval, cfg.eval_split, cfg.subset, cfg.bad_rows)
-    args = (tokenizer, cfg.max_length, cfg.train_on_prompt, cfg.bad_rows)
-    train_ds = build_dataset(train, cfg.format, *args)
-    eval_ds = build_dataset(held_out, train_ds.format, *args) if held_out is not None and held_out.rows else None
+        held_out = read_table(cfg.eval, cfg.eval_split, cfg.subset, bad_rows="skip")
+    args = (tokenizer, cfg.max_length, cfg.train_on_prompt)
+    train_ds = _build(train, cfg.format, *args)
+    has_eval = held_out is not None and (held_out.rows or held_out.skipped)
+    eval_ds = _build(held_out, train_ds.format, *args) if has_eval else None
+    if cfg.bad_rows != "skip":
+        _raise_bad_rows(train_ds, eval_ds, eval_file=bool(cfg.eval))
+    _check_kept(train_ds, train, cfg.max_length)
+    if eval_ds is not None:
+        _check_kept(eval_ds, held_out, cfg.max_length)
     return train_ds, eval_ds
+
+
+def _raise_bad_rows(train: Dataset, held_out: Dataset | None, eval_file: bool) -> None:
+    """One error for the malformed rows of the train file (held-out rows included) and the eval file."""
+    if held_out is None:
+        files = [(train.source, train.skipped)]
+    elif eval_file:
+        files = [(train.source, train.skipped), (held_out.source, held_out.skipped)]
+    else:
+        files = [(train.source, train.skipped + held_out.skipped)]
+    if any(bad for _, bad in files):
+        raise bad_rows_error(files)
 
 
 def split_table(table: Table, fraction: float, seed: int) -> tuple[Table, Table | None]:

@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qtrain.config import (
     Config,
@@ -13,6 +14,7 @@ from qtrain.config import (
     LoRAConfig,
     SamplePrompt,
     TinyModelConfig,
+    UniqueKeyLoader,
     apply_override,
     load_config,
     to_dict,
@@ -585,6 +587,36 @@ def test_non_mapping_yaml(tmp_path, text):
     path.write_text(text)
     msg = error_of([], path)
     assert str(path) in msg and "mapping" in msg
+
+
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("model:\n  name_or_path: m\ntrain:\n  lr: 1.0e-4\n  max_steps: 5\n  lr: 3.0e-4\n", "train.lr", (4, 6)),
+        ("model:\n  name_or_path: m\ntrain:\n  max_steps: 5\nmodel:\n  name_or_path: n\n", "model", (1, 5)),
+        ("model: {name_or_path: m, name_or_path: n}\n", "model.name_or_path", (1, 1)),
+        ("model:\n  name_or_path: m\nlora:\n  rank: 8\n  target_modules:\n    - {a: 1, a: 2}\n", "lora.target_modules[0].a", (6, 6)),
+        ("1: a\n01: b\n", "1", (1, 2)),  # the same key written two ways
+    ],
+)
+def test_duplicate_key_in_yaml_file(tmp_path, text, key, lines):
+    """PyYAML keeps the last of two equal keys: a config that says one thing twice is an error."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    msg = error_of([], path)
+    assert msg == f"{path}: key {key} is given twice (lines {lines[0]} and {lines[1]}); keep one"
+
+
+def test_yaml_merge_keys_and_aliases_are_not_duplicates(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "base: &base {name_or_path: m, dtype: float32}\n"
+        "model:\n  <<: *base\n  dtype: bfloat16\n"
+        "eval:\n  sample_prompts: &p [{prompt: a}]\n"
+    )
+    data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+    assert data["model"] == {"name_or_path": "m", "dtype": "bfloat16"}  # the merged key overridden
+    assert data["eval"]["sample_prompts"] == [{"prompt": "a"}]
 
 
 def test_empty_file_is_all_defaults(tmp_path):

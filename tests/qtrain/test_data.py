@@ -4,7 +4,9 @@ split, packing (and that packed examples do not see each other), and resumable b
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import random
 from collections import Counter
 from itertools import islice, pairwise
@@ -20,6 +22,7 @@ from transformers import AutoModelForCausalLM
 import qtrain.train
 from qtrain.config import DataConfig
 from qtrain.data import (
+    BAD_ROWS_LISTED,
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
     Batches,
@@ -47,6 +50,7 @@ from qtrain.data import (
     tokenize,
     tokenize_row,
     write_jsonl,
+    write_skipped_rows,
 )
 from qtrain.lora import LoRASpec, lora_modules
 from qtrain.model import load_model
@@ -103,7 +107,8 @@ def labelled_runs(tok, ex: Example) -> list[str]:
 def build(
     source, tok, fmt: str = "auto", max_length: int = 512, train_on_prompt: bool = False, bad_rows: str = "error"
 ):
-    table = source if isinstance(source, Table) else read_table(str(source), bad_rows=bad_rows)
+    """As load_data does: unreadable rows wait in the table, to be reported with the rest."""
+    table = source if isinstance(source, Table) else read_table(str(source), bad_rows="skip")
     return build_dataset(table, fmt, tok, max_length, train_on_prompt, bad_rows)
 
 
@@ -540,8 +545,9 @@ def test_bad_jsonl_row_names_file_and_line(tok, tmp_path, bad, needle):
     path = write_lines(tmp_path / "bad.jsonl", [GOOD, "", bad, GOOD])
     with pytest.raises(ValueError) as info:
         build(path, tok)
-    msg = str(info.value)
-    assert msg.startswith(f"{path}:3: ") and needle in msg and "data.bad_rows=skip" in msg
+    first, *listed = str(info.value).splitlines()
+    assert first.startswith(f"{path}: 1 malformed row (first at {path}:3: ") and needle in first
+    assert first.endswith("; fix them or set data.bad_rows=skip") and len(listed) == 1
     ds = build(path, tok, bad_rows="skip")
     assert len(ds.examples) == 2 and len(ds.skipped) == 1
     assert ds.skipped[0].startswith(f"{path}:3: ") and needle in ds.skipped[0]
@@ -600,8 +606,8 @@ def test_bad_rows_name_file_and_row(tok, tmp_path, kind, rows, where, needle):
         datasets.Dataset.from_list(rows).to_parquet(str(path))
     with pytest.raises(ValueError) as info:
         build(path, tok)
-    msg = str(info.value)
-    assert msg.startswith(f"{tmp_path / where}: ") and needle in msg, msg
+    first = str(info.value).splitlines()[0]
+    assert first.startswith(f"{path}: 1 malformed row (first at {tmp_path / where}: ") and needle in first, first
     ds = build(path, tok, bad_rows="skip")
     assert len(ds.examples) == len(rows) - 1 and len(ds.skipped) == 1
     assert ds.skipped[0].startswith(f"{tmp_path / where}: ")
@@ -634,6 +640,179 @@ def test_all_rows_bad_is_a_clear_error(tok, tmp_path):
 
 def test_skip_leaves_good_files_alone(tok):
     assert build(CHAT, tok, bad_rows="skip").skipped == []
+
+
+def error_lines(excinfo) -> tuple[str, list[str]]:
+    """The first line of a bad-rows error, and the rows it lists (indented lines)."""
+    first, *rest = str(excinfo.value).splitlines()
+    return first, [line.strip() for line in rest]
+
+
+def test_error_lists_every_malformed_row_of_a_file(tok, tmp_path):
+    # every kind of bad row the loader detects, in one file: all of them in one error, in file order
+    lines = [
+        GOOD,
+        "{oops",  # 2: not JSON
+        json.dumps({"instruction": "x"}),  # 3: no output
+        GOOD,
+        "[1]",  # 5: not an object
+        json.dumps({"instruction": "x", "input": 5, "output": "y"}),  # 6: input not a string
+        json.dumps({"question": "q"}),  # 7: no format at all
+        GOOD,
+    ]
+    path = write_lines(tmp_path / "many.jsonl", lines)
+    with pytest.raises(ValueError) as info:
+        build(path, tok)
+    first, listed = error_lines(info)
+    assert first == (
+        f"{path}: 5 malformed rows (first at {path}:2: not valid JSON (Expecting property name enclosed in double "
+        "quotes)); fix them or set data.bad_rows=skip"
+    )
+    assert [line.split(": ")[0] for line in listed] == [f"{path}:{i}" for i in (2, 3, 5, 6, 7)]
+    for line, needle in zip(listed, ["not valid JSON", "'output'", "got list", "'input'", "cannot tell the data format"]):
+        assert needle in line, line
+    # the same rows through load_data (rows held out for eval are reported with the rest of the file)
+    for fraction in (0.0, 0.5):
+        with pytest.raises(ValueError) as info:
+            load_data(DataConfig(train=str(path), eval_fraction=fraction, seed=1), tok)
+        assert error_lines(info) == (first, listed)
+    # and with data.bad_rows=skip, the same rows are skipped
+    ds = build(path, tok, bad_rows="skip")
+    assert len(ds.examples) == 3 and ds.skipped == listed
+
+
+def test_error_lists_the_first_rows_and_counts_the_rest(tok, tmp_path):
+    n = BAD_ROWS_LISTED + 5
+    path = write_lines(tmp_path / "bad.jsonl", [GOOD] + ["{"] * n)
+    with pytest.raises(ValueError) as info:
+        build(path, tok)
+    first, listed = error_lines(info)
+    assert first.startswith(f"{path}: {n} malformed rows (first at {path}:2: not valid JSON")
+    assert listed[:-1] == [f"{path}:{i}: not valid JSON (Expecting property name enclosed in double quotes)" for i in range(2, 22)]
+    assert listed[-1] == "... and 5 more"
+
+
+@pytest.mark.parametrize("kind", ["json", "csv", "parquet"])
+def test_error_lists_every_malformed_row_of_other_kinds(tok, tmp_path, kind):
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}] * 3
+    path = write_as(kind, rows, tmp_path)
+    with pytest.raises(ValueError) as info:
+        build(path, tok)
+    first, listed = error_lines(info)
+    where = [f"{path}:{i}" for i in (3, 5, 7)] if kind == "csv" else [f"{path} row {i}" for i in (2, 4, 6)]
+    assert first.startswith(f"{path}: 3 malformed rows (first at {where[0]}: missing or non-string 'completion'")
+    assert listed == [f"{w}: missing or non-string 'completion' (prompt_completion rows need prompt and completion)" for w in where]
+
+
+def test_load_data_error_names_the_train_and_the_eval_file(tok, tmp_path):
+    train = write_lines(tmp_path / "train.jsonl", [GOOD, "{", GOOD])
+    eval_path = write_lines(tmp_path / "eval.jsonl", [json.dumps({"instruction": "x"}), GOOD, "[]"])
+    with pytest.raises(ValueError) as info:
+        load_data(DataConfig(train=str(train), eval=str(eval_path)), tok)
+    first, rest = error_lines(info)
+    assert first.startswith(f"{train}: 1 malformed row (first at {train}:2: not valid JSON")
+    assert rest[0].startswith(f"{train}:2: not valid JSON")
+    assert rest[1].startswith(f"{eval_path}: 2 malformed rows (first at {eval_path}:1: missing or non-string 'output'")
+    assert [r.split(": ")[0] for r in rest[2:]] == [f"{eval_path}:1", f"{eval_path}:3"]
+    # skipped, they are kept per file
+    train_ds, eval_ds = load_data(DataConfig(train=str(train), eval=str(eval_path), bad_rows="skip"), tok)
+    assert [b.where for b in train_ds.skipped] == [f"{train}:2"]
+    assert [b.where for b in eval_ds.skipped] == [f"{eval_path}:1", f"{eval_path}:3"]
+
+
+def test_csv_rows_are_named_by_the_line_they_start_on(tok, tmp_path):
+    # a quoted cell spans lines 3-4; line 5 has a cell too many, line 7 one too few
+    path = write_lines(
+        tmp_path / "lines.csv",
+        ["prompt,completion", "a,b", '"two', 'lines",c', "d,e,f", "", "g", "h,"],
+    )
+    with pytest.raises(ValueError) as info:
+        build(path, tok)
+    first, listed = error_lines(info)
+    assert first.startswith(f"{path}: 3 malformed rows (first at {path}:5: 3 cells, the header has 2)")
+    assert listed == [
+        f"{path}:5: 3 cells, the header has 2",
+        f"{path}:7: 1 cell, the header has 2",
+        f"{path}:8: missing or non-string 'completion' (prompt_completion rows need prompt and completion)",
+    ]
+    with pytest.raises(ValueError) as info:  # read alone: the rows that cannot be read
+        read_table(str(path))
+    assert error_lines(info) == (f"{path}: 2 malformed rows (first at {listed[0]}); fix them or set data.bad_rows=skip", listed[:2])
+    table = read_table(str(path), bad_rows="skip")
+    assert table.where == [f"{path}:2", f"{path}:3", f"{path}:8"]
+    assert table.rows[1] == {"prompt": "two\nlines", "completion": "c"}
+
+
+def test_write_skipped_rows_records_every_skipped_row(tok, tmp_path):
+    train = write_lines(tmp_path / "train.jsonl", [GOOD, "{", GOOD, "[1]", GOOD])
+    eval_path = write_lines(tmp_path / "eval.jsonl", [GOOD, json.dumps({"instruction": "x"})])
+    data = load_data(DataConfig(train=str(train), eval=str(eval_path), bad_rows="skip"), tok)
+    out = tmp_path / "run" / "skipped_rows.jsonl"
+    out.parent.mkdir()
+    out.write_text("from an earlier start\n")
+    assert write_skipped_rows(list(data), out) == 3
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records == [
+        {"where": f"{train}:2", "reason": "not valid JSON (Expecting property name enclosed in double quotes)"},
+        {"where": f"{train}:4", "reason": "expected a JSON object, got list"},
+        {"where": f"{eval_path}:2", "reason": "missing or non-string 'output' (alpaca rows need instruction and output)"},
+    ]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["skipped_rows.jsonl"]  # no temp file left
+    # nothing skipped: nothing written; no eval data: None is fine
+    clean = load_data(DataConfig(train=str(ASSET), eval_fraction=0, bad_rows="skip"), tok)
+    assert write_skipped_rows(list(clean), tmp_path / "none.jsonl") == 0 and not (tmp_path / "none.jsonl").exists()
+
+
+def test_write_skipped_rows_is_atomic(tok, tmp_path, monkeypatch):
+    ds = build(write_lines(tmp_path / "t.jsonl", [GOOD, "{"]), tok, bad_rows="skip")
+    out = tmp_path / "skipped_rows.jsonl"
+    out.write_text("old\n")
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("qtrain.data.os.replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_skipped_rows([ds], out)
+    assert out.read_text() == "old\n"  # a failed write leaves the old record whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # and no temp file
+
+
+def test_skipped_rows_survive_copy_and_pickle(tok, tmp_path):
+    ds = build(write_lines(tmp_path / "t.jsonl", [GOOD, "{"]), tok, bad_rows="skip")
+    for again in (copy.deepcopy(ds.skipped), pickle.loads(pickle.dumps(ds.skipped))):
+        assert again == ds.skipped and [(b.where, b.reason) for b in again] == [(b.where, b.reason) for b in ds.skipped]
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "json-lines", "csv"])
+def test_a_byte_order_mark_is_not_part_of_row_one(tok, tmp_path, kind):
+    if kind == "json-lines":  # a .json file of JSON lines
+        path = tmp_path / "d.json"
+        write_jsonl(PC_ROWS, path)
+    else:
+        path = write_as(kind, PC_ROWS, tmp_path)
+    path.write_bytes(BOM + path.read_bytes())
+    table = read_table(str(path))
+    assert table.rows == PC_ROWS
+    assert build(path, tok).format == "prompt_completion"
+
+
+def test_dataset_scripts_are_not_run(tmp_path):
+    folder = tmp_path / "scripted"
+    (folder / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(PC_ROWS).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    marker = tmp_path / "script_ran"
+    (folder / "scripted.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    try:
+        table = read_table(str(folder))
+    except ValueError as e:  # datasets >= 4 refuses the folder: one line naming it and the script
+        assert str(e).startswith(f"{folder} (train): ") and "scripted.py" in str(e) and "\n" not in str(e)
+    else:  # or reads the data files only
+        assert table.rows == PC_ROWS
+    assert not marker.exists()
 
 
 # ---- load_data and the eval split ------------------------------------------------------------
