@@ -23,7 +23,7 @@ from torch import nn
 
 from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
 from qtrain.lora import LoRASpec, lora_modules
-from qtrain.model import IGNORED_KEYS, bnb_groups, bnb_prefixes, build_skeleton
+from qtrain.model import IGNORED_KEYS, bnb_groups, bnb_prefixes, build_skeleton, read_config
 from qtrain.nf4 import dequantize_nf4, from_bnb_state_dict, quantize_nf4
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -304,9 +304,7 @@ def merge_adapter(
 
 def _linear_weight_names(model_dir: Path) -> set[str]:
     """Checkpoint names of the weights that QLoRA holds in NF4: every nn.Linear but lm_head."""
-    from transformers import AutoConfig
-
-    skeleton = build_skeleton(AutoConfig.from_pretrained(model_dir), torch.float32)  # on meta: free
+    skeleton = build_skeleton(read_config(model_dir), torch.float32)  # on meta: free
     out = skeleton.get_output_embeddings()
     return {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and m is not out}
 

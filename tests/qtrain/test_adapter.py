@@ -463,6 +463,30 @@ def test_merge_errors(ckpt, tiny_checkpoint, tmp_path):
         merge_adapter(str(tmp_path / "no-such-model"), adapter, tmp_path / "merged")
 
 
+def test_merge_refuses_a_custom_code_base_without_prompt(ckpt, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from qtrain.cli import main
+
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda *a: asked.append(a) or "y")
+    spec = LoRASpec(rank=2, alpha=4, target_modules=["q_proj"])
+    loaded = ours(ckpt, spec)
+    adapter = save_adapter(loaded.model, spec, loaded.targets, str(ckpt), tmp_path / "adapter")
+    base = tmp_path / "base"
+    shutil.copytree(ckpt, base)
+    config = json.loads((base / "config.json").read_text())
+    config |= {"model_type": "evilnet", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "configuration_evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qtrain merge: error:") and err.count("\n") == 1
+    assert str(base / "config.json") in err and "custom code" in err
+    assert asked == [] and not (tmp_path / "ran").exists() and not (tmp_path / "merged").exists()
+    assert tmp_dirs_left(tmp_path) == []
+
+
 def test_merge_rebuilds_the_base_in_the_training_dtype(ckpt, tmp_path):
     # trained on a bf16 base quantized to NF4, merged to fp32: the merged weights must be the NF4
     # base quantized from bf16 (recorded in qtrain.json), not from the fp32 output dtype.
