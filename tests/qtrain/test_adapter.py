@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -461,6 +462,81 @@ def test_merge_errors(ckpt, tiny_checkpoint, tmp_path):
     assert not (tmp_path / "merged").exists() and tmp_dirs_left(tmp_path) == []
     with pytest.raises(FileNotFoundError):
         merge_adapter(str(tmp_path / "no-such-model"), adapter, tmp_path / "merged")
+
+
+@pytest.fixture(scope="module")
+def q_adapter(ckpt, tmp_path_factory):
+    spec = LoRASpec(rank=2, alpha=4, target_modules=["q_proj"])
+    loaded = ours(ckpt, spec)
+    return save_adapter(loaded.model, spec, loaded.targets, str(ckpt), tmp_path_factory.mktemp("q") / "adapter")
+
+
+def user_folder(path: Path) -> Path:
+    """A folder of someone's files: a run's metrics, notes, a subfolder, a config.json of their own."""
+    (path / "checkpoints" / "step-1").mkdir(parents=True)
+    (path / "checkpoints" / "step-1" / "adapter_model.safetensors").write_bytes(b"precious")
+    (path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (path / "notes.txt").write_text("mine")
+    (path / "config.json").write_text('{"train": {}}')
+    return path
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_merge_refuses_a_folder_with_other_files(ckpt, q_adapter, tmp_path):
+    out = user_folder(tmp_path / "out")
+    before = files(out)
+    with pytest.raises(ValueError, match=re.escape(str(out)) + r": .*not empty.*another .*--force") as e:
+        merge_adapter(str(ckpt), q_adapter, out)
+    assert "\n" not in str(e.value)
+    assert files(out) == before and tmp_dirs_left(tmp_path) == []
+
+
+def test_merge_force_replaces_only_what_merge_writes(ckpt, q_adapter, tmp_path):
+    out = user_folder(tmp_path / "out")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"an old shard")  # a name merge writes: replaced
+    before = files(out)
+    merge_adapter(str(ckpt), q_adapter, out, dtype=torch.float32, force=True)
+    after = files(out)
+    kept = {k for k in before if k not in ("config.json", "model-00001-of-00002.safetensors")}
+    assert {k: after[k] for k in kept} == {k: before[k] for k in kept}
+    assert json.loads(after["config.json"])["model_type"] == "llama"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert json.loads(after[".qtrain-merge"])["adapter"] == str(Path(q_adapter).resolve())
+    AutoModelForCausalLM.from_pretrained(out)
+    assert tmp_dirs_left(tmp_path) == []
+
+
+def test_merge_over_a_previous_merge_needs_no_force(ckpt, q_adapter, tmp_path):
+    out = tmp_path / "merged"
+    merge_adapter(str(ckpt), q_adapter, out, dtype=torch.float32, max_shard_bytes=100_000)
+    assert len(list(out.glob("model-*.safetensors"))) > 2
+    (out / "README.md").write_text("my model card")
+    merge_adapter(str(ckpt), q_adapter, out, dtype=torch.float32)  # one shard now: the old ones go
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
+    assert (out / "README.md").read_text() == "my model card"
+    AutoModelForCausalLM.from_pretrained(out)
+    assert tmp_dirs_left(tmp_path) == []
+
+
+def test_merge_into_an_empty_folder(ckpt, q_adapter, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    merge_adapter(str(ckpt), q_adapter, out)
+    assert (out / "model.safetensors").exists() and tmp_dirs_left(tmp_path) == []
+
+
+def test_merge_onto_a_base_of_another_shape(ckpt, q_adapter, tiny_checkpoint, tmp_path):
+    other = tiny_checkpoint("llama", hidden_size=128, intermediate_size=192)
+    with pytest.raises(ValueError) as e:
+        merge_adapter(str(other), q_adapter, tmp_path / "merged")
+    message = str(e.value)
+    assert "model.layers.0.self_attn.q_proj" in message and "was this adapter trained on this base?" in message
+    assert "[128, 128]" in message and "\n" not in message
+    assert not (tmp_path / "merged").exists() and tmp_dirs_left(tmp_path) == []
 
 
 def test_merge_refuses_a_custom_code_base_without_prompt(ckpt, tmp_path, monkeypatch, capsys):
