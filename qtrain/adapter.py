@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig
 
-from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
+from qtrain.checkpoint import CORRUPT_ADAPTER, SafetensorsCheckpoint, require_finite, resolve_model_dir
 from qtrain.lora import LoRASpec, lora_modules
 from qtrain.model import IGNORED_KEYS, bnb_groups, bnb_prefixes, build_skeleton, read_config
 from qtrain.nf4 import dequantize_nf4, from_bnb_state_dict, quantize_nf4
@@ -189,7 +189,7 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found")
-    tensors = load_file(path)
+    tensors = read_adapter_file(path)
     modules = lora_modules(model)
     seen = set()
     for key, value in tensors.items():
@@ -211,6 +211,11 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     missing = [f"{n}.{w}" for n, w in wanted if (n, w) not in seen]
     if missing:
         raise ValueError(f"{path}: no weights for {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+
+
+def read_adapter_file(path: Path) -> dict[str, torch.Tensor]:
+    """An adapter's safetensors weights (never unpickled), each refused by name when it holds NaN or inf."""
+    return {k: require_finite(v, path, k, CORRUPT_ADAPTER) for k, v in load_file(path).items()}
 
 
 def _is_dora_key(key: str) -> bool:
@@ -341,8 +346,7 @@ def install_merge(tmp: Path, out_dir: Path) -> None:
 
 def _read_adapter_tensors(adapter_dir: Path) -> dict[tuple[str, str], torch.Tensor]:
     """{(module name, lora_a | lora_b | lora_magnitude): fp32 tensor} of an adapter's weights file."""
-    path = adapter_dir / ADAPTER_WEIGHTS
-    return {_parse_key(k, adapter_dir): v.float() for k, v in load_file(path).items()}
+    return {_parse_key(k, adapter_dir): v.float() for k, v in read_adapter_file(adapter_dir / ADAPTER_WEIGHTS).items()}
 
 
 @dataclass
@@ -379,8 +383,8 @@ class _Merge:
     def base_weight(self, key: str) -> torch.Tensor:
         """The base's tensor as training saw it (NF4-dequantized linear weights)."""
         if key in self.bnb:
-            return dequantize_nf4(from_bnb_state_dict({k: self.ckpt[k] for k in self.bnb[key]}, key), torch.float32)
-        w = self.ckpt[key]
+            return dequantize_nf4(from_bnb_state_dict({k: self.ckpt.finite(k) for k in self.bnb[key]}, key), torch.float32)
+        w = self.ckpt.finite(key)
         if key in self.linear_weights:
             w = dequantize_nf4(quantize_nf4(w.to(self.quant_dtype)), torch.float32)
         return w

@@ -120,6 +120,17 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
     return out
 
 
+CORRUPT_CHECKPOINT = "the checkpoint is corrupt; re-download or re-convert it"
+CORRUPT_ADAPTER = "the adapter is corrupt (did its training diverge?); use an earlier checkpoint's adapter"
+
+
+def require_finite(tensor: torch.Tensor, file: Path | str, name: str, remedy: str = CORRUPT_CHECKPOINT) -> torch.Tensor:
+    """`tensor`, or a ValueError naming its file and name when it holds NaN or inf (one pass, floats only)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{file}: tensor {name} holds NaN/inf values; {remedy}")
+    return tensor
+
+
 class SafetensorsCheckpoint:
     """All tensors of a (possibly sharded) checkpoint directory, read lazily by name."""
 
@@ -151,6 +162,10 @@ class SafetensorsCheckpoint:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return read_tensor(self.entries[name])
+
+    def finite(self, name: str) -> torch.Tensor:
+        """The tensor `name`, refused when it holds NaN or inf (a corrupt checkpoint: NF4 of it is NaN)."""
+        return require_finite(self[name], self.entries[name].file, name)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) in file order, so reads stream through each shard front to back."""

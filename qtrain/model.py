@@ -141,7 +141,7 @@ def load_model(
             continue
         if key in bnb_key_to_group:  # collect a 4-bit weight's parts, then hand them over at once
             prefix = bnb_key_to_group[key]
-            bnb_parts[prefix][key] = ckpt[key].to(device)
+            bnb_parts[prefix][key] = ckpt.finite(key).to(device)
             if len(bnb_parts[prefix]) == len(groups[prefix]):
                 linears[prefix.rpartition(".")[0]].set_nf4_weight(from_bnb_state_dict(bnb_parts.pop(prefix), prefix))
             continue
@@ -149,7 +149,7 @@ def load_model(
         if module_name in linears:
             if attr not in ("weight", "bias") or (attr == "bias" and linears[module_name].bias is None):
                 raise ValueError(f"{model_dir}: unexpected tensor {key!r} for a linear layer; does config.json match?")
-            value = ckpt[key].to(device=device, dtype=compute_dtype)
+            value = ckpt.finite(key).to(device=device, dtype=compute_dtype)
             try:
                 if attr == "weight":
                     linears[module_name].set_base_weight(value)
@@ -174,7 +174,7 @@ def load_model(
                 f"{model_dir}: checkpoint tensor {key!r} has shape {list(entry.shape)}, the model built from "
                 f"config.json expects {list(expected.shape)}"
             )
-        value = ckpt[key].to(device)
+        value = ckpt.finite(key).to(device)
         _set_tensor(model, key, value.to(compute_dtype) if value.is_floating_point() else value)
 
     no_bias = [f"{n}.bias" for n, m in linears.items() if m.bias is not None and n not in loaded_biases]

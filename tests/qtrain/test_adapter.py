@@ -539,6 +539,29 @@ def test_merge_onto_a_base_of_another_shape(ckpt, q_adapter, tiny_checkpoint, tm
     assert not (tmp_path / "merged").exists() and tmp_dirs_left(tmp_path) == []
 
 
+def with_nan(adapter: Path, out: Path, key_part: str = "layers.1.self_attn.q_proj.lora_B") -> tuple[Path, str]:
+    """A copy of `adapter` with one NaN in its first tensor whose name holds `key_part`."""
+    found = []
+
+    def poison(t):
+        key = sorted(k for k in t if key_part in k)[0]
+        t[key] = t[key].clone().index_fill_(0, torch.tensor([0]), float("nan"))
+        found.append(key)
+
+    return rewrite_weights(adapter, out, poison), found[0]
+
+
+def test_non_finite_adapter_is_refused_by_name(ckpt, q_adapter, tmp_path):
+    bad, key = with_nan(q_adapter, tmp_path / "bad")
+    loaded = load_model(str(ckpt), read_adapter_config(bad), compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match=re.escape(f"{bad / ADAPTER_WEIGHTS}: tensor {key} holds NaN/inf values")) as e:
+        load_adapter_weights(loaded.model, bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=re.escape(f"{bad / ADAPTER_WEIGHTS}: tensor {key} holds NaN/inf values")):
+        merge_adapter(str(ckpt), bad, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and tmp_dirs_left(tmp_path) == []
+
+
 def test_merge_refuses_a_custom_code_base_without_prompt(ckpt, tmp_path, monkeypatch, capsys):
     import shutil
 

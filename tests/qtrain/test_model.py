@@ -351,6 +351,23 @@ def test_check_tokenizer_gives_the_tokenizer(tiny_checkpoint):
     assert tokenizer.pad_token_id is not None
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["model.layers.1.self_attn.q_proj.weight", "model.norm.weight", "model.embed_tokens.weight"],
+    ids=["linear", "norm", "embedding"],
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("quantize", [False, True], ids=["frozen16", "nf4"])
+def test_non_finite_base_weight_is_refused_by_name(tiny_checkpoint, tmp_path, name, value, quantize):
+    path = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "m")
+    tensors = load_file(path / "model.safetensors")
+    tensors[name] = tensors[name].clone().index_fill_(0, torch.tensor([1]), value)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"{path / 'model.safetensors'}: tensor {name} holds NaN/inf values; the checkpoint is corrupt")) as e:
+        load_model(str(path), LoRASpec(rank=2), quantize=quantize)
+    assert "\n" not in str(e.value)
+
+
 def test_config_with_fewer_layers_than_weights(tiny_checkpoint, tmp_path):
     path = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "m", config_edit={"num_hidden_layers": 1})
     with pytest.raises(ValueError, match=r"'model\.layers\.1\.[a-z_.]+' has no place"):
