@@ -26,7 +26,7 @@ from transformers import PretrainedConfig
 
 from qtrain.checkpoint import CORRUPT_ADAPTER, SafetensorsCheckpoint, require_finite, resolve_model_dir
 from qtrain.lora import LoRASpec, lora_modules
-from qtrain.model import IGNORED_KEYS, bnb_groups, bnb_prefixes, build_skeleton, read_config
+from qtrain.model import IGNORED_KEYS, bnb_groups, bnb_prefixes, build_skeleton, read_config, read_json_object
 from qtrain.nf4 import dequantize_nf4, from_bnb_state_dict, quantize_nf4
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -59,7 +59,15 @@ def peft_config(spec: LoRASpec, targets: list[str], base_model: str) -> dict:
         "init_lora_weights": True,
         "use_dora": spec.use_dora,
         "inference_mode": True,
-    }
+    } | _selection_options(spec)
+
+
+def _selection_options(spec: LoRASpec) -> dict:
+    """The module-selection options beyond target_modules that PEFT must know to pick the same modules."""
+    options = {} if spec.exclude_modules == ["lm_head"] else {"exclude_modules": spec.exclude_modules}
+    if spec.layers_to_transform:
+        options |= {"layers_to_transform": spec.layers_to_transform, "layers_pattern": spec.layers_pattern}
+    return options
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -153,7 +161,7 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRASpec:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    cfg = json.loads(path.read_text())
+    cfg = read_json_object(path)
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters load here")
     unsupported = {
@@ -166,14 +174,13 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRASpec:
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ValueError(f"{path}: {', '.join(bad)} not supported for LoRA adapters yet")
-    targets = cfg["target_modules"]
     spec = LoRASpec(
         rank=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),
         dropout=float(cfg.get("lora_dropout", 0.0)),
         use_rslora=bool(cfg.get("use_rslora", False)),
-        target_modules="all-linear" if targets == "all-linear" else list(targets) if isinstance(targets, list) else [targets],
         use_dora=bool(cfg.get("use_dora", False)),
+        **module_selection(cfg, path),
     )
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     if spec.use_dora and weights.exists():
@@ -182,6 +189,47 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRASpec:
         if not has_magnitudes:
             raise ValueError(f"{path}: use_dora is true, but {weights} holds no DoRA {DORA_KEY} tensors")
     return spec
+
+
+def module_selection(cfg: dict, path: Path) -> dict:
+    """LoRASpec's target_modules, exclude_modules, layers_to_transform and layers_pattern from a PEFT
+    adapter_config.json, with PEFT's meaning (see qtrain.lora.is_target): a string is a full-match
+    regex ('all-linear' aside), a list holds module names; an int layer or a string pattern is a list of one."""
+    targets, excludes = cfg.get("target_modules"), cfg.get("exclude_modules")
+    layers, patterns = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+
+    def bad(key: str, value: object, want: str) -> ValueError:
+        return ValueError(f"{path}: {key}={value!r} is not supported by qtrain; it reads {want}")
+
+    if not (_is_names(targets) or (isinstance(targets, str) and _is_regex(targets))):
+        raise bad("target_modules", targets, "a list of module names, 'all-linear' or a regex (not target_parameters)")
+    if not (excludes is None or _is_names(excludes) or (isinstance(excludes, str) and _is_regex(excludes))):
+        raise bad("exclude_modules", excludes, "a list of module names or a regex")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not (layers is None or (isinstance(layers, list) and all(type(i) is int for i in layers))):
+        raise bad("layers_to_transform", layers, "a layer number or a list of them")
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    if not (patterns is None or _is_names(patterns)):
+        raise bad("layers_pattern", cfg.get("layers_pattern"), "a name such as 'layers' or a list of them")
+    return {
+        "target_modules": targets,
+        "exclude_modules": ["lm_head"] if excludes is None else excludes,
+        "layers_to_transform": layers,
+        "layers_pattern": patterns,
+    }
+
+
+def _is_names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_regex(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
 
 
 def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:

@@ -53,7 +53,7 @@ def read_config(model_dir: str | Path, supported: tuple[str, ...] | None = None)
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; a Hugging Face model folder needs config.json + *.safetensors")
-    raw = _read_json_object(path)
+    raw = read_json_object(path)
     model_type = raw.get("model_type")
     if supported is not None and model_type not in supported:
         custom = " and needs custom code (auto_map), which qtrain never runs" if "auto_map" in raw else ""
@@ -69,7 +69,7 @@ def read_config(model_dir: str | Path, supported: tuple[str, ...] | None = None)
         raise ValueError(f"{path}: transformers cannot read it ({one_line(e)})") from None
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -241,6 +241,69 @@ def test_peft_adapter_loads_into_qtrain(ckpt, tmp_path, use_rslora, nf4_hf_base)
     assert (want - logits(nf4_hf_base(ckpt))).abs().max() > ADAPTER_EFFECT_MIN
 
 
+PEFT_TARGETING = {  # LoraConfig options that pick modules: PEFT's own semantics, which ours must reproduce
+    "layers_to_transform-list": {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0]},
+    "layers_to_transform-int": {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": 1},
+    "layers_pattern": {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+    "exclude_modules-list": {"target_modules": "all-linear", "exclude_modules": ["k_proj", "model.layers.0.mlp.up_proj"]},
+    "exclude_modules-regex": {"target_modules": ["q_proj", "o_proj"], "exclude_modules": r".*\.1\.self_attn\.o_proj"},
+    "target_modules-regex": {"target_modules": r".*layers\.1\.(self_attn\.(q|k)_proj|mlp\.gate_proj)"},
+    "full-name-and-layers": {"target_modules": ["model.layers.1.mlp.up_proj", "v_proj"], "layers_to_transform": [0]},
+}
+
+
+@pytest.mark.parametrize("options", PEFT_TARGETING.values(), ids=PEFT_TARGETING.keys())
+def test_peft_module_selection_loads_into_qtrain(ckpt, tmp_path, nf4_hf_base, options):
+    base = nf4_hf_base(ckpt)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, **options))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    peft_targets = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A") and n)
+    spec = read_adapter_config(tmp_path / "adapter")
+    loaded = load_model(str(ckpt), spec, compute_dtype=torch.float32)
+    assert sorted(lora_modules(loaded.model)) == peft_targets and 0 < len(peft_targets) < 14
+    load_adapter_weights(loaded.model, tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded.model), logits(model.eval()), **FP32_TOL)
+    merged = merge_adapter(str(ckpt), tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(merged).eval()), logits(model), **FP32_TOL)
+
+
+def test_peft_loads_our_adapter_with_layers_and_excludes(ckpt, tmp_path, nf4_hf_base):
+    spec = LoRASpec(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                    exclude_modules=["lm_head", "model.layers.1.self_attn.v_proj"])  # fmt: skip
+    loaded = ours(ckpt, spec)
+    assert loaded.targets == ["model.layers.1.self_attn.q_proj"]
+    adapter = save_adapter(loaded.model, spec, loaded.targets, str(ckpt), tmp_path / "adapter")
+    model = peft.PeftModel.from_pretrained(nf4_hf_base(ckpt), adapter).eval()
+    with_lora = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A") and n)
+    assert with_lora == loaded.targets
+    torch.testing.assert_close(logits(model), logits(loaded.model), **FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"layers_to_transform": "0"}, "layers_to_transform='0'"),
+        ({"layers_to_transform": [0], "layers_pattern": 3}, "layers_pattern=3"),
+        ({"exclude_modules": 5}, "exclude_modules=5"),
+        ({"target_modules": None}, "target_modules=None"),
+        ({"target_modules": "(unclosed"}, "target_modules='(unclosed'"),
+    ],
+)
+def test_bad_module_selection_names_the_option(peft_saved, tmp_path, change, needle):
+    adapter = rewrite_weights(peft_saved[0], tmp_path / "bad", lambda t: None)
+    cfg = json.loads((adapter / ADAPTER_CONFIG).read_text()) | change
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as info:
+        read_adapter_config(adapter)
+    assert str(info.value).startswith(f"{adapter / ADAPTER_CONFIG}: {needle}") and "\n" not in str(info.value)
+
+
 def rewrite_weights(src: Path, dst: Path, edit) -> Path:
     """Copy adapter `src` to `dst` with `edit(tensors)` applied to its weights."""
     dst.mkdir()
