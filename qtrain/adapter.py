@@ -431,7 +431,8 @@ class _Merge:
     def base_weight(self, key: str) -> torch.Tensor:
         """The base's tensor as training saw it (NF4-dequantized linear weights)."""
         if key in self.bnb:
-            return dequantize_nf4(from_bnb_state_dict({k: self.ckpt.finite(k) for k in self.bnb[key]}, key), torch.float32)
+            parts = {k: self.ckpt.finite(k) for k in self.bnb[key]}
+            return dequantize_nf4(from_bnb_state_dict(parts, key), torch.float32)
         w = self.ckpt.finite(key)
         if key in self.linear_weights:
             w = dequantize_nf4(quantize_nf4(w.to(self.quant_dtype)), torch.float32)

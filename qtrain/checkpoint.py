@@ -89,7 +89,9 @@ def _entry(path: Path, name: str, info: object, base: int, data_bytes: int) -> T
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise bad(f"shape {shape!r} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets)) and offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets)) and offsets[0] <= offsets[1]
+    ):
         raise bad(f"data_offsets {offsets!r} is not a [start, end] pair with 0 <= start <= end")
     start, end = offsets
     if end > data_bytes:
@@ -97,7 +99,9 @@ def _entry(path: Path, name: str, info: object, base: int, data_bytes: int) -> T
     dtype = _DTYPES[info["dtype"]]
     nbytes = math.prod(shape) * dtype.itemsize
     if end - start != nbytes:
-        raise bad(f"byte range of {end - start} bytes does not match dtype/shape {info['dtype']}{shape} ({nbytes} bytes)")
+        raise bad(
+            f"byte range of {end - start} bytes does not match dtype/shape {info['dtype']}{shape} ({nbytes} bytes)"
+        )
     return TensorEntry(path, dtype, tuple(shape), base + start, base + end)
 
 

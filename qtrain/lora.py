@@ -320,7 +320,8 @@ def layer_index(name: str, patterns: list[str] | str | None = None) -> int | Non
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(\d+)\.", name)
     else:
-        tries = (re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name) for p in ([patterns] if isinstance(patterns, str) else patterns))
+        names = [patterns] if isinstance(patterns, str) else patterns
+        tries = (re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name) for p in names)
         match = next((m for m in tries if m), None)
     return int(match.group(1)) if match else None
 

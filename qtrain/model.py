@@ -52,12 +52,16 @@ def read_config(model_dir: str | Path, supported: tuple[str, ...] | None = None)
     `auto_map` custom code is refused, as is a model_type outside `supported` (when given)."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; a Hugging Face model folder needs config.json + *.safetensors")
+        raise FileNotFoundError(
+            f"{model_dir}: no config.json; a Hugging Face model folder needs config.json + *.safetensors"
+        )
     raw = read_json_object(path)
     model_type = raw.get("model_type")
     if supported is not None and model_type not in supported:
         custom = " and needs custom code (auto_map), which qtrain never runs" if "auto_map" in raw else ""
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported{custom}; qtrain supports {', '.join(supported)}")
+        raise ValueError(
+            f"{path}: model_type {model_type!r} is not supported{custom}; qtrain supports {', '.join(supported)}"
+        )
     if "auto_map" in raw and model_type not in CONFIG_MAPPING:
         raise ValueError(
             f"{path}: model_type {model_type!r} needs custom code (auto_map), which qtrain never runs; "
@@ -249,13 +253,15 @@ def load_tokenizer(model_dir: str | Path):
     """The checkpoint's tokenizer (never running code from the folder), padding with EOS when it
     defines no pad token (batched training and generation need one)."""
     model_dir = Path(model_dir)
-    expected = f"a tokenizer needs {TOKENIZER_FILES[0]} (or {' / '.join(TOKENIZER_FILES[1:3])} with {TOKENIZER_FILES[3]})"
+    alternatives = " / ".join(TOKENIZER_FILES[1:3])
+    expected = f"a tokenizer needs {TOKENIZER_FILES[0]} (or {alternatives} with {TOKENIZER_FILES[3]})"
     if not any((model_dir / f).is_file() for f in _VOCABULARY_FILES) and not list(model_dir.glob("*.tiktoken")):
         raise FileNotFoundError(f"{model_dir}: no tokenizer files; {expected}: copy them from the base model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError, ImportError, AttributeError, KeyError, TypeError) as e:
-        raise ValueError(f"{model_dir}: the tokenizer does not load ({one_line(e)}); {expected} that transformers reads") from None
+        why = f"the tokenizer does not load ({one_line(e)})"
+        raise ValueError(f"{model_dir}: {why}; {expected} that transformers reads") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

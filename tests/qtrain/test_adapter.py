@@ -245,11 +245,16 @@ PEFT_TARGETING = {  # LoraConfig options that pick modules: PEFT's own semantics
     "layers_to_transform-list": {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0]},
     "layers_to_transform-int": {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": 1},
     "layers_pattern": {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
-    "exclude_modules-list": {"target_modules": "all-linear", "exclude_modules": ["k_proj", "model.layers.0.mlp.up_proj"]},
+    "exclude_modules-list": {"target_modules": "all-linear", "exclude_modules": ["k_proj", "layers.0.mlp.up_proj"]},
     "exclude_modules-regex": {"target_modules": ["q_proj", "o_proj"], "exclude_modules": r".*\.1\.self_attn\.o_proj"},
     "target_modules-regex": {"target_modules": r".*layers\.1\.(self_attn\.(q|k)_proj|mlp\.gate_proj)"},
     "full-name-and-layers": {"target_modules": ["model.layers.1.mlp.up_proj", "v_proj"], "layers_to_transform": [0]},
 }
+
+
+def modules_with_lora(model) -> list[str]:
+    """The base-model names of a PeftModel's LoRA layers."""
+    return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A") and n)
 
 
 @pytest.mark.parametrize("options", PEFT_TARGETING.values(), ids=PEFT_TARGETING.keys())
@@ -263,7 +268,7 @@ def test_peft_module_selection_loads_into_qtrain(ckpt, tmp_path, nf4_hf_base, op
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     model.save_pretrained(tmp_path / "adapter")
-    peft_targets = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A") and n)
+    peft_targets = modules_with_lora(model)
     spec = read_adapter_config(tmp_path / "adapter")
     loaded = load_model(str(ckpt), spec, compute_dtype=torch.float32)
     assert sorted(lora_modules(loaded.model)) == peft_targets and 0 < len(peft_targets) < 14
@@ -280,8 +285,7 @@ def test_peft_loads_our_adapter_with_layers_and_excludes(ckpt, tmp_path, nf4_hf_
     assert loaded.targets == ["model.layers.1.self_attn.q_proj"]
     adapter = save_adapter(loaded.model, spec, loaded.targets, str(ckpt), tmp_path / "adapter")
     model = peft.PeftModel.from_pretrained(nf4_hf_base(ckpt), adapter).eval()
-    with_lora = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A") and n)
-    assert with_lora == loaded.targets
+    assert modules_with_lora(model) == loaded.targets
     torch.testing.assert_close(logits(model), logits(loaded.model), **FP32_TOL)
 
 
@@ -607,7 +611,7 @@ def with_nan(adapter: Path, out: Path, key_part: str = "layers.1.self_attn.q_pro
     found = []
 
     def poison(t):
-        key = sorted(k for k in t if key_part in k)[0]
+        key = min(k for k in t if key_part in k)
         t[key] = t[key].clone().index_fill_(0, torch.tensor([0]), float("nan"))
         found.append(key)
 

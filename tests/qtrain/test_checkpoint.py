@@ -265,7 +265,7 @@ def write_raw(path, header: dict, data: bytes = b"\0" * 16):
     ],
 )  # fmt: skip
 def test_bad_header_entry_is_one_value_error_naming_file_and_tensor(tmp_path, entry, needle):
-    path = write_raw(tmp_path / "bad.safetensors", {"__metadata__": {"format": "pt"}, "w": entry})
+    write_raw(tmp_path / "bad.safetensors", {"__metadata__": {"format": "pt"}, "w": entry})
     with pytest.raises(ValueError, match=r"bad\.safetensors") as e:
         SafetensorsCheckpoint(tmp_path)
     message = str(e.value)
@@ -274,7 +274,10 @@ def test_bad_header_entry_is_one_value_error_naming_file_and_tensor(tmp_path, en
 
 
 def test_bad_metadata_is_a_value_error(tmp_path):
-    write_raw(tmp_path / "bad.safetensors", {"__metadata__": ["x"], "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})
+    write_raw(
+        tmp_path / "bad.safetensors",
+        {"__metadata__": ["x"], "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+    )
     with pytest.raises(ValueError, match=r"bad\.safetensors.*__metadata__"):
         SafetensorsCheckpoint(tmp_path)
 

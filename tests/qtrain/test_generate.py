@@ -382,7 +382,7 @@ def test_adapter_with_nan_is_refused_by_name(adapter, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(adapter, bad)
     tensors = load_file(bad / "adapter_model.safetensors")
-    key = sorted(tensors)[0]
+    key = min(tensors)
     tensors[key] = tensors[key].clone().fill_(float("inf"))
     save_file(tensors, bad / "adapter_model.safetensors")
     assert main(["generate", "--adapter", str(bad), "--prompt", "hi", *N]) == 2

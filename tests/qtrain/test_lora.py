@@ -336,7 +336,10 @@ SELECTIONS = [  # PEFT LoraConfig options
     {"target_modules": ["model.layers.1.mlp.up_proj", "q_proj"], "layers_to_transform": [0]},
     {"target_modules": r".*\.(1|12)\.self_attn\.(q|o)_proj"},
     {"target_modules": "q_proj"},  # a string is a full-match regex: matches no full name
-    {"target_modules": ["q_proj", "o_proj", "up_proj"], "exclude_modules": ["o_proj", "model.layers.1.self_attn.q_proj"]},
+    {
+        "target_modules": ["q_proj", "o_proj", "up_proj"],
+        "exclude_modules": ["o_proj", "model.layers.1.self_attn.q_proj"],
+    },
     {"target_modules": ["q_proj", "o_proj"], "exclude_modules": r".*layers\.1\..*"},
 ]
 

@@ -271,8 +271,10 @@ def with_custom_code(path: Path, marker: Path, model_type: str = "evilnet") -> P
     """Turn a checkpoint folder into one whose config.json asks for its own Python code (auto_map),
     code that would create `marker` if it ever ran."""
     config = json.loads((path / "config.json").read_text())
-    config |= {"model_type": model_type, "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
-                                                       "AutoModelForCausalLM": "modeling_evil.EvilModel"}}
+    config |= {
+        "model_type": model_type,
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"},
+    }
     (path / "config.json").write_text(json.dumps(config))
     code = f"open({str(marker)!r}, 'w').close()\nfrom transformers import LlamaConfig\n"
     (path / "configuration_evil.py").write_text(code + "class EvilConfig(LlamaConfig):\n    model_type = 'evilnet'\n")
@@ -299,7 +301,10 @@ def test_custom_code_tokenizer_is_refused_without_prompt(tiny_checkpoint, tmp_pa
     path = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "m")
     (path / "tokenizer.json").unlink()
     config = json.loads((path / "tokenizer_config.json").read_text())
-    config |= {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}
+    config |= {
+        "tokenizer_class": "EvilTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]},
+    }
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     (path / "tokenization_evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
     (path / "tokenizer.model").write_bytes(b"x")
@@ -311,7 +316,8 @@ def test_custom_code_tokenizer_is_refused_without_prompt(tiny_checkpoint, tmp_pa
 def test_missing_config_json_is_named(tiny_checkpoint, tmp_path):
     path = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "m")
     (path / "config.json").unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(f"{path}: no config.json; a Hugging Face model folder needs config.json + *.safetensors")):
+    needle = f"{path}: no config.json; a Hugging Face model folder needs config.json + *.safetensors"
+    with pytest.raises(FileNotFoundError, match=re.escape(needle)):
         load_model(str(path))
 
 
@@ -339,7 +345,10 @@ def test_missing_tokenizer_is_found_before_the_weights(tiny_checkpoint, tmp_path
         (path / name).unlink()
     for name, data in add.items():
         (path / name).write_bytes(data)
-    monkeypatch.setattr(qtrain.model, "SafetensorsCheckpoint", lambda *a: pytest.fail("weights read before the tokenizer"))
+    def no_weights(*args):
+        pytest.fail("weights read before the tokenizer")
+
+    monkeypatch.setattr(qtrain.model, "SafetensorsCheckpoint", no_weights)
     with pytest.raises((FileNotFoundError, ValueError), match=re.escape(str(path)) + ".*" + needle) as e:
         check_tokenizer(str(path))
     assert "tokenizer.json" in str(e.value) and "\n" not in str(e.value)
@@ -347,7 +356,7 @@ def test_missing_tokenizer_is_found_before_the_weights(tiny_checkpoint, tmp_path
 
 def test_check_tokenizer_gives_the_tokenizer(tiny_checkpoint):
     tokenizer = check_tokenizer(str(tiny_checkpoint("llama")))
-    assert tokenizer("ab").input_ids[-2:] == [tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("b")]
+    assert tokenizer("ab").input_ids[-2:] == tokenizer.convert_tokens_to_ids(["a", "b"])
     assert tokenizer.pad_token_id is not None
 
 
@@ -363,7 +372,8 @@ def test_non_finite_base_weight_is_refused_by_name(tiny_checkpoint, tmp_path, na
     tensors = load_file(path / "model.safetensors")
     tensors[name] = tensors[name].clone().index_fill_(0, torch.tensor([1]), value)
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=re.escape(f"{path / 'model.safetensors'}: tensor {name} holds NaN/inf values; the checkpoint is corrupt")) as e:
+    needle = f"{path / 'model.safetensors'}: tensor {name} holds NaN/inf values; the checkpoint is corrupt"
+    with pytest.raises(ValueError, match=re.escape(needle)) as e:
         load_model(str(path), LoRASpec(rank=2), quantize=quantize)
     assert "\n" not in str(e.value)
 

@@ -22,7 +22,7 @@ def test_load_method_refuses_non_finite_parameters(tiny_model, tmp_path, make):
     target = save_method(trained, method, tmp_path, "tiny")
     weights = next(target.glob("*.safetensors"))
     tensors = load_file(weights)
-    name = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
+    name = min(k for k, v in tensors.items() if v.is_floating_point())
     tensors[name] = tensors[name].clone().index_fill_(0, torch.tensor([0]), float("nan"))
     save_file(tensors, weights, metadata={"format": "pt"})
     fresh = tiny_model()
