@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from qtrain.checkpoint import CORRUPT_ADAPTER, SafetensorsCheckpoint, require_finite, resolve_model_dir
-from qtrain.lora import LoRASpec, lora_modules
+from qtrain.lora import LoRASpec, PeftLoRASpec, lora_modules
 from qtrain.model import IGNORED_KEYS, bnb_groups, bnb_prefixes, build_skeleton, read_config, read_json_object
 from qtrain.nf4 import dequantize_nf4, from_bnb_state_dict, quantize_nf4
 
@@ -65,8 +65,9 @@ def peft_config(spec: LoRASpec, targets: list[str], base_model: str) -> dict:
 def _selection_options(spec: LoRASpec) -> dict:
     """The module-selection options beyond target_modules that PEFT must know to pick the same modules."""
     options = {} if spec.exclude_modules == ["lm_head"] else {"exclude_modules": spec.exclude_modules}
-    if spec.layers_to_transform:
-        options |= {"layers_to_transform": spec.layers_to_transform, "layers_pattern": spec.layers_pattern}
+    layers = getattr(spec, "layers_to_transform", None)  # a PeftLoRASpec's (an adapter's it was read from)
+    if layers:
+        options |= {"layers_to_transform": layers, "layers_pattern": getattr(spec, "layers_pattern", None)}
     return options
 
 
@@ -156,7 +157,7 @@ def read_training_info(adapter_dir: str | Path) -> dict:
     return info
 
 
-def read_adapter_config(adapter_dir: str | Path) -> LoRASpec:
+def read_adapter_config(adapter_dir: str | Path) -> PeftLoRASpec:
     """The LoRASpec of a PEFT LoRA (or DoRA: `use_dora`) adapter directory."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.exists():
@@ -174,7 +175,7 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRASpec:
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ValueError(f"{path}: {', '.join(bad)} not supported for LoRA adapters yet")
-    spec = LoRASpec(
+    spec = PeftLoRASpec(
         rank=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),
         dropout=float(cfg.get("lora_dropout", 0.0)),

@@ -47,14 +47,23 @@ class LoRASpec:
     alpha: float = 32.0
     dropout: float = 0.0
     use_rslora: bool = False
-    target_modules: list[str] | str = "all-linear"  # 'all-linear', module names (suffix match) or a full-match regex
-    exclude_modules: list[str] | str = field(default_factory=lambda: ["lm_head"])  # names (suffix match) or a regex
+    target_modules: list[str] | str = "all-linear"  # 'all-linear' or module names (suffix match)
+    exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])
     use_dora: bool = False  # DoRA: a trained magnitude per output row on top of LoRA (Liu et al. 2024)
-    layers_to_transform: list[int] | None = None  # PEFT's option: list targets only in these layers (None: all)
-    layers_pattern: list[str] | None = None  # PEFT's option: the name of the layer list ("layers"); None: any
 
     def scale(self) -> float:
         return lora_scale(self.alpha, self.rank, self.use_rslora)
+
+
+@dataclass
+class PeftLoRASpec(LoRASpec):
+    """A LoRASpec read from a PEFT adapter_config.json, with PEFT's other ways of picking modules (see
+    `is_target`): target_modules and exclude_modules may be full-match regexes, and layers_to_transform
+    (with layers_pattern) keeps list targets to those layers. Not a training config option."""
+
+    exclude_modules: list[str] | str = field(default_factory=lambda: ["lm_head"])  # names (suffix match) or a regex
+    layers_to_transform: list[int] | None = None  # None: every layer
+    layers_pattern: list[str] | None = None  # the name of the layer list ("layers"); None: any
 
 
 _NF4_FP32_BUFFERS = ("nf4_code", "nf4_absmax_scale", "nf4_absmax_code")
@@ -297,7 +306,7 @@ def is_target(name: str, spec: LoRASpec) -> bool:
     if targets != "all-linear" and name in targets:
         return True
     found = targets == "all-linear" or any(name.endswith("." + t) for t in targets)
-    return found and _in_layers(name, spec.layers_to_transform, spec.layers_pattern)
+    return found and _in_layers(name, getattr(spec, "layers_to_transform", None), getattr(spec, "layers_pattern", None))
 
 
 def _matches(name: str, patterns: list[str] | str) -> bool:

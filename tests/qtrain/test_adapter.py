@@ -20,7 +20,7 @@ from qtrain.adapter import (
     read_adapter_config,
     save_adapter,
 )
-from qtrain.lora import LoRALinear, LoRASpec, lora_modules
+from qtrain.lora import LoRALinear, LoRASpec, PeftLoRASpec, lora_modules
 from qtrain.model import load_model
 
 peft = pytest.importorskip("peft")
@@ -279,8 +279,8 @@ def test_peft_module_selection_loads_into_qtrain(ckpt, tmp_path, nf4_hf_base, op
 
 
 def test_peft_loads_our_adapter_with_layers_and_excludes(ckpt, tmp_path, nf4_hf_base):
-    spec = LoRASpec(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
-                    exclude_modules=["lm_head", "model.layers.1.self_attn.v_proj"])  # fmt: skip
+    spec = PeftLoRASpec(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                        exclude_modules=["lm_head", "model.layers.1.self_attn.v_proj"])  # fmt: skip
     loaded = ours(ckpt, spec)
     assert loaded.targets == ["model.layers.1.self_attn.q_proj"]
     adapter = save_adapter(loaded.model, spec, loaded.targets, str(ckpt), tmp_path / "adapter")

@@ -8,7 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from qtrain.lora import LoRALinear, LoRASpec, is_target, lora_modules, mark_only_lora_trainable, swap_linears
+from qtrain.lora import (
+    LoRALinear,
+    LoRASpec,
+    PeftLoRASpec,
+    is_target,
+    lora_modules,
+    mark_only_lora_trainable,
+    swap_linears,
+)
 from qtrain.nf4 import dequantize_nf4, quantize_nf4
 from qtrain.tiny import tiny_config
 
@@ -354,6 +362,6 @@ def test_is_target_agrees_with_peft(options):
     if isinstance(selection.get("layers_to_transform"), int):
         selection["layers_to_transform"] = [selection["layers_to_transform"]]
     pattern = options.get("layers_pattern")
-    spec = LoRASpec(**selection, layers_pattern=[pattern] if isinstance(pattern, str) else pattern)
+    spec = PeftLoRASpec(**selection, layers_pattern=[pattern] if isinstance(pattern, str) else pattern)
     for name in NAMES:
         assert is_target(name, spec) == bool(check_target_module_exists(config, name)), name
