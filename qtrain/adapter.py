@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import PretrainedConfig
 
-from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
-from qtrain.lora import LoRASpec, lora_modules
-from qtrain.model import IGNORED_KEYS, bnb_groups, bnb_prefixes, build_skeleton
+from qtrain.checkpoint import CORRUPT_ADAPTER, SafetensorsCheckpoint, require_finite, resolve_model_dir
+from qtrain.lora import LoRASpec, PeftLoRASpec, lora_modules
+from qtrain.model import IGNORED_KEYS, bnb_groups, bnb_prefixes, build_skeleton, read_config, read_json_object
 from qtrain.nf4 import dequantize_nf4, from_bnb_state_dict, quantize_nf4
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,7 +59,16 @@ def peft_config(spec: LoRASpec, targets: list[str], base_model: str) -> dict:
         "init_lora_weights": True,
         "use_dora": spec.use_dora,
         "inference_mode": True,
-    }
+    } | _selection_options(spec)
+
+
+def _selection_options(spec: LoRASpec) -> dict:
+    """The module-selection options beyond target_modules that PEFT must know to pick the same modules."""
+    options = {} if spec.exclude_modules == ["lm_head"] else {"exclude_modules": spec.exclude_modules}
+    layers = getattr(spec, "layers_to_transform", None)  # a PeftLoRASpec's (an adapter's it was read from)
+    if layers:
+        options |= {"layers_to_transform": layers, "layers_pattern": getattr(spec, "layers_pattern", None)}
+    return options
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -145,12 +157,12 @@ def read_training_info(adapter_dir: str | Path) -> dict:
     return info
 
 
-def read_adapter_config(adapter_dir: str | Path) -> LoRASpec:
+def read_adapter_config(adapter_dir: str | Path) -> PeftLoRASpec:
     """The LoRASpec of a PEFT LoRA (or DoRA: `use_dora`) adapter directory."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    cfg = json.loads(path.read_text())
+    cfg = read_json_object(path)
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters load here")
     unsupported = {
@@ -163,14 +175,13 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRASpec:
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ValueError(f"{path}: {', '.join(bad)} not supported for LoRA adapters yet")
-    targets = cfg["target_modules"]
-    spec = LoRASpec(
+    spec = PeftLoRASpec(
         rank=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),
         dropout=float(cfg.get("lora_dropout", 0.0)),
         use_rslora=bool(cfg.get("use_rslora", False)),
-        target_modules="all-linear" if targets == "all-linear" else list(targets) if isinstance(targets, list) else [targets],
         use_dora=bool(cfg.get("use_dora", False)),
+        **module_selection(cfg, path),
     )
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     if spec.use_dora and weights.exists():
@@ -181,12 +192,53 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRASpec:
     return spec
 
 
+def module_selection(cfg: dict, path: Path) -> dict:
+    """LoRASpec's target_modules, exclude_modules, layers_to_transform and layers_pattern from a PEFT
+    adapter_config.json, with PEFT's meaning (see qtrain.lora.is_target): a string is a full-match
+    regex ('all-linear' aside), a list holds module names; an int layer or a string pattern is a list of one."""
+    targets, excludes = cfg.get("target_modules"), cfg.get("exclude_modules")
+    layers, patterns = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+
+    def bad(key: str, value: object, want: str) -> ValueError:
+        return ValueError(f"{path}: {key}={value!r} is not supported by qtrain; it reads {want}")
+
+    if not (_is_names(targets) or (isinstance(targets, str) and _is_regex(targets))):
+        raise bad("target_modules", targets, "a list of module names, 'all-linear' or a regex (not target_parameters)")
+    if not (excludes is None or _is_names(excludes) or (isinstance(excludes, str) and _is_regex(excludes))):
+        raise bad("exclude_modules", excludes, "a list of module names or a regex")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not (layers is None or (isinstance(layers, list) and all(type(i) is int for i in layers))):
+        raise bad("layers_to_transform", layers, "a layer number or a list of them")
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    if not (patterns is None or _is_names(patterns)):
+        raise bad("layers_pattern", cfg.get("layers_pattern"), "a name such as 'layers' or a list of them")
+    return {
+        "target_modules": targets,
+        "exclude_modules": ["lm_head"] if excludes is None else excludes,
+        "layers_to_transform": layers,
+        "layers_pattern": patterns,
+    }
+
+
+def _is_names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_regex(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
 def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     """Copy a PEFT LoRA adapter's weights (and DoRA magnitudes) into the model's LoRALinear modules (shapes checked)."""
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found")
-    tensors = load_file(path)
+    tensors = read_adapter_file(path)
     modules = lora_modules(model)
     seen = set()
     for key, value in tensors.items():
@@ -208,6 +260,11 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     missing = [f"{n}.{w}" for n, w in wanted if (n, w) not in seen]
     if missing:
         raise ValueError(f"{path}: no weights for {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+
+
+def read_adapter_file(path: Path) -> dict[str, torch.Tensor]:
+    """An adapter's safetensors weights (never unpickled), each refused by name when it holds NaN or inf."""
+    return {k: require_finite(v, path, k, CORRUPT_ADAPTER) for k, v in load_file(path).items()}
 
 
 def _is_dora_key(key: str) -> bool:
@@ -239,6 +296,7 @@ def merge_adapter(
     dtype: torch.dtype = torch.bfloat16,
     base_weights: str = "nf4",
     max_shard_bytes: int = 2 << 30,
+    force: bool = False,
 ) -> Path:
     """Write `base + scale * B @ A` as a 16-bit HF checkpoint, one tensor at a time (DoRA adapters:
     `m * (base + scale * B @ A) / ||base + scale * B @ A||_row`, the norm over each output row, as PEFT merges).
@@ -247,66 +305,167 @@ def merge_adapter(
     was trained against: every linear layer but lm_head goes through NF4, as it did in training,
     quantized from the dtype recorded in the adapter's qtrain.json (else from `dtype`).
     `"original"` merges into the checkpoint's own 16-bit weights.
+
+    `out_dir` is built beside itself in a temp folder, then moved in. An existing `out_dir` must be
+    empty or a previous merge (it holds MERGE_MARKER), unless `force`; either way only the files a
+    merge writes (`is_merge_output`) are replaced there, every other file stays.
     """
     if base_weights not in ("nf4", "original"):
         raise ValueError(f"base_weights={base_weights!r}; choose 'nf4' or 'original'")
+    out_dir = Path(out_dir)
+    check_merge_out(out_dir, force)
     methods = [m.get("method") for m in read_training_info(adapter_dir).get("methods", [])]
     if methods:
         raise ValueError(f"{adapter_dir}: merging supports LoRA (and DoRA) adapters; this one also holds {', '.join(methods)}")
     model_dir = resolve_model_dir(base)
+    config = read_config(model_dir)
     ckpt = SafetensorsCheckpoint(model_dir)
     spec = read_adapter_config(adapter_dir)
-    adapter = {_parse_key(k, Path(adapter_dir)): v.float() for k, v in load_file(Path(adapter_dir) / ADAPTER_WEIGHTS).items()}
-    scale = spec.scale()
+    adapter = _read_adapter_tensors(Path(adapter_dir))
     info = read_training_info(adapter_dir)
     quant_dtype = getattr(torch, info.get("base_dtype", str(dtype).removeprefix("torch.")))
     if not info.get("quantized", True):
         base_weights = "original"  # trained on an unquantized base: there is no NF4 base to rebuild
-    linear_weights = _linear_weight_names(model_dir)
     bnb = bnb_groups(ckpt.keys(), bnb_prefixes(ckpt.keys()))  # {4-bit weight: its keys}
-    bnb_side_keys = {k for prefix, keys in bnb.items() for k in keys if k != prefix}
     if bnb and base_weights == "original":
         raise ValueError(f"{model_dir}: a 4-bit checkpoint has no original weights; use base_weights='nf4'")
+    linear_weights = _linear_weight_names(config) if base_weights == "nf4" else set()
+    merge = _Merge(Path(adapter_dir), adapter, spec, model_dir, ckpt, bnb, linear_weights, quant_dtype, dtype)
 
-    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    writer = _ShardWriter(tmp, max_shard_bytes)
-    used = set()
-    for key in ckpt.keys():
-        if key.endswith(IGNORED_KEYS) or key in bnb_side_keys:
-            continue  # bnb side tensors are read with their weight
-        if key in bnb:
-            w = dequantize_nf4(from_bnb_state_dict({k: ckpt[k] for k in bnb[key]}, key), torch.float32)
-        else:
-            w = ckpt[key]
-        name = key.rpartition(".")[0]
-        if base_weights == "nf4" and key in linear_weights and key not in bnb:
-            w = dequantize_nf4(quantize_nf4(w.to(quant_dtype)), torch.float32)
-        if (name, "lora_a") in adapter and key == f"{name}.weight":
-            w = w.float() + scale * adapter[(name, "lora_b")] @ adapter[(name, "lora_a")]
-            if spec.use_dora:
-                if (name, "lora_magnitude") not in adapter:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise ValueError(f"{adapter_dir}: use_dora, but no {DORA_KEY} for {name!r}")
-                w = (adapter[(name, "lora_magnitude")] / torch.linalg.vector_norm(w, dim=1))[:, None] * w
-            used.add(name)
-        writer.add(key, w.to(dtype) if w.is_floating_point() else w)
-    unused = {n for n, _ in adapter} - used
-    if unused:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"{adapter_dir}: adapter modules not found in {model_dir}: {sorted(unused)[:4]}")
-    writer.close()
-    _write_config(model_dir, tmp, dtype)
-    replace_dir(tmp, out_dir)
+    try:
+        merge.write(_ShardWriter(tmp, max_shard_bytes))
+        _write_config(model_dir, tmp, dtype)
+        marker = {"base": str(Path(os.path.abspath(model_dir))), "adapter": os.path.abspath(adapter_dir)}
+        marker |= {"dtype": str(dtype).removeprefix("torch."), "base_weights": base_weights}
+        (tmp / MERGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: made above
+        raise
+    install_merge(tmp, out_dir)
     return out_dir
 
 
-def _linear_weight_names(model_dir: Path) -> set[str]:
-    """Checkpoint names of the weights that QLoRA holds in NF4: every nn.Linear but lm_head."""
-    from transformers import AutoConfig
+MERGE_MARKER = ".qtrain-merge"  # JSON {base, adapter, dtype, base_weights}: this folder is a merge's output
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_MERGE_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", MERGE_MARKER)
 
-    skeleton = build_skeleton(AutoConfig.from_pretrained(model_dir), torch.float32)  # on meta: free
+
+def is_merge_output(name: str) -> bool:
+    """Whether a merge writes a file of this name: its weights (one file or shards + index),
+    config.json, the marker, and what it copies from the base (`_is_tokenizer_file`)."""
+    return name in _MERGE_FILES or bool(_SHARD.fullmatch(name)) or _is_tokenizer_file(name)
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    """Files copied from the base beside the weights: tokenizer, generation config, chat template."""
+    prefixes = ("tokenizer", "special_tokens", "generation_config", "chat_template")
+    return name.startswith(prefixes) or Path(name).suffix in (".model", ".tiktoken")
+
+
+def check_merge_out(out_dir: Path, force: bool) -> None:
+    """Refuse an `--out` that is a file, or a non-empty folder that is not a previous merge (unless `force`)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: is a file, not a folder; give --out a folder for the merged checkpoint")
+    if not out_dir.is_dir() or force or (out_dir / MERGE_MARKER).is_file() or not any(out_dir.iterdir()):
+        return
+    raise ValueError(
+        f"{out_dir}: folder is not empty and is not a previous merge (no {MERGE_MARKER}); merge into another "
+        "folder, or pass --force to replace only the files a merge writes there (model*.safetensors, "
+        "config.json, tokenizer files), keeping the rest"
+    )
+
+
+def install_merge(tmp: Path, out_dir: Path) -> None:
+    """Move a finished merge from `tmp` to `out_dir`: a rename when `out_dir` does not exist; else the
+    files a merge writes are removed from it (stale shards too) and the new ones moved in, the marker
+    first (a folder left half-way is still recognised as a merge); nothing else there is touched."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    for old in out_dir.iterdir():
+        if old.is_file() and not old.is_symlink() and is_merge_output(old.name) and old.name != MERGE_MARKER:
+            old.unlink()
+    os.replace(tmp / MERGE_MARKER, out_dir / MERGE_MARKER)
+    for new in tmp.iterdir():
+        os.replace(new, out_dir / new.name)
+    tmp.rmdir()
+
+
+def _read_adapter_tensors(adapter_dir: Path) -> dict[tuple[str, str], torch.Tensor]:
+    """{(module name, lora_a | lora_b | lora_magnitude): fp32 tensor} of an adapter's weights file."""
+    return {_parse_key(k, adapter_dir): v.float() for k, v in read_adapter_file(adapter_dir / ADAPTER_WEIGHTS).items()}
+
+
+@dataclass
+class _Merge:
+    """One merge's inputs; `write` streams the base through it into a _ShardWriter."""
+
+    adapter_dir: Path
+    adapter: dict[tuple[str, str], torch.Tensor]
+    spec: LoRASpec
+    model_dir: Path
+    ckpt: SafetensorsCheckpoint
+    bnb: dict[str, list[str]]
+    linear_weights: set[str]  # re-quantized through NF4 before merging (empty: the original weights)
+    quant_dtype: torch.dtype
+    dtype: torch.dtype
+
+    def write(self, writer: _ShardWriter) -> None:
+        bnb_side_keys = {k for prefix, keys in self.bnb.items() for k in keys if k != prefix}
+        used = set()
+        for key in self.ckpt.keys():
+            if key.endswith(IGNORED_KEYS) or key in bnb_side_keys:
+                continue  # bnb side tensors are read with their weight
+            w = self.base_weight(key)
+            name = key.rpartition(".")[0]
+            if (name, "lora_a") in self.adapter and key == f"{name}.weight":
+                w = self.merged(name, key, w)
+                used.add(name)
+            writer.add(key, w.to(self.dtype) if w.is_floating_point() else w)
+        unused = {n for n, _ in self.adapter} - used
+        if unused:
+            raise ValueError(f"{self.adapter_dir}: adapter modules not found in {self.model_dir}: {sorted(unused)[:4]}")
+        writer.close()
+
+    def base_weight(self, key: str) -> torch.Tensor:
+        """The base's tensor as training saw it (NF4-dequantized linear weights)."""
+        if key in self.bnb:
+            parts = {k: self.ckpt.finite(k) for k in self.bnb[key]}
+            return dequantize_nf4(from_bnb_state_dict(parts, key), torch.float32)
+        w = self.ckpt.finite(key)
+        if key in self.linear_weights:
+            w = dequantize_nf4(quantize_nf4(w.to(self.quant_dtype)), torch.float32)
+        return w
+
+    def merged(self, name: str, key: str, w: torch.Tensor) -> torch.Tensor:
+        """W + s B A (DoRA: scaled to the magnitude per row), shapes checked against the base's."""
+        a, b = self.adapter[(name, "lora_a")], self.adapter.get((name, "lora_b"))
+        if b is None:
+            raise ValueError(f"{self.adapter_dir}: {name!r} has a lora_A but no lora_B weight")
+        if b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise ValueError(
+                f"{self.adapter_dir}: tensor {name}: lora_B {list(b.shape)} @ lora_A {list(a.shape)} does not fit "
+                f"the base's {key} {list(w.shape)} in {self.model_dir}; was this adapter trained on this base?"
+            )
+        w = w.float() + self.spec.scale() * b @ a
+        if self.spec.use_dora:
+            m = self.adapter.get((name, "lora_magnitude"))
+            if m is None:
+                raise ValueError(f"{self.adapter_dir}: use_dora, but no {DORA_KEY} for {name!r}")
+            if tuple(m.shape) != (w.shape[0],):
+                raise ValueError(
+                    f"{self.adapter_dir}: tensor {name}.{DORA_KEY} {list(m.shape)} does not fit the base's {key} "
+                    f"{list(w.shape)} in {self.model_dir}; was this adapter trained on this base?"
+                )
+            w = (m / torch.linalg.vector_norm(w, dim=1))[:, None] * w
+        return w
+
+
+def _linear_weight_names(config: PretrainedConfig) -> set[str]:
+    """Checkpoint names of the weights that QLoRA holds in NF4: every nn.Linear but lm_head."""
+    skeleton = build_skeleton(config, torch.float32)  # on meta: free
     out = skeleton.get_output_embeddings()
     return {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and m is not out}
 
@@ -357,5 +516,5 @@ def _write_config(model_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
     config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in model_dir.iterdir():
-        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")) or f.suffix in (".model", ".tiktoken")):
+        if f.is_file() and _is_tokenizer_file(f.name):
             shutil.copy2(f, out_dir / f.name)

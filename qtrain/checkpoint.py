@@ -9,6 +9,7 @@ Sharded checkpoints list their shards in `model.safetensors.index.json`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -40,8 +41,13 @@ class TensorEntry:
     end: int
 
 
+_DAMAGED = "the file is damaged or not a safetensors checkpoint; re-download or re-save it"
+
+
 def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse one .safetensors header into {name: TensorEntry}."""
+    """Parse one .safetensors header into {name: TensorEntry}, each entry checked against the
+    file: a known dtype, a shape of non-negative ints, a byte range inside the file that holds
+    exactly numel * itemsize bytes."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -53,33 +59,80 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             header = json.loads(f.read(n))
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: garbage or a cut-off header
             raise ValueError(f"{path}: not a safetensors file (unreadable header: {e})") from None
+        data_bytes = os.fstat(f.fileno()).st_size - 8 - n
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
-    base = 8 + n
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        entries[name] = TensorEntry(path, _DTYPES[info["dtype"]], tuple(info["shape"]), base + start, base + end)
-    return entries
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise ValueError(f"{path}: __metadata__ in the header is not a JSON object; {_DAMAGED}")
+    return {
+        name: _entry(path, name, info, 8 + n, data_bytes) for name, info in header.items() if name != "__metadata__"
+    }
+
+
+def _entry(path: Path, name: str, info: object, base: int, data_bytes: int) -> TensorEntry:
+    """One header entry {"dtype", "shape", "data_offsets"} as a TensorEntry, or a ValueError naming it."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: tensor {name!r}: {what}; {_DAMAGED}")
+
+    if not isinstance(info, dict):
+        raise bad(f"header entry is not a JSON object (got {type(info).__name__})")
+    if "dtype" not in info:
+        raise bad("header entry has no dtype")
+    if not isinstance(info["dtype"], str):
+        raise bad(f"dtype {info['dtype']!r} is not a dtype name")
+    if info["dtype"] not in _DTYPES:
+        raise ValueError(
+            f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}; qtrain reads {', '.join(_DTYPES)}: "
+            "re-save the checkpoint in bf16, fp16 or fp32"
+        )
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets)) and offsets[0] <= offsets[1]
+    ):
+        raise bad(f"data_offsets {offsets!r} is not a [start, end] pair with 0 <= start <= end")
+    start, end = offsets
+    if end > data_bytes:
+        raise bad(f"ends at data byte {end}, but the file holds {data_bytes} data bytes (truncated file?)")
+    dtype = _DTYPES[info["dtype"]]
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - start != nbytes:
+        raise bad(
+            f"byte range of {end - start} bytes does not match dtype/shape {info['dtype']}{shape} ({nbytes} bytes)"
+        )
+    return TensorEntry(path, dtype, tuple(shape), base + start, base + end)
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def read_tensor(entry: TensorEntry) -> torch.Tensor:
     """Read one tensor's bytes straight into a new CPU tensor."""
-    out = torch.empty(entry.shape, dtype=entry.dtype)
     nbytes = entry.end - entry.start
-    if nbytes != out.numel() * out.element_size():
+    if nbytes != math.prod(entry.shape) * entry.dtype.itemsize:
         raise ValueError(f"{entry.file}: byte range does not match dtype/shape {entry.dtype}{list(entry.shape)}")
+    out = torch.empty(entry.shape, dtype=entry.dtype)
     if nbytes:
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
         with open(entry.file, "rb") as f:
             f.seek(entry.start)
             if f.readinto(view) != nbytes:
-                raise ValueError(f"{entry.file}: truncated file")
+                raise ValueError(f"{entry.file}: truncated file (tensor bytes {entry.start}..{entry.end}); {_DAMAGED}")
     return out
+
+
+CORRUPT_CHECKPOINT = "the checkpoint is corrupt; re-download or re-convert it"
+CORRUPT_ADAPTER = "the adapter is corrupt (did its training diverge?); use an earlier checkpoint's adapter"
+
+
+def require_finite(tensor: torch.Tensor, file: Path | str, name: str, remedy: str = CORRUPT_CHECKPOINT) -> torch.Tensor:
+    """`tensor`, or a ValueError naming its file and name when it holds NaN or inf (one pass, floats only)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{file}: tensor {name} holds NaN/inf values; {remedy}")
+    return tensor
 
 
 class SafetensorsCheckpoint:
@@ -113,6 +166,10 @@ class SafetensorsCheckpoint:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return read_tensor(self.entries[name])
+
+    def finite(self, name: str) -> torch.Tensor:
+        """The tensor `name`, refused when it holds NaN or inf (a corrupt checkpoint: NF4 of it is NaN)."""
+        return require_finite(self[name], self.entries[name].file, name)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) in file order, so reads stream through each shard front to back."""

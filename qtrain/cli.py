@@ -153,7 +153,9 @@ def _merge(args: argparse.Namespace) -> int:
     from qtrain.adapter import merge_adapter
     from qtrain.config import DTYPES
 
-    out = merge_adapter(args.base, args.adapter, args.out, dtype=DTYPES[args.dtype], base_weights=args.base_weights)
+    out = merge_adapter(
+        args.base, args.adapter, args.out, dtype=DTYPES[args.dtype], base_weights=args.base_weights, force=args.force
+    )
     print(f"merged checkpoint written to {out}")
     return 0
 
@@ -307,7 +309,12 @@ def parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--base", required=True, metavar="PATH_OR_ID", help="base model directory or Hub id (the one the adapter was trained on)")
     m.add_argument("--adapter", required=True, metavar="DIR", help="LoRA/DoRA adapter directory in PEFT format (e.g. runs/quickstart/adapter)")
-    m.add_argument("--out", required=True, metavar="DIR", help="output directory for the merged checkpoint")
+    m.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder for the merged checkpoint: new, empty, or a previous merge's (else --force)",
+    )
     m.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16", help="dtype of the merged weights (default bf16)")
     m.add_argument(
         "--base-weights",
@@ -316,6 +323,13 @@ def parser() -> argparse.ArgumentParser:
         help="nf4 (default): merge into the base as training saw it, every linear layer but lm_head "
         "NF4-quantized and dequantized (the merged model computes what the trained one did); "
         "original: merge into the checkpoint's own 16-bit weights (what the adapter was not trained against)",
+    )
+    m.add_argument(
+        "--force",
+        action="store_true",
+        help="merge into a non-empty --out that is not a previous merge; only the files a merge writes "
+        "(model*.safetensors, index, config.json, generation_config.json, tokenizer files) are replaced there, "
+        "the rest stays",
     )
     m.set_defaults(func=_merge)
 

@@ -136,6 +136,7 @@ def load_for_inference(
             f"{adapter_dir / TRAINING_INFO}: data_format {data_format!r} is not one of {', '.join(FORMATS)}"
         )
 
+    tokenizer = load_tokenizer(model_dir)  # a missing or broken tokenizer is found before the weights load
     loaded = load_model(
         str(model_dir),
         None if base_only else spec,
@@ -153,7 +154,6 @@ def load_for_inference(
             load_method(model, method, adapter_dir)
     apply_fused_ops(model, FusedOps())  # the fused Triton modules on CUDA (Llama family), as in training
     model.eval()
-    tokenizer = load_tokenizer(loaded.model_dir)
     return (
         model,
         tokenizer,

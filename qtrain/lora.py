@@ -25,6 +25,7 @@ is one NF4 product of A's r rows.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,17 @@ class LoRASpec:
 
     def scale(self) -> float:
         return lora_scale(self.alpha, self.rank, self.use_rslora)
+
+
+@dataclass
+class PeftLoRASpec(LoRASpec):
+    """A LoRASpec read from a PEFT adapter_config.json, with PEFT's other ways of picking modules (see
+    `is_target`): target_modules and exclude_modules may be full-match regexes, and layers_to_transform
+    (with layers_pattern) keeps list targets to those layers. Not a training config option."""
+
+    exclude_modules: list[str] | str = field(default_factory=lambda: ["lm_head"])  # names (suffix match) or a regex
+    layers_to_transform: list[int] | None = None  # None: every layer
+    layers_pattern: list[str] | None = None  # the name of the layer list ("layers"); None: any
 
 
 _NF4_FP32_BUFFERS = ("nf4_code", "nf4_absmax_scale", "nf4_absmax_code")
@@ -282,12 +294,45 @@ class LoRALinear(nn.Module):
 
 
 def is_target(name: str, spec: LoRASpec) -> bool:
-    """Whether module `name` gets an adapter: a suffix match against `target_modules`."""
-    if any(name == ex or name.endswith("." + ex) for ex in spec.exclude_modules):
+    """Whether module `name` gets an adapter, by PEFT's rule (peft.tuners.tuners_utils.
+    check_target_module_exists): never an excluded one; a string target_modules is a full-match
+    regex; a list takes a name equal to an entry, or one ending in '.<entry>' that is in
+    layers_to_transform (when given)."""
+    if _matches(name, spec.exclude_modules):
         return False
-    if spec.target_modules == "all-linear":
+    targets = spec.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        return re.fullmatch(targets, name) is not None
+    if targets != "all-linear" and name in targets:
         return True
-    return any(name == t or name.endswith("." + t) for t in spec.target_modules)
+    found = targets == "all-linear" or any(name.endswith("." + t) for t in targets)
+    return found and _in_layers(name, getattr(spec, "layers_to_transform", None), getattr(spec, "layers_pattern", None))
+
+
+def _matches(name: str, patterns: list[str] | str) -> bool:
+    """A full-match regex (a string), or names matched exactly or as a '.<suffix>' (a list)."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _in_layers(name: str, layers: list[int] | int | None, patterns: list[str] | str | None) -> bool:
+    if layers is None or layers == []:
+        return True
+    index = layer_index(name, patterns)
+    return index is not None and index in ([layers] if isinstance(layers, int) else layers)
+
+
+def layer_index(name: str, patterns: list[str] | str | None = None) -> int | None:
+    """The layer number in a module name as PEFT reads it: the first '<pattern>.<n>.' (any
+    pattern when none is given), e.g. 0 in 'model.layers.0.self_attn.q_proj'."""
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+    else:
+        names = [patterns] if isinstance(patterns, str) else patterns
+        tries = (re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name) for p in names)
+        match = next((m for m in tries if m), None)
+    return int(match.group(1)) if match else None
 
 
 def swap_linears(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
 from qtrain.lora import LoRALinear, LoRASpec, mark_only_lora_trainable, swap_linears
@@ -43,7 +44,49 @@ class LoadedModel:
 def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
     """The model with parameters on meta (free) and buffers (rotary tables) real, on CPU."""
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+
+
+def read_config(model_dir: str | Path, supported: tuple[str, ...] | None = None) -> PretrainedConfig:
+    """The folder's config.json through transformers, which never runs code from the folder:
+    `auto_map` custom code is refused, as is a model_type outside `supported` (when given)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{model_dir}: no config.json; a Hugging Face model folder needs config.json + *.safetensors"
+        )
+    raw = read_json_object(path)
+    model_type = raw.get("model_type")
+    if supported is not None and model_type not in supported:
+        custom = " and needs custom code (auto_map), which qtrain never runs" if "auto_map" in raw else ""
+        raise ValueError(
+            f"{path}: model_type {model_type!r} is not supported{custom}; qtrain supports {', '.join(supported)}"
+        )
+    if "auto_map" in raw and model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"{path}: model_type {model_type!r} needs custom code (auto_map), which qtrain never runs; "
+            "use a model type transformers implements"
+        )
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: transformers cannot read it ({one_line(e)})") from None
+
+
+def read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (transformers' span several), cut to `limit` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def bnb_prefixes(keys: list[str]) -> set[str]:
@@ -80,12 +123,7 @@ def load_model(
     `compute_dtype` (LoRA without Q), which is useful for references and small models.
     """
     model_dir = resolve_model_dir(name_or_path)
-    config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type not in SUPPORTED:
-        raise ValueError(
-            f"{model_dir}/config.json: model_type {config.model_type!r} is not supported; "
-            f"qtrain supports {', '.join(SUPPORTED)}"
-        )
+    config = read_config(model_dir, SUPPORTED)
     ckpt = SafetensorsCheckpoint(model_dir)
     bnb = bnb_prefixes(ckpt.keys())
     if bnb and not quantize:
@@ -107,7 +145,7 @@ def load_model(
             continue
         if key in bnb_key_to_group:  # collect a 4-bit weight's parts, then hand them over at once
             prefix = bnb_key_to_group[key]
-            bnb_parts[prefix][key] = ckpt[key].to(device)
+            bnb_parts[prefix][key] = ckpt.finite(key).to(device)
             if len(bnb_parts[prefix]) == len(groups[prefix]):
                 linears[prefix.rpartition(".")[0]].set_nf4_weight(from_bnb_state_dict(bnb_parts.pop(prefix), prefix))
             continue
@@ -115,7 +153,7 @@ def load_model(
         if module_name in linears:
             if attr not in ("weight", "bias") or (attr == "bias" and linears[module_name].bias is None):
                 raise ValueError(f"{model_dir}: unexpected tensor {key!r} for a linear layer; does config.json match?")
-            value = ckpt[key].to(device=device, dtype=compute_dtype)
+            value = ckpt.finite(key).to(device=device, dtype=compute_dtype)
             try:
                 if attr == "weight":
                     linears[module_name].set_base_weight(value)
@@ -140,7 +178,7 @@ def load_model(
                 f"{model_dir}: checkpoint tensor {key!r} has shape {list(entry.shape)}, the model built from "
                 f"config.json expects {list(expected.shape)}"
             )
-        value = ckpt[key].to(device)
+        value = ckpt.finite(key).to(device)
         _set_tensor(model, key, value.to(compute_dtype) if value.is_floating_point() else value)
 
     no_bias = [f"{n}.bias" for n, m in linears.items() if m.bias is not None and n not in loaded_biases]
@@ -201,10 +239,29 @@ def _tie_or_check(model: nn.Module, config: PretrainedConfig, model_dir: Path) -
         raise ValueError(f"{model_dir}: checkpoint lacks weights for {shown}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # one of them holds the tokens
+
+
+def check_tokenizer(name_or_path: str | Path):
+    """The tokenizer of a model folder (or Hub id), loaded before any weight is: a folder without
+    one, or one that does not load, is a one-line error naming the folder and the files expected."""
+    return load_tokenizer(resolve_model_dir(str(name_or_path)))
+
+
 def load_tokenizer(model_dir: str | Path):
-    """The checkpoint's tokenizer, padding with EOS when it defines no pad token (batched training
-    and generation need one)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    """The checkpoint's tokenizer (never running code from the folder), padding with EOS when it
+    defines no pad token (batched training and generation need one)."""
+    model_dir = Path(model_dir)
+    alternatives = " / ".join(TOKENIZER_FILES[1:3])
+    expected = f"a tokenizer needs {TOKENIZER_FILES[0]} (or {alternatives} with {TOKENIZER_FILES[3]})"
+    if not any((model_dir / f).is_file() for f in _VOCABULARY_FILES) and not list(model_dir.glob("*.tiktoken")):
+        raise FileNotFoundError(f"{model_dir}: no tokenizer files; {expected}: copy them from the base model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError, ImportError, AttributeError, KeyError, TypeError) as e:
+        why = f"the tokenizer does not load ({one_line(e)})"
+        raise ValueError(f"{model_dir}: {why}; {expected} that transformers reads") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -218,3 +275,4 @@ def enable_checkpointing(model: nn.Module) -> None:
         enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+

@@ -55,12 +55,18 @@ def resolve_config(name_or_path: str) -> PretrainedConfig:
     if key in PRESETS:
         return preset_config(key)
     path = Path(name_or_path)
-    if path.is_file() and path.name.endswith(".json"):
-        return AutoConfig.from_pretrained(path.parent) if path.name == "config.json" else AutoConfig.from_pretrained(path)
-    if path.is_dir() and not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no config.json in this directory")
+    if path.is_file() and path.name == "config.json":
+        path = path.parent
+    if path.is_dir():
+        from qtrain.model import read_config
+
+        return read_config(path)
     try:
-        return AutoConfig.from_pretrained(name_or_path)
-    except OSError as e:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        from qtrain.model import one_line
+
+        if path.is_file():
+            raise ValueError(f"{path}: not a config transformers reads without running code ({one_line(e)})") from None
         known = ", ".join(PRESETS)
-        raise ValueError(f"{name_or_path}: not a local checkpoint and its config.json could not be fetched ({e}); known architectures: {known}") from None
+        raise ValueError(f"{name_or_path}: not a local checkpoint and its config.json could not be fetched ({one_line(e)}); known architectures: {known}") from None

@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from qtrain.adapter import read_adapter_file
 from qtrain.methods.base import PeftMethod
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -66,7 +67,7 @@ def load_method(model: nn.Module, method: PeftMethod, adapter_dir: Path, resume:
     weights = source / (METHOD_WEIGHTS if raw else PEFT_WEIGHTS)
     if not weights.exists():
         raise FileNotFoundError(f"{weights}: not found; {adapter_dir} holds no {method.name} parameters")
-    tensors = load_file(weights)
+    tensors = read_adapter_file(weights)
     if not raw:
         tensors = method.from_peft(tensors)
     method.load_state_dict(model, tensors, source=str(weights))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from qtrain.adapter import (
     read_adapter_config,
     save_adapter,
 )
-from qtrain.lora import LoRALinear, LoRASpec, lora_modules
+from qtrain.lora import LoRALinear, LoRASpec, PeftLoRASpec, lora_modules
 from qtrain.model import load_model
 
 peft = pytest.importorskip("peft")
@@ -238,6 +239,73 @@ def test_peft_adapter_loads_into_qtrain(ckpt, tmp_path, use_rslora, nf4_hf_base)
     got, want = logits(loaded.model), logits(model)
     torch.testing.assert_close(got, want, **FP32_TOL)
     assert (want - logits(nf4_hf_base(ckpt))).abs().max() > ADAPTER_EFFECT_MIN
+
+
+PEFT_TARGETING = {  # LoraConfig options that pick modules: PEFT's own semantics, which ours must reproduce
+    "layers_to_transform-list": {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0]},
+    "layers_to_transform-int": {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": 1},
+    "layers_pattern": {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+    "exclude_modules-list": {"target_modules": "all-linear", "exclude_modules": ["k_proj", "layers.0.mlp.up_proj"]},
+    "exclude_modules-regex": {"target_modules": ["q_proj", "o_proj"], "exclude_modules": r".*\.1\.self_attn\.o_proj"},
+    "target_modules-regex": {"target_modules": r".*layers\.1\.(self_attn\.(q|k)_proj|mlp\.gate_proj)"},
+    "full-name-and-layers": {"target_modules": ["model.layers.1.mlp.up_proj", "v_proj"], "layers_to_transform": [0]},
+}
+
+
+def modules_with_lora(model) -> list[str]:
+    """The base-model names of a PeftModel's LoRA layers."""
+    return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A") and n)
+
+
+@pytest.mark.parametrize("options", PEFT_TARGETING.values(), ids=PEFT_TARGETING.keys())
+def test_peft_module_selection_loads_into_qtrain(ckpt, tmp_path, nf4_hf_base, options):
+    base = nf4_hf_base(ckpt)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, **options))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    peft_targets = modules_with_lora(model)
+    spec = read_adapter_config(tmp_path / "adapter")
+    loaded = load_model(str(ckpt), spec, compute_dtype=torch.float32)
+    assert sorted(lora_modules(loaded.model)) == peft_targets and 0 < len(peft_targets) < 14
+    load_adapter_weights(loaded.model, tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded.model), logits(model.eval()), **FP32_TOL)
+    merged = merge_adapter(str(ckpt), tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(merged).eval()), logits(model), **FP32_TOL)
+
+
+def test_peft_loads_our_adapter_with_layers_and_excludes(ckpt, tmp_path, nf4_hf_base):
+    spec = PeftLoRASpec(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                        exclude_modules=["lm_head", "model.layers.1.self_attn.v_proj"])  # fmt: skip
+    loaded = ours(ckpt, spec)
+    assert loaded.targets == ["model.layers.1.self_attn.q_proj"]
+    adapter = save_adapter(loaded.model, spec, loaded.targets, str(ckpt), tmp_path / "adapter")
+    model = peft.PeftModel.from_pretrained(nf4_hf_base(ckpt), adapter).eval()
+    assert modules_with_lora(model) == loaded.targets
+    torch.testing.assert_close(logits(model), logits(loaded.model), **FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"layers_to_transform": "0"}, "layers_to_transform='0'"),
+        ({"layers_to_transform": [0], "layers_pattern": 3}, "layers_pattern=3"),
+        ({"exclude_modules": 5}, "exclude_modules=5"),
+        ({"target_modules": None}, "target_modules=None"),
+        ({"target_modules": "(unclosed"}, "target_modules='(unclosed'"),
+    ],
+)
+def test_bad_module_selection_names_the_option(peft_saved, tmp_path, change, needle):
+    adapter = rewrite_weights(peft_saved[0], tmp_path / "bad", lambda t: None)
+    cfg = json.loads((adapter / ADAPTER_CONFIG).read_text()) | change
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as info:
+        read_adapter_config(adapter)
+    assert str(info.value).startswith(f"{adapter / ADAPTER_CONFIG}: {needle}") and "\n" not in str(info.value)
 
 
 def rewrite_weights(src: Path, dst: Path, edit) -> Path:
@@ -461,6 +529,128 @@ def test_merge_errors(ckpt, tiny_checkpoint, tmp_path):
     assert not (tmp_path / "merged").exists() and tmp_dirs_left(tmp_path) == []
     with pytest.raises(FileNotFoundError):
         merge_adapter(str(tmp_path / "no-such-model"), adapter, tmp_path / "merged")
+
+
+@pytest.fixture(scope="module")
+def q_adapter(ckpt, tmp_path_factory):
+    spec = LoRASpec(rank=2, alpha=4, target_modules=["q_proj"])
+    loaded = ours(ckpt, spec)
+    return save_adapter(loaded.model, spec, loaded.targets, str(ckpt), tmp_path_factory.mktemp("q") / "adapter")
+
+
+def user_folder(path: Path) -> Path:
+    """A folder of someone's files: a run's metrics, notes, a subfolder, a config.json of their own."""
+    (path / "checkpoints" / "step-1").mkdir(parents=True)
+    (path / "checkpoints" / "step-1" / "adapter_model.safetensors").write_bytes(b"precious")
+    (path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (path / "notes.txt").write_text("mine")
+    (path / "config.json").write_text('{"train": {}}')
+    return path
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_merge_refuses_a_folder_with_other_files(ckpt, q_adapter, tmp_path):
+    out = user_folder(tmp_path / "out")
+    before = files(out)
+    with pytest.raises(ValueError, match=re.escape(str(out)) + r": .*not empty.*another .*--force") as e:
+        merge_adapter(str(ckpt), q_adapter, out)
+    assert "\n" not in str(e.value)
+    assert files(out) == before and tmp_dirs_left(tmp_path) == []
+
+
+def test_merge_force_replaces_only_what_merge_writes(ckpt, q_adapter, tmp_path):
+    out = user_folder(tmp_path / "out")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"an old shard")  # a name merge writes: replaced
+    before = files(out)
+    merge_adapter(str(ckpt), q_adapter, out, dtype=torch.float32, force=True)
+    after = files(out)
+    kept = {k for k in before if k not in ("config.json", "model-00001-of-00002.safetensors")}
+    assert {k: after[k] for k in kept} == {k: before[k] for k in kept}
+    assert json.loads(after["config.json"])["model_type"] == "llama"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert json.loads(after[".qtrain-merge"])["adapter"] == str(Path(q_adapter).resolve())
+    AutoModelForCausalLM.from_pretrained(out)
+    assert tmp_dirs_left(tmp_path) == []
+
+
+def test_merge_over_a_previous_merge_needs_no_force(ckpt, q_adapter, tmp_path):
+    out = tmp_path / "merged"
+    merge_adapter(str(ckpt), q_adapter, out, dtype=torch.float32, max_shard_bytes=100_000)
+    assert len(list(out.glob("model-*.safetensors"))) > 2
+    (out / "README.md").write_text("my model card")
+    merge_adapter(str(ckpt), q_adapter, out, dtype=torch.float32)  # one shard now: the old ones go
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
+    assert (out / "README.md").read_text() == "my model card"
+    AutoModelForCausalLM.from_pretrained(out)
+    assert tmp_dirs_left(tmp_path) == []
+
+
+def test_merge_into_an_empty_folder(ckpt, q_adapter, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    merge_adapter(str(ckpt), q_adapter, out)
+    assert (out / "model.safetensors").exists() and tmp_dirs_left(tmp_path) == []
+
+
+def test_merge_onto_a_base_of_another_shape(ckpt, q_adapter, tiny_checkpoint, tmp_path):
+    other = tiny_checkpoint("llama", hidden_size=128, intermediate_size=192)
+    with pytest.raises(ValueError) as e:
+        merge_adapter(str(other), q_adapter, tmp_path / "merged")
+    message = str(e.value)
+    assert "model.layers.0.self_attn.q_proj" in message and "was this adapter trained on this base?" in message
+    assert "[128, 128]" in message and "\n" not in message
+    assert not (tmp_path / "merged").exists() and tmp_dirs_left(tmp_path) == []
+
+
+def with_nan(adapter: Path, out: Path, key_part: str = "layers.1.self_attn.q_proj.lora_B") -> tuple[Path, str]:
+    """A copy of `adapter` with one NaN in its first tensor whose name holds `key_part`."""
+    found = []
+
+    def poison(t):
+        key = min(k for k in t if key_part in k)
+        t[key] = t[key].clone().index_fill_(0, torch.tensor([0]), float("nan"))
+        found.append(key)
+
+    return rewrite_weights(adapter, out, poison), found[0]
+
+
+def test_non_finite_adapter_is_refused_by_name(ckpt, q_adapter, tmp_path):
+    bad, key = with_nan(q_adapter, tmp_path / "bad")
+    loaded = load_model(str(ckpt), read_adapter_config(bad), compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match=re.escape(f"{bad / ADAPTER_WEIGHTS}: tensor {key} holds NaN/inf values")) as e:
+        load_adapter_weights(loaded.model, bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=re.escape(f"{bad / ADAPTER_WEIGHTS}: tensor {key} holds NaN/inf values")):
+        merge_adapter(str(ckpt), bad, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and tmp_dirs_left(tmp_path) == []
+
+
+def test_merge_refuses_a_custom_code_base_without_prompt(ckpt, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from qtrain.cli import main
+
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda *a: asked.append(a) or "y")
+    spec = LoRASpec(rank=2, alpha=4, target_modules=["q_proj"])
+    loaded = ours(ckpt, spec)
+    adapter = save_adapter(loaded.model, spec, loaded.targets, str(ckpt), tmp_path / "adapter")
+    base = tmp_path / "base"
+    shutil.copytree(ckpt, base)
+    config = json.loads((base / "config.json").read_text())
+    config |= {"model_type": "evilnet", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "configuration_evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qtrain merge: error:") and err.count("\n") == 1
+    assert str(base / "config.json") in err and "custom code" in err
+    assert asked == [] and not (tmp_path / "ran").exists() and not (tmp_path / "merged").exists()
+    assert tmp_dirs_left(tmp_path) == []
 
 
 def test_merge_rebuilds_the_base_in_the_training_dtype(ckpt, tmp_path):

@@ -140,8 +140,8 @@ def test_truncated_file_names_the_file(tmp_path):
     path = tmp_path / "cut.safetensors"
     save_file({"a": torch.randn(100), "b": torch.randn(100)}, path)
     data = path.read_bytes()
+    entries = read_header(path)  # read while whole; the file is cut afterwards
     path.write_bytes(data[:-10])  # the last tensor loses its tail
-    entries = read_header(path)  # the header is intact
     ordered = sorted(entries.values(), key=lambda e: e.start)
     read_tensor(ordered[0])  # the first tensor is still whole
     with pytest.raises(ValueError, match=r"cut\.safetensors.*truncated"):
@@ -229,3 +229,62 @@ def test_resolve_hub_id_goes_to_snapshot_download(tmp_path, monkeypatch):
     assert calls[0][0] == "some-org/some-model"
     assert "*.safetensors" in calls[0][1]["allow_patterns"]
     assert not any(p.endswith((".bin", ".pt", ".pth")) for p in calls[0][1]["allow_patterns"])
+
+
+def write_raw(path, header: dict, data: bytes = b"\0" * 16):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "entry, needle",
+    [
+        ({"shape": [4], "data_offsets": [0, 16]}, "dtype"),
+        ([1, 2, 3], "not a JSON object"),
+        ("F32", "not a JSON object"),
+        ({"dtype": "F32", "shape": [4]}, "data_offsets"),
+        ({"dtype": "F32", "shape": [4], "data_offsets": [0]}, "data_offsets"),
+        ({"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}, "data_offsets"),
+        ({"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}, "data_offsets"),
+        ({"dtype": "F32", "shape": [4], "data_offsets": [-4, 12]}, "data_offsets"),
+        ({"dtype": "F32", "data_offsets": [0, 16]}, "shape"),
+        ({"dtype": "F32", "shape": 4, "data_offsets": [0, 16]}, "shape"),
+        ({"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}, "shape"),
+        ({"dtype": "F32", "shape": [2, 1.5], "data_offsets": [0, 12]}, "shape"),
+        ({"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}, "shape"),
+        ({"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}, "byte range"),
+        ({"dtype": "F32", "shape": [10**12], "data_offsets": [0, 4 * 10**12]}, "truncated"),
+        ({"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}, "truncated"),
+        ({"dtype": 7, "shape": [4], "data_offsets": [0, 16]}, "dtype"),
+    ],
+    ids=[
+        "no-dtype", "entry-list", "entry-str", "no-offsets", "one-offset", "offsets-reversed", "offsets-str",
+        "offsets-negative", "no-shape", "shape-int", "shape-negative", "shape-float", "shape-two-negatives",
+        "numel-mismatch", "larger-than-file", "past-end", "dtype-int",
+    ],
+)  # fmt: skip
+def test_bad_header_entry_is_one_value_error_naming_file_and_tensor(tmp_path, entry, needle):
+    write_raw(tmp_path / "bad.safetensors", {"__metadata__": {"format": "pt"}, "w": entry})
+    with pytest.raises(ValueError, match=r"bad\.safetensors") as e:
+        SafetensorsCheckpoint(tmp_path)
+    message = str(e.value)
+    assert "'w'" in message and needle in message and "\n" not in message
+    assert "re-download" in message or "re-save" in message
+
+
+def test_bad_metadata_is_a_value_error(tmp_path):
+    write_raw(
+        tmp_path / "bad.safetensors",
+        {"__metadata__": ["x"], "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+    )
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*__metadata__"):
+        SafetensorsCheckpoint(tmp_path)
+
+
+def test_truncated_file_is_refused_when_the_header_is_read(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    save_file({"a": torch.randn(100), "b": torch.randn(100)}, path)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"cut\.safetensors.*'b'.*truncated"):
+        SafetensorsCheckpoint(tmp_path)

@@ -118,6 +118,50 @@ def test_merge_missing_adapter_returns_2(trained, tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path: bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_merge_into_the_run_folder_is_refused_and_deletes_nothing(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained[1], run)  # a copy: the module's run stays whole whatever merge does
+    before = snapshot(run)
+    args = ["merge", "--base", str(run / "base"), "--adapter", str(run / "adapter"), "--out", str(run)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qtrain merge: error: {run}: ") and err.count("\n") == 1
+    assert "--force" in err and "another" in err
+    assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_merge_force_keeps_every_file_merge_does_not_write(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained[1], run)
+    before = snapshot(run)
+    args = ["merge", "--base", str(run / "base"), "--adapter", str(run / "adapter"), "--out", str(run), "--force"]
+    assert main(args) == 0
+    after = snapshot(run)
+    replaced = {"config.json"}  # the run's config.json: merge writes one
+    assert {k: v for k, v in before.items() if k not in replaced} == {k: after[k] for k in before if k not in replaced}
+    assert {"model.safetensors", "tokenizer.json", ".qtrain-merge"} <= set(after)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(run).config.hidden_size == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_merge_out_that_is_a_file(trained, tmp_path, capsys):
+    _, out = trained
+    target = tmp_path / "merged"
+    target.write_text("mine")
+    args = ["merge", "--base", str(out / "base"), "--adapter", str(out / "adapter"), "--out", str(target)]
+    assert main(args) == 2 and main([*args, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qtrain merge: error: {target}: ") and "file" in err and err.count("\n") == 2
+    assert target.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
 @pytest.mark.parametrize("argv", [[], ["train"], ["merge", "--base", "x"], ["frobnicate"]])
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:

@@ -362,6 +362,35 @@ def test_missing_base_given(adapter, tmp_path, capsys):
     assert str(tmp_path / "nobase") in capsys.readouterr().err
 
 
+def test_missing_tokenizer_is_named_before_the_weights_load(adapter, base, tmp_path, monkeypatch, capsys):
+    import qtrain.model
+
+    bare = tmp_path / "bare"
+    shutil.copytree(base, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    monkeypatch.setattr(qtrain.model, "load_model", lambda *a, **k: pytest.fail("weights loaded before the tokenizer"))
+    assert main(["generate", "--adapter", str(adapter), "--base", str(bare), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qtrain generate: error: {bare}: no tokenizer") and "tokenizer.json" in err
+    assert err.count("\n") == 1
+
+
+def test_adapter_with_nan_is_refused_by_name(adapter, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    key = min(tensors)
+    tensors[key] = tensors[key].clone().fill_(float("inf"))
+    save_file(tensors, bad / "adapter_model.safetensors")
+    assert main(["generate", "--adapter", str(bad), "--prompt", "hi", *N]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qtrain generate: error: {bad / 'adapter_model.safetensors'}: tensor {key} holds NaN/inf")
+    assert err.count("\n") == 1
+
+
 def test_no_prompts(adapter, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n  \n"))
     assert main(["generate", "--adapter", str(adapter)]) == 2

@@ -8,7 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from qtrain.lora import LoRALinear, LoRASpec, is_target, lora_modules, mark_only_lora_trainable, swap_linears
+from qtrain.lora import (
+    LoRALinear,
+    LoRASpec,
+    PeftLoRASpec,
+    is_target,
+    lora_modules,
+    mark_only_lora_trainable,
+    swap_linears,
+)
 from qtrain.nf4 import dequantize_nf4, quantize_nf4
 from qtrain.tiny import tiny_config
 
@@ -318,3 +326,42 @@ def test_mark_only_lora_trainable():
     mark_only_lora_trainable(model)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable == [f"layers.{i}.v_proj.lora_{ab}.weight" for i in range(2) for ab in "ab"]
+
+
+NAMES = [  # module names of a Llama, plus nested and odd ones
+    *(f"model.layers.{i}.{m}" for i in (0, 1, 12) for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj")),
+    "model.layers.3.block_sparse_moe.experts.1.w1",
+    "layers.2.q_proj",
+    "lm_head",
+]
+SELECTIONS = [  # PEFT LoraConfig options
+    {"target_modules": ["q_proj", "up_proj"]},
+    {"target_modules": ["q_proj", "w1"], "layers_to_transform": [1, 3]},
+    {"target_modules": ["q_proj"], "layers_to_transform": 12},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [0], "layers_pattern": "layers"},
+    {"target_modules": ["q_proj"], "layers_to_transform": [2], "layers_pattern": ["blocks", "layers"]},
+    {"target_modules": ["w1"], "layers_to_transform": [1], "layers_pattern": "experts"},
+    {"target_modules": ["model.layers.1.mlp.up_proj", "q_proj"], "layers_to_transform": [0]},
+    {"target_modules": r".*\.(1|12)\.self_attn\.(q|o)_proj"},
+    {"target_modules": "q_proj"},  # a string is a full-match regex: matches no full name
+    {
+        "target_modules": ["q_proj", "o_proj", "up_proj"],
+        "exclude_modules": ["o_proj", "model.layers.1.self_attn.q_proj"],
+    },
+    {"target_modules": ["q_proj", "o_proj"], "exclude_modules": r".*layers\.1\..*"},
+]
+
+
+@pytest.mark.parametrize("options", SELECTIONS, ids=[str(i) for i in range(len(SELECTIONS))])
+def test_is_target_agrees_with_peft(options):
+    peft = pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = peft.LoraConfig(**options)
+    selection = {k: v for k, v in options.items() if k != "layers_pattern"}
+    if isinstance(selection.get("layers_to_transform"), int):
+        selection["layers_to_transform"] = [selection["layers_to_transform"]]
+    pattern = options.get("layers_pattern")
+    spec = PeftLoRASpec(**selection, layers_pattern=[pattern] if isinstance(pattern, str) else pattern)
+    for name in NAMES:
+        assert is_target(name, spec) == bool(check_target_module_exists(config, name)), name

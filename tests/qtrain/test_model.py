@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qtrain.lora import LoRALinear, LoRASpec, lora_modules
-from qtrain.model import load_model
+from qtrain.model import check_tokenizer, load_model
 from qtrain.nf4 import dequantize_nf4
 
 ARCHS = ["llama", "mistral", "qwen2"]  # qwen2: biased q/k/v projections
@@ -267,6 +267,117 @@ def test_unsupported_model_type(tiny_checkpoint, tmp_path):
         load_model(str(path))
 
 
+def with_custom_code(path: Path, marker: Path, model_type: str = "evilnet") -> Path:
+    """Turn a checkpoint folder into one whose config.json asks for its own Python code (auto_map),
+    code that would create `marker` if it ever ran."""
+    config = json.loads((path / "config.json").read_text())
+    config |= {
+        "model_type": model_type,
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"},
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    code = f"open({str(marker)!r}, 'w').close()\nfrom transformers import LlamaConfig\n"
+    (path / "configuration_evil.py").write_text(code + "class EvilConfig(LlamaConfig):\n    model_type = 'evilnet'\n")
+    (path / "modeling_evil.py").write_text(code)
+    return path
+
+
+@pytest.fixture
+def no_prompt(monkeypatch):
+    """Records every `input()` call (and would answer yes: the test must see none)."""
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda *a: asked.append(a) or "y")
+    return asked
+
+
+def test_custom_code_model_is_refused_without_prompt(tiny_checkpoint, tmp_path, no_prompt):
+    path = with_custom_code(copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "m"), tmp_path / "ran")
+    with pytest.raises(ValueError, match=r"config\.json.*'evilnet'.*custom code.*never runs") as e:
+        load_model(str(path))
+    assert no_prompt == [] and not (tmp_path / "ran").exists() and "\n" not in str(e.value)
+
+
+def test_custom_code_tokenizer_is_refused_without_prompt(tiny_checkpoint, tmp_path, no_prompt):
+    path = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "m")
+    (path / "tokenizer.json").unlink()
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config |= {
+        "tokenizer_class": "EvilTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]},
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    (path / "tokenization_evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    (path / "tokenizer.model").write_bytes(b"x")
+    with pytest.raises(ValueError, match=re.escape(str(path))) as e:
+        check_tokenizer(str(path))
+    assert no_prompt == [] and not (tmp_path / "ran").exists() and "\n" not in str(e.value)
+
+
+def test_missing_config_json_is_named(tiny_checkpoint, tmp_path):
+    path = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "m")
+    (path / "config.json").unlink()
+    needle = f"{path}: no config.json; a Hugging Face model folder needs config.json + *.safetensors"
+    with pytest.raises(FileNotFoundError, match=re.escape(needle)):
+        load_model(str(path))
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"], ids=["garbage", "list"])
+def test_unreadable_config_json_is_named(tiny_checkpoint, tmp_path, content):
+    path = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "m")
+    (path / "config.json").write_text(content)
+    with pytest.raises(ValueError, match=re.escape(str(path / "config.json"))):
+        load_model(str(path))
+
+
+@pytest.mark.parametrize(
+    "remove, add, needle",
+    [
+        (["tokenizer.json", "tokenizer_config.json"], {}, "no tokenizer"),
+        (["tokenizer.json"], {"tokenizer.model": b"not a sentencepiece model"}, "does not load"),
+    ],
+    ids=["no-files", "unreadable"],
+)
+def test_missing_tokenizer_is_found_before_the_weights(tiny_checkpoint, tmp_path, monkeypatch, remove, add, needle):
+    import qtrain.model
+
+    path = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "m")
+    for name in remove:
+        (path / name).unlink()
+    for name, data in add.items():
+        (path / name).write_bytes(data)
+    def no_weights(*args):
+        pytest.fail("weights read before the tokenizer")
+
+    monkeypatch.setattr(qtrain.model, "SafetensorsCheckpoint", no_weights)
+    with pytest.raises((FileNotFoundError, ValueError), match=re.escape(str(path)) + ".*" + needle) as e:
+        check_tokenizer(str(path))
+    assert "tokenizer.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_check_tokenizer_gives_the_tokenizer(tiny_checkpoint):
+    tokenizer = check_tokenizer(str(tiny_checkpoint("llama")))
+    assert tokenizer("ab").input_ids[-2:] == tokenizer.convert_tokens_to_ids(["a", "b"])
+    assert tokenizer.pad_token_id is not None
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["model.layers.1.self_attn.q_proj.weight", "model.norm.weight", "model.embed_tokens.weight"],
+    ids=["linear", "norm", "embedding"],
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("quantize", [False, True], ids=["frozen16", "nf4"])
+def test_non_finite_base_weight_is_refused_by_name(tiny_checkpoint, tmp_path, name, value, quantize):
+    path = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "m")
+    tensors = load_file(path / "model.safetensors")
+    tensors[name] = tensors[name].clone().index_fill_(0, torch.tensor([1]), value)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    needle = f"{path / 'model.safetensors'}: tensor {name} holds NaN/inf values; the checkpoint is corrupt"
+    with pytest.raises(ValueError, match=re.escape(needle)) as e:
+        load_model(str(path), LoRASpec(rank=2), quantize=quantize)
+    assert "\n" not in str(e.value)
+
+
 def test_config_with_fewer_layers_than_weights(tiny_checkpoint, tmp_path):
     path = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "m", config_edit={"num_hidden_layers": 1})
     with pytest.raises(ValueError, match=r"'model\.layers\.1\.[a-z_.]+' has no place"):
@@ -313,7 +424,7 @@ _PEAK_SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     torch.set_num_threads(2)
-    from qtrain.model import load_model
+    from qtrain.model import check_tokenizer, load_model
     import transformers.models.llama.modeling_llama  # imported before the baseline, not measured
 
     def status(key):
