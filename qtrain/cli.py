@@ -43,6 +43,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_exit_on_ctrl_c() -> None:
+    """The command is done: a Ctrl-C from here on (while the interpreter's shutdown waits for
+    threads) exits at once with 130 instead of printing a traceback. For the process (`qtrain`), not
+    for callers of main()."""
+    import os
+    import signal
+
+    def leave(signum, frame):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, leave)
+
+
 def _resume_hint(output_dir: str, again: str) -> str:
     from qtrain.resume import last_good_checkpoint, list_checkpoints, run_of
 
@@ -402,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, FloatingPointError) as e:  # qtrain.config.ConfigError is a ValueError
         print(f"qtrain {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if argv is None:
+            _quiet_exit_on_ctrl_c()
 
 
 if __name__ == "__main__":

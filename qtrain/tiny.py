@@ -89,7 +89,7 @@ def build_tiny_model(
     config = tiny_config(arch, **config_kwargs)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     with _no_progress_bars():  # a tiny model: no "Writing model shards" bar on the console
         model.save_pretrained(path, max_shard_size=max_shard_size)
     char_tokenizer().save_pretrained(path)

@@ -1,6 +1,6 @@
 """The training recipe: read it top to bottom.
 
-    config → model (NF4 base + LoRA) → data → optimizer → [resume] → score before
+    config → [folder: lock, resume or fresh] → tokenizer + data → model (NF4 base + LoRA) → optimizer → [resume] → score before
            → loop (step, log, eval, checkpoint) → adapter → score after → summary
 
 Stops cleanly: Ctrl-C or SIGTERM saves a checkpoint and raises Interrupted; a NaN/inf loss raises
@@ -35,7 +35,7 @@ from rich.console import Console
 
 from qtrain.adapter import load_adapter_weights, read_adapter_config, save_adapter
 from qtrain.config import DTYPES, Config, to_dict
-from qtrain.data import IGNORE_INDEX, Batches, describe_batches, eval_batches, load_data
+from qtrain.data import IGNORE_INDEX, Batches, describe_batches, eval_batches, load_data, write_skipped_rows
 from qtrain.estimate import estimate, suggestions, workload_for
 from qtrain.evaluate import exact_match, generate
 from qtrain.fused import apply_fused_ops
@@ -48,7 +48,7 @@ from qtrain.methods import PeftMethod, mark_trainable
 from qtrain.methods.base import LoRAParameters
 from qtrain.methods.io import load_method
 from qtrain.metrics import MetricsLogger, atomic_write_text, plot_loss, read_metrics, summary_table
-from qtrain.model import enable_checkpointing, load_model, load_tokenizer
+from qtrain.model import check_tokenizer, enable_checkpointing, load_model
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
 from qtrain.presets import resolve_config
 from qtrain.progress import TrainProgress
@@ -301,8 +301,12 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     threads = ThreadGovernor(cfg.train.threads)  # adaptive by default: a core fewer per core of other work
 
-    # 1. model: NF4 base, LoRA adapters on the targets
+    # 1. tokenizer and data first: a missing tokenizer or a bad row is reported before the weights load
     path = model_path(cfg, out)
+    tokenizer = check_tokenizer(path)
+    train_data, eval_data = load_data(cfg.data, tokenizer)
+
+    # 2. model: NF4 base, LoRA adapters on the targets
     use_lora = "lora" in cfg.methods()
     spec: LoRASpec = read_adapter_config(cfg.lora.init_from) if cfg.lora.init_from else cfg.lora
     if not use_lora:
@@ -319,7 +323,6 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
     mark_trainable(model, [LoRAParameters(), *methods] if use_lora else methods)
     fused = apply_fused_ops(model, cfg.kernels)  # fused Triton modules (Llama family; CUDA unless kernels.enabled=on)
     loss_backend = cfg.kernels.loss_backend(device)
-    tokenizer = load_tokenizer(loaded.model_dir)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters()) + sum(
@@ -334,8 +337,7 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
     if fused:
         console.print(f"[bold]kernels[/] {len(fused)} fused modules, loss {loss_backend}" + (f"; kept: {', '.join(sorted(fused.skipped))}" if fused.skipped else ""))
 
-    # 2. data
-    train_data, eval_data = load_data(cfg.data, tokenizer)
+    # 3. data: batches
     mode = "pack" if cfg.data.packing else "group" if cfg.data.group_by_length else "pad"
     data = Batches(train_data.examples, cfg.train.batch_size, tokenizer.pad_token_id, cfg.data.seed, mode, cfg.data.max_length)
     eval_examples = eval_data.examples[: cfg.eval.max_rows] if eval_data else []
@@ -353,8 +355,10 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
     if move:
         console.print(f"[yellow]output_dir:[/] the previous run moved to {move_aside(out, move)} (--overwrite)")
     write_json(out / "config.json", to_dict(cfg))
+    if not profile_only and write_skipped_rows([train_data, eval_data], out / "skipped_rows.jsonl"):
+        console.print(f"[yellow]skipped rows recorded in[/] {out / 'skipped_rows.jsonl'}")
 
-    # 3. optimizer, schedule, precision
+    # 4. optimizer, schedule, precision
     groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.lora_plus_ratio)
     optimizer = build_optimizer(optimizer_name, groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -368,7 +372,7 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
         enable_checkpointing(model)
     model.config.use_cache = False
 
-    # 4. resume: adapter, optimizer, schedule, scaler, data position, RNG, counters
+    # 5. resume: adapter, optimizer, schedule, scaler, data position, RNG, counters
     start, trainer = 0, {"losses": [], "tokens_seen": 0, "train_seconds": 0.0, "run_id": uuid.uuid4().hex}
     ckpt = None
     if resumed:
@@ -406,14 +410,14 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
         info = {"data_format": train_data.format}
         return save_adapter(model, spec, loaded.targets, path, target, dtype, cfg.model.quantize, extra_info=info, methods=methods)
 
-    # 5. score before
+    # 6. score before
     can_score = cfg.eval.exact_match and any(r.answer is not None for r in eval_rendered)
     threads.tick()
     if can_score and "exact_match_before" not in trainer:
         trainer["exact_match_before"] = exact_match(model, tokenizer, eval_rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         console.print(f"[bold]exact match before[/] {trainer['exact_match_before']:.1%}")
 
-    # 6. train (the first `profile_memory` steps measured)
+    # 7. train (the first `profile_memory` steps measured)
     profiler, profiled_shapes, memory_report = None, [], None
     if profile_memory:
         profiler = MemoryProfiler(model, optimizer, device)
@@ -487,7 +491,7 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
     finally:
         model.config.use_cache = True
 
-    # 7. adapter (PEFT format), score after, summary
+    # 8. adapter (PEFT format), score after, summary
     adapter_dir = write_adapter(out / "adapter")
     losses = trainer["losses"]
     first, last = _mean(losses[: cfg.train.log_every]), _mean(losses[-cfg.train.log_every :])

@@ -71,7 +71,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -179,7 +178,9 @@ def read_stage1(path: str | Path, where: str = "adapter_fusion.adapters") -> tup
     data = json.loads(config.read_text())
     if data.pop("method", None) != Pfeiffer.name:
         raise ValueError(f"{where}: {config} is not a pfeiffer adapter's config")
-    return Pfeiffer(**data), load_file(weights), weights
+    from qtrain.adapter import read_adapter_file  # NaN/inf refused by tensor name
+
+    return Pfeiffer(**data), read_adapter_file(weights), weights
 
 
 @dataclass

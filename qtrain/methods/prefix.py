@@ -292,7 +292,7 @@ class _Prefix(PeftMethod):
         if dims is None:
             from transformers import AutoConfig
 
-            dims = prefix_dims(AutoConfig.from_pretrained(base_model))
+            dims = prefix_dims(AutoConfig.from_pretrained(base_model, trust_remote_code=False))
         return dims
 
     def peft_config(self, base_model: str) -> dict:

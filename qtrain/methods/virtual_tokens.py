@@ -205,7 +205,7 @@ def load_tokenizer(model: nn.Module, path: str | None, what: str):
     path = path or getattr(model, "name_or_path", None) or model.config._name_or_path
     if not path:
         raise ValueError(f"{what}: no tokenizer_path and the model has no name_or_path")
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def peft_dims(config) -> dict[str, int]:
@@ -213,7 +213,7 @@ def peft_dims(config) -> dict[str, int]:
     if isinstance(config, str):
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(config)
+        config = AutoConfig.from_pretrained(config, trust_remote_code=False)
     c = config.get_text_config()
     return {"token_dim": c.hidden_size, "num_attention_heads": c.num_attention_heads, "num_layers": c.num_hidden_layers}
 
