@@ -356,3 +356,13 @@ def test_train_on_other_formats_with_packing(tmp_path, data, fmt):
     assert result["steps"] == 2 and math.isfinite(result["eval_loss"])
     assert 0.0 <= result["exact_match_after"] <= 1.0  # chat and completion rows have reference answers
     assert json.loads((tmp_path / "adapter" / TRAINING_INFO).read_text())["data_format"] == fmt
+
+
+def test_skipped_rows_are_recorded_in_the_run(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    good = ASSET.read_text().splitlines()
+    data.write_text("\n".join([good[0], "{not json", good[1], '{"instruction": "x"}', *good[2:]]) + "\n")
+    run(tmp_path / "run", f"data.train={data}", "data.bad_rows=skip", "train.max_steps=1", "eval.exact_match=false")
+    records = [json.loads(line) for line in (tmp_path / "run" / "skipped_rows.jsonl").read_text().splitlines()]
+    assert [r["where"] for r in records] == [f"{data}:2", f"{data}:4"]
+    assert "not valid JSON" in records[0]["reason"] and "output" in records[1]["reason"]
