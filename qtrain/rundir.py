@@ -30,7 +30,7 @@ RUN_FILES = (
     "skipped_rows.jsonl",
     "tensorboard",
     "wandb",
-    "wandb_run_id.txt",
+    "wandb_run_id",
     "checkpoints",
     "adapter",
     "memory",

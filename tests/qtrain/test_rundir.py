@@ -116,3 +116,11 @@ def test_move_aside_moves_every_entry_into_a_new_sibling(tmp_path):
     assert (first / "metrics.jsonl").read_text() == "a\n" and (second / "metrics.jsonl").read_text() == "b\n"
     assert sorted(p.name for p in run.iterdir()) == ["base"]
     assert time.strftime("%Y%m%d") in first.name
+
+
+def test_run_files_name_what_a_run_writes(tmp_path):
+    import qtrain.metrics as metrics
+    from qtrain.rundir import RUN_FILES
+
+    names = (metrics.METRICS_FILE, metrics.SAMPLES_FILE, metrics.TENSORBOARD_DIR, metrics.WANDB_ID_FILE)
+    assert set(names) <= set(RUN_FILES)  # else --overwrite would take a W&B run's folder for someone else's files
