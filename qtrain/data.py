@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import string
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from jinja2 import TemplateError
+
+from qtrain.rundir import atomic_write_text
 
 IGNORE_INDEX = -100
 FORMATS = ("alpaca", "chat", "prompt_completion", "text")
@@ -246,15 +246,7 @@ def write_skipped_rows(data: list[Dataset | None], path: str | Path) -> int:
     skipped = [bad for ds in data if ds is not None for bad in ds.skipped]
     if not skipped:
         return 0
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"where": b.where, "reason": b.reason}) + "\n" for b in skipped)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(Path(path), "".join(json.dumps({"where": b.where, "reason": b.reason}) + "\n" for b in skipped))
     return len(skipped)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from qtrain.estimate import Estimate
 from qtrain.memprof import CATEGORIES, Sample
-from qtrain.metrics import atomic_write_text
+from qtrain.rundir import atomic_write_text
 
 GiB, MiB = 2**30, 2**20
 PHASES = ("forward", "backward", "optimizer")

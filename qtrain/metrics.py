@@ -23,6 +23,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from qtrain.rundir import atomic_write_text
+
 if TYPE_CHECKING:
     from qtrain.config import LogConfig
 
@@ -199,18 +201,6 @@ def _trim_jsonl(path: Path, resume_step: int) -> None:
         return
     kept = [r for r in read_metrics(path) if not (isinstance(r.get("step"), (int, float)) and r["step"] > resume_step)]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _moving_average(ys: list[float], window: int) -> list[float]:

@@ -275,4 +275,3 @@ def enable_checkpointing(model: nn.Module) -> None:
         enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+
+from qtrain.adapter import read_adapter_file
+from qtrain.rundir import unused_name
 
 CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.pt"
@@ -162,12 +164,9 @@ def check_adapter_files(ckpt: Path) -> None:
         raise ValueError(f"{Path(ckpt) / 'adapter'}: no adapter weights")
     for file in files:
         try:
-            tensors = load_file(file)
-        except (SafetensorError, OSError, ValueError) as e:
+            read_adapter_file(file)  # NaN/inf refused by tensor name
+        except (SafetensorError, OSError) as e:
             raise ValueError(f"{file}: unreadable ({e})") from None
-        for name, t in tensors.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise ValueError(f"{file}: tensor {name} holds NaN/inf values")
 
 
 def open_checkpoint(ckpt: Path) -> tuple[dict, dict]:
@@ -210,11 +209,7 @@ def resolve_resume(resume: str, out_dir: Path, say=print) -> tuple[Path, dict, d
 
 def set_aside(ckpt: Path) -> Path:
     """Rename an unreadable checkpoint to step-N.unreadable[-k]: no longer listed, still there."""
-    target = ckpt.with_name(f"{ckpt.name}.unreadable")
-    k = 1
-    while target.exists():
-        k += 1
-        target = ckpt.with_name(f"{ckpt.name}.unreadable-{k}")
+    target = unused_name(ckpt.with_name(f"{ckpt.name}.unreadable"))
     os.replace(ckpt, target)
     return target
 

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -178,13 +179,29 @@ def describe_run(folder: Path) -> str:
 
 def move_aside(folder: Path, entries: list[str]) -> Path:
     """Move `entries` of `folder` into a new sibling folder NAME.old-YYYYMMDD-HHMMSS; returns it."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = folder.with_name(f"{folder.name}.old-{stamp}")
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = folder.with_name(f"{folder.name}.old-{stamp}-{n}")
+    aside = unused_name(folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
     aside.mkdir()
     for name in entries:
         os.replace(folder / name, aside / name)
     return aside
+
+
+def unused_name(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ...: the first that does not exist (so nothing is replaced)."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder and os.replace: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -47,13 +47,13 @@ from qtrain.memprof import MemoryProfiler
 from qtrain.methods import PeftMethod, mark_trainable
 from qtrain.methods.base import LoRAParameters
 from qtrain.methods.io import load_method
-from qtrain.metrics import MetricsLogger, atomic_write_text, plot_loss, read_metrics, summary_table
+from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
 from qtrain.model import check_tokenizer, enable_checkpointing, load_model
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
 from qtrain.presets import resolve_config
 from qtrain.progress import TrainProgress
 from qtrain.resume import last_good_checkpoint, resolve_resume, save_checkpoint, set_rng_state
-from qtrain.rundir import RunLock, check_fresh, move_aside
+from qtrain.rundir import RunLock, atomic_write_text, check_fresh, move_aside
 from qtrain.threads import ThreadGovernor
 from qtrain.tiny import ensure_tiny_model
 

@@ -289,6 +289,14 @@ def test_peft_loads_our_adapter_with_layers_and_excludes(ckpt, tmp_path, nf4_hf_
     torch.testing.assert_close(logits(model), logits(loaded.model), **FP32_TOL)
 
 
+def with_config_changed(adapter_dir: Path, out: Path, change: dict) -> Path:
+    """A copy of the adapter at `out` whose adapter_config.json has `change` applied."""
+    adapter = rewrite_weights(adapter_dir, out, lambda t: None)
+    cfg = json.loads((adapter / ADAPTER_CONFIG).read_text()) | change
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    return adapter
+
+
 @pytest.mark.parametrize(
     "change, needle",
     [
@@ -300,9 +308,7 @@ def test_peft_loads_our_adapter_with_layers_and_excludes(ckpt, tmp_path, nf4_hf_
     ],
 )
 def test_bad_module_selection_names_the_option(peft_saved, tmp_path, change, needle):
-    adapter = rewrite_weights(peft_saved[0], tmp_path / "bad", lambda t: None)
-    cfg = json.loads((adapter / ADAPTER_CONFIG).read_text()) | change
-    (adapter / ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    adapter = with_config_changed(peft_saved[0], tmp_path / "bad", change)
     with pytest.raises(ValueError) as info:
         read_adapter_config(adapter)
     assert str(info.value).startswith(f"{adapter / ADAPTER_CONFIG}: {needle}") and "\n" not in str(info.value)
@@ -382,9 +388,7 @@ def test_bad_adapter_weights_name_the_file(ckpt, peft_saved, tmp_path, edit, nee
     ],
 )
 def test_unsupported_adapter_config_names_the_file(peft_saved, tmp_path, change, needle):
-    adapter = rewrite_weights(peft_saved[0], tmp_path / "bad", lambda t: None)
-    cfg = json.loads((adapter / ADAPTER_CONFIG).read_text()) | change
-    (adapter / ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    adapter = with_config_changed(peft_saved[0], tmp_path / "bad", change)
     with pytest.raises(ValueError) as info:
         read_adapter_config(adapter)
     assert str(adapter / ADAPTER_CONFIG) in str(info.value) and needle in str(info.value)

@@ -771,7 +771,7 @@ def test_write_skipped_rows_is_atomic(tok, tmp_path, monkeypatch):
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("qtrain.data.os.replace", fail)
+    monkeypatch.setattr("qtrain.rundir.os.replace", fail)  # the atomic write's rename
     with pytest.raises(OSError, match="disk full"):
         write_skipped_rows([ds], out)
     assert out.read_text() == "old\n"  # a failed write leaves the old record whole
