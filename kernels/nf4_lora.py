@@ -92,10 +92,22 @@ def lora_delta(
     it is, so that the projections reading the same X save that one tensor for the backward, not
     a cast copy each."""
     h = F.dropout(x, p=dropout, training=training) if dropout > 0 else x
-    device = x.device.type
-    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+    if not autocast_enabled(x):
         h = h.to(lora_a.dtype)
     return (scale * F.linear(F.linear(h, lora_a), lora_b)).to(x.dtype)
+
+
+def autocast_enabled(x: torch.Tensor) -> bool:
+    """Whether autocast is on for `x`'s device type."""
+    device = x.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the base matmul runs in for input `x`: the autocast dtype when autocast is on for
+    x's device (what `F.linear` would compute in), else x's own dtype. Every NF4 path dequantizes W
+    to this dtype and returns Y in it, so the path chosen for a shape never changes Y's dtype."""
+    return torch.get_autocast_dtype(x.device.type) if autocast_enabled(x) else x.dtype
 
 
 # ---- dispatch --------------------------------------------------------------------------------------
