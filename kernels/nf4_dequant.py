@@ -27,13 +27,15 @@ except ImportError as exc:  # pragma: no cover - exercised only on installs with
         "qtrain.kernels.nf4_dequant needs triton (`pip install triton`, Linux); use backend='torch' without it"
     ) from exc
 
+import functools
+
 import torch
 
-from qtrain.nf4 import NF4Tensor, dequantize_nf4
+from qtrain.nf4 import NF4Tensor, dequantize_nf4, nf4_code
 
-# Elements per program of the standalone dequant kernel (memory-bound: 512 bytes in, 1024 values
-# out; the absmax is gathered per element, so any blocksize works). Not tuned: no GPU measured yet.
-_DEQUANT_BLOCK = 1024
+# Elements per program of the standalone dequant kernel, in whole NF4 blocks (16 blocks of 64: 512
+# bytes in, 1024 values out, 16 absmax). Memory-bound. Not tuned: no GPU measured yet.
+_DEQUANT_ELEMENTS = 1024
 
 
 def nf4_dequantize_reference(nf4: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -136,23 +138,58 @@ def _round_to(x, DTYPE: tl.constexpr):
 # ---- the standalone dequantization kernel ---------------------------------------------------------
 
 
+def nf4_pair_table(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 256-entry byte -> (high-nibble level, low-nibble level) table, int64 [256]: entry b holds
+    code[b >> 4] in its low 32 bits and code[b & 15] in its high 32 bits (fp32 bit patterns, i.e. the
+    [256, 2] fp32 table viewed as int64), so a kernel gets both levels of a byte with ONE 8-byte load.
+
+    Built once per (dtype, device) from the NF4 code book (bitsandbytes' `quant_map` for nf4 is always
+    these 16 values). Only fp32 levels are exact: dequantization multiplies the fp32 level by the fp32
+    absmax and rounds once, as bitsandbytes does, so `dtype` must be fp32 (it names the level dtype).
+    """
+    return _pair_table(dtype, torch.device(device))
+
+
+@functools.cache
+def _pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if dtype != torch.float32:
+        raise ValueError(f"the pair table holds fp32 levels (bit-exact dequantization), got {dtype}")
+    code = nf4_code()
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # [256, 2]: byte -> (hi, lo)
+    return pairs.contiguous().view(torch.int64).view(256).to(device)  # little-endian: hi in the low word
+
+
+@triton.jit
+def _pair_levels(pairs_ptr, byte):
+    """(code[byte >> 4], code[byte & 15]) in fp32 for a tile of packed bytes: one table load per byte."""
+    pair = tl.load(pairs_ptr + byte.to(tl.int32))  # int64, two fp32 bit patterns
+    hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    lo = ((pair >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    return hi, lo
+
+
 @triton.jit
 def _nf4_dequant_kernel(
-    packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, code_ptr, out_ptr,
-    n, absmax_offset,
-    BLOCK: tl.constexpr, BLOCKSIZE: tl.constexpr, ABSMAX_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, pairs_ptr, out_ptr,
+    n, n_blocks, absmax_offset,
+    BLOCKS: tl.constexpr, BLOCKSIZE: tl.constexpr, ABSMAX_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
 ):  # fmt: skip
-    """out[i] = (code[idx[i]] * absmax[i // BLOCKSIZE]).to(out dtype) for BLOCK elements per program."""
-    pid = tl.program_id(0)
-    offs_b = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)  # [BLOCK/2] bytes
-    byte = tl.load(packed_ptr + offs_b, mask=offs_b < (n + 1) // 2, other=0)
-    idx = tl.interleave(byte >> 4, byte & 0xF).to(tl.int32)  # [BLOCK], element 2b from the high nibble
-    offs = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat element indices
-    mask = offs < n
-    amax = _absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, offs // BLOCKSIZE, mask,
+    """out[i] = (code[idx[i]] * absmax[i // BLOCKSIZE]).to(out dtype) for BLOCKS whole NF4 blocks per program.
+
+    A block's BLOCKSIZE/2 bytes are contiguous (wide loads); each byte maps to its two levels through
+    the pair table; one absmax per block. Offsets are int64 (weights may pass 2^31 elements).
+    """
+    blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # [BLOCKS] block indices
+    blk_ok = blk < n_blocks
+    offs_b = blk[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]  # [BLOCKS, BLOCKSIZE/2]
+    byte = tl.load(packed_ptr + offs_b, mask=blk_ok[:, None] & (offs_b < (n + 1) // 2), other=0)
+    hi, lo = _pair_levels(pairs_ptr, byte)
+    values = tl.interleave(hi, lo)  # [BLOCKS, BLOCKSIZE], element 2b from the high nibble
+    amax = _absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, blk, blk_ok,
                    DOUBLE_QUANT, ABSMAX_BLOCKSIZE)  # fmt: skip
-    w = tl.gather(tl.load(code_ptr + tl.arange(0, 16)), idx, axis=0) * amax  # fp32, as the reference
-    tl.store(out_ptr + offs, _round_to(w, out_ptr.dtype.element_ty), mask=mask)
+    w = values * amax[:, None]  # fp32, as the reference
+    offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # [BLOCKS, BLOCKSIZE] int64
+    tl.store(out_ptr + offs, _round_to(w, out_ptr.dtype.element_ty), mask=offs < n)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -187,17 +224,40 @@ def nf4_args(nf4: NF4Tensor) -> tuple:
     return (nf4.packed, nf4.absmax, absmax_code, absmax_scale, nf4.code), float(nf4.absmax_offset)
 
 
-def nf4_dequantize_triton(nf4: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dequantized weight in `dtype` (default: the original dtype), bit-identical to the reference."""
+def _dequant_out(nf4: NF4Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """`out` checked (contiguous, nf4's numel, dtype, device) and viewed as nf4's shape, or a new tensor."""
+    if out is None:
+        return torch.empty(nf4.shape, dtype=dtype, device=nf4.device)
+    if out.dtype != dtype or out.device != nf4.device or out.numel() != nf4.numel() or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {dtype} tensor of {nf4.numel()} elements on {nf4.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    return out.view(nf4.shape)
+
+
+def nf4_dequantize_triton(nf4: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dequantized weight in `dtype` (default: the original dtype), bit-identical to the reference.
+
+    `out`: a contiguous buffer of nf4's numel in `dtype` (e.g. a slice of a reusable workspace) to
+    write into instead of allocating; returned viewed as the weight's shape.
+    """
     check_device(nf4.packed, "the NF4 weight")
+    dtype = dtype or nf4.dtype
+    out = _dequant_out(nf4, dtype, out)
     n = nf4.numel()
-    out = torch.empty(nf4.shape, dtype=dtype or nf4.dtype, device=nf4.device)
     if n == 0:
         return out
-    ptrs, offset = nf4_args(nf4)
-    _nf4_dequant_kernel[(triton.cdiv(n, _DEQUANT_BLOCK),)](
-        *ptrs, out, n, offset,
-        BLOCK=_DEQUANT_BLOCK, BLOCKSIZE=nf4.blocksize, ABSMAX_BLOCKSIZE=nf4.absmax_blocksize, DOUBLE_QUANT=nf4.double_quant,
+    if nf4.blocksize & (nf4.blocksize - 1) or nf4.absmax_blocksize & (nf4.absmax_blocksize - 1):
+        raise ValueError(f"NF4 blocksizes must be powers of two, got {nf4.blocksize}/{nf4.absmax_blocksize}")
+    absmax_code = nf4.absmax_code if nf4.double_quant else nf4.absmax
+    absmax_scale = nf4.absmax_scale if nf4.double_quant else nf4.absmax
+    n_blocks = triton.cdiv(n, nf4.blocksize)
+    blocks = max(1, _DEQUANT_ELEMENTS // nf4.blocksize)
+    _nf4_dequant_kernel[(triton.cdiv(n_blocks, blocks),)](
+        nf4.packed, nf4.absmax, absmax_code, absmax_scale, nf4_pair_table(torch.float32, nf4.device), out,
+        n, n_blocks, float(nf4.absmax_offset),
+        BLOCKS=blocks, BLOCKSIZE=nf4.blocksize, ABSMAX_BLOCKSIZE=nf4.absmax_blocksize, DOUBLE_QUANT=nf4.double_quant,
         num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
     return out
