@@ -91,6 +91,79 @@ def test_empty_weight(triton_device):
     assert nf4_dequantize_triton(nf4.to(triton_device)).shape == (0, 64)
 
 
+# ---- the vectorized kernel: pair table, whole blocks, out= ------------------------------------------
+
+
+def test_pair_table_is_high_nibble_first():
+    from qtrain.kernels.nf4_dequant import nf4_pair_table
+
+    from qtrain.nf4 import nf4_code
+
+    pairs = nf4_pair_table(torch.float32).view(torch.float32).view(256, 2)  # [byte, (hi, lo)]
+    code = nf4_code()
+    for byte in (0x00, 0x0F, 0xF0, 0x7A, 0xA7, 0xFF):
+        assert pairs[byte, 0] == code[byte >> 4] and pairs[byte, 1] == code[byte & 0xF], hex(byte)
+    assert nf4_pair_table(torch.float32) is nf4_pair_table(torch.float32)  # built once per (dtype, device)
+    with pytest.raises(ValueError, match="fp32"):
+        nf4_pair_table(torch.bfloat16)
+
+
+# Block counts around the kernel's 16 blocks per program: 1, 15, 17 (a partial program), 33 with
+# a 17-value partial last block and an odd element count (2065 = 32 * 64 + 17).
+@pytest.mark.parametrize("numel", [64, 15 * 64, 17 * 64, 2065], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_odd_numbers_of_blocks(triton_device, numel, dtype):
+    from qtrain.kernels.nf4_dequant import nf4_dequantize_triton
+
+    nf4 = _weight((1, numel), torch.float32, seed=numel)
+    got = nf4_dequantize_triton(nf4.to(triton_device), dtype).cpu()
+    assert torch.equal(got, dequantize_nf4(nf4, dtype))
+
+
+def test_same_bits_as_bitsandbytes_on_its_codes(triton_device):
+    BF = pytest.importorskip("bitsandbytes.functional")
+    from qtrain.kernels.nf4_dequant import nf4_dequantize_triton
+
+    from qtrain.nf4 import from_bnb_state_dict, to_bnb_state_dict
+
+    w = torch.randn(37, 192, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    packed, qs = BF.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+    ref = BF.dequantize_4bit(packed, qs)  # bitsandbytes' own dequantization of its own codes
+    # bitsandbytes' codes, read through our state-dict loader (its quant_state, as a checkpoint holds it)
+    state = {"weight": packed, **{f"weight.{k}": v for k, v in qs.as_dict(packed=True).items()}}
+    nf4 = from_bnb_state_dict(state)
+    assert torch.equal(nf4.packed, packed.view(-1))
+    assert set(to_bnb_state_dict(nf4)) <= set(state)
+    got = nf4_dequantize_triton(nf4.to(triton_device), torch.bfloat16).cpu()
+    assert torch.equal(got, ref.view(got.shape))
+
+
+def test_out_buffer_is_written_and_reused(triton_device):
+    from qtrain.kernels.nf4_dequant import nf4_dequantize_triton
+
+    big = torch.full((40 * 100,), float("nan"), dtype=torch.float16, device=triton_device)
+    for shape in [(33, 100), (7, 9)]:  # the second, smaller weight reuses the front of the same buffer
+        nf4 = _weight(shape, torch.float32).to(triton_device)
+        out = big[: nf4.numel()]
+        got = nf4_dequantize_triton(nf4, torch.float16, out=out)
+        assert got.data_ptr() == big.data_ptr() and got.shape == torch.Size(shape)
+        assert torch.equal(got.cpu(), dequantize_nf4(nf4.to("cpu"), torch.float16))
+    assert torch.isnan(big[33 * 100 :]).all()  # nothing written past the weight
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(dtype=torch.float32), dict(numel=99), dict(strided=True)], ids=["dtype", "numel", "strided"]
+)
+def test_out_buffer_is_checked(triton_device, bad):
+    from qtrain.kernels.nf4_dequant import nf4_dequantize_triton
+
+    nf4 = _weight((10, 10), torch.float32).to(triton_device)
+    n = bad.get("numel", 100) * (2 if bad.get("strided") else 1)
+    out = torch.empty(n, dtype=bad.get("dtype", torch.float16), device=triton_device)
+    with pytest.raises(ValueError, match="out must be"):
+        nf4_dequantize_triton(nf4, torch.float16, out=out[::2] if bad.get("strided") else out)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_dequant_bit_exact_on_gpu_real_shape(dtype):
