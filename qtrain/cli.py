@@ -1,4 +1,4 @@
-"""`qtrain` command line: train, memory (estimate, profile), merge, generate.
+"""`qtrain` command line: train, memory (estimate, profile), merge, generate, kernels tune.
 
 Only the standard library is imported here: torch, transformers and qtrain's modules load inside
 the subcommand that needs them, so `qtrain --help` and usage errors answer at once.
@@ -231,6 +231,51 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape(text: str) -> tuple[int, int]:
+    """`--shapes N,K`: an NF4 weight's [N, K]."""
+    n, _, k = text.partition(",")
+    if not (n.strip().isdigit() and k.strip().isdigit() and int(n) > 0 and int(k) > 0):
+        raise argparse.ArgumentTypeError(f"expected N,K (two positive integers, e.g. 4096,4096), got {text!r}")
+    return int(n), int(k)
+
+
+def _tune_shapes(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """{name: (N, K)} from --shapes, else the projections of --model (a preset, Hub id or checkpoint)."""
+    if args.shapes:
+        return {f"{n}x{k}": (n, k) for n, k in args.shapes}
+    from qtrain.kernels.nf4_dispatch import projection_shapes
+    from qtrain.presets import resolve_config
+
+    c = resolve_config(args.model)
+    return projection_shapes(c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                             getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                             getattr(c, "head_dim", None))  # fmt: skip
+
+
+def _kernels_tune(args: argparse.Namespace) -> int:
+    """`qtrain kernels tune`: measure the NF4 path crossovers on this GPU and cache them."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("qtrain kernels tune: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured", file=sys.stderr)
+        return 1
+    from qtrain.kernels.nf4_dispatch import cache_path, tune
+
+    shapes = _tune_shapes(args)
+    device = torch.device("cuda", torch.cuda.current_device())
+    results = tune(device, dict.fromkeys(shapes.values()), rank=args.rank, rep_ms=args.ms_budget)
+    print(f"{torch.cuda.get_device_name(device)}: NF4+LoRA paths by rows M (rank {args.rank}, bf16)")
+    print(f"{'projection':<12} {'N x K':>13} {'gemv':>9} {'fused':>13} {'dequant':>10}")
+    for name, (n, k) in shapes.items():
+        r = results[n, k]
+        gemv = f"M<={r['gemv_max_m']}" if r["gemv_max_m"] else "-"
+        fused = f"{r['gemv_max_m'] + 1}-{r['crossover'] - 1}" if r["crossover"] > r["gemv_max_m"] + 1 else "-"
+        dequant = f"M>={r['crossover']}"
+        print(f"{name:<12} {f'{n}x{k}':>13} {gemv:>9} {fused:>13} {dequant:>10}")
+    print(f"saved to {cache_path(device)}")
+    return 0
+
+
 class _PromptAction(argparse.Action):
     """`--prompt TEXT`: a new [text, input] pair in namespace.prompt."""
 
@@ -402,6 +447,22 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--json", action="store_true", help="print one JSON line {prompt, completion} per prompt")
     g.set_defaults(func=_generate)
+
+    kern = sub.add_parser("kernels", help="the NF4 kernels: measure where each path wins on this GPU")
+    ksub = kern.add_subparsers(dest="kernels_command", required=True)
+    kt = ksub.add_parser(
+        "tune",
+        help="time the GEMV / fused / dequant+cuBLAS NF4 paths per weight shape and cache the crossovers",
+        description="qtrain kernels tune [--model NAME | --shapes N,K ...]: times the three NF4+LoRA paths "
+        "(forward + backward, bf16) at a range of rows M for each weight shape and caches, per GPU, from "
+        "which M each path runs (under $XDG_CACHE_HOME/qtrain/kernels, default ~/.cache). Needs a CUDA GPU.",
+    )
+    which = kt.add_mutually_exclusive_group()
+    which.add_argument("--model", default="llama-3.1-8b", metavar="NAME", help="the projections of this model (a preset, Hub id or checkpoint; default llama-3.1-8b)")
+    which.add_argument("--shapes", type=_shape, nargs="+", metavar="N,K", help="weight shapes [N, K] to measure instead, e.g. 4096,4096 28672,4096")
+    kt.add_argument("--rank", type=int, default=16, help="LoRA rank of the measured adapter (default 16)")
+    kt.add_argument("--ms-budget", type=float, default=100.0, metavar="MS", help="milliseconds of timing per path and M (default 100)")
+    kt.set_defaults(func=_kernels_tune)
     return p
 
 

@@ -216,6 +216,8 @@ HELP_AND_USAGE_ERRORS = [
     ["memory", "profile", "--help"],
     ["merge", "--help"],
     ["generate", "--help"],
+    ["kernels", "tune", "--help"],
+    ["kernels", "tune", "--shapes", "4096x4096"],
     [],
     ["frobnicate"],
     ["train"],
@@ -268,3 +270,54 @@ def test_resume_flag_continues_the_run(tmp_path, resume_first):
 def test_resume_without_checkpoint_returns_2(tmp_path, capsys):
     assert main(["train", str(QUICKSTART), *TINY, f"output_dir={tmp_path}", "--resume"]) == 2
     assert "checkpoint.resume=auto: no checkpoint in" in capsys.readouterr().err
+
+
+# ---- qtrain kernels tune -------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a CUDA GPU")
+def test_kernels_tune_without_cuda_exits_1_with_one_line(capsys):
+    assert main(["kernels", "tune", "--shapes", "4096,4096"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1
+    assert out.err.startswith("qtrain kernels tune: needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("bad", ["4096x4096", "4096", "0,64", "a,b"])
+def test_kernels_tune_bad_shapes_are_usage_errors(bad, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["kernels", "tune", "--shapes", bad])
+    assert info.value.code == 2
+    assert "expected N,K" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], {(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (6144, 4096), (28672, 4096)}),
+        (["--model", "qwen2.5-7b"], {(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (4608, 3584), (37888, 3584)}),
+        (["--shapes", "80,192", "33,64"], {(80, 192), (33, 64)}),
+    ],
+    ids=["llama-3.1-8b", "qwen2.5-7b", "shapes"],
+)
+def test_kernels_tune_measures_the_model_shapes_and_prints_a_table(monkeypatch, capsys, tmp_path, argv, expected):
+    # no GPU here: CUDA is pretended and the measurement replaced; what is checked is the wiring
+    from qtrain.kernels import nf4_dispatch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    seen = {}
+
+    def fake_tune(device, shapes, rank, rep_ms):
+        seen.update(shapes=set(shapes), rank=rank, rep_ms=rep_ms)
+        return {s: {"crossover": 256, "gemv_max_m": 16} for s in shapes}
+
+    monkeypatch.setattr(nf4_dispatch, "tune", fake_tune)
+    monkeypatch.setattr(nf4_dispatch, "cache_path", lambda device: tmp_path / "cache.json")
+    assert main(["kernels", "tune", *argv, "--rank", "8", "--ms-budget", "25"]) == 0
+    assert seen == {"shapes": expected, "rank": 8, "rep_ms": 25.0}
+    out = capsys.readouterr().out
+    assert out.startswith("Fake GPU: NF4+LoRA paths by rows M (rank 8, bf16)")
+    assert "M<=16" in out and "17-255" in out and "M>=256" in out and str(tmp_path / "cache.json") in out
