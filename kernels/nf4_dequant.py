@@ -1,8 +1,16 @@
 """NF4 dequantization in Triton: `W = code[idx] * absmax[block]`, bit-identical to bitsandbytes.
 
 Anatomy: `nf4_dequantize_reference` (PyTorch, the ground truth) -> `@triton.jit` helpers shared with
-the fused NF4+LoRA kernels (`_absmax`, `_nf4_levels`, `_dequant_tile`, `_round_to`) ->
-`_nf4_dequant_kernel` -> the launcher `nf4_dequantize_triton`. Needs triton >= 3.2 (`tl.gather`).
+the fused NF4+LoRA kernels (`_absmax`, `_nf4_levels`, `_dequant_tile`, `_round_to`) and with the
+GEMV kernel (`_pair_levels`) -> `_nf4_dequant_kernel` -> the launcher `nf4_dequantize_triton`.
+Needs triton >= 3.3 (`tl.gather`, used by the fused kernels' tiles).
+
+The standalone kernel (the large-M path of nf4_matmul.py dequantizes every weight with it, once per
+forward and once per backward, so it must run at memory speed): each program takes whole 64-value
+blocks, reads a block's 32 packed bytes contiguously (wide loads), maps every byte to its two fp32
+levels with ONE 8-byte load from the 256-entry pair table (`nf4_pair_table`), applies one absmax
+per block, and computes int64 offsets (a weight may pass 2^31 elements). It writes into an optional
+`out=` buffer (nf4_matmul's reusable per-device buffer).
 
 Layout (see qtrain/nf4.py): `packed` is uint8 [ceil(n/2)] over the flattened weight, the FIRST
 element of a pair in the HIGH nibble; one absmax per BLOCKSIZE (64) consecutive elements of the

@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-
 from qtrain.kernels.nf4_lora import triton_available
+
 from qtrain.nf4 import NF4Tensor
 
 __all__ = [

@@ -28,12 +28,12 @@ except ImportError as exc:  # pragma: no cover - exercised only on installs with
     ) from exc
 
 import torch
-
 from qtrain.kernels.nf4_dequant import _absmax, _pair_levels, _round_to, check_device, is_interpreting, nf4_pair_table
 from qtrain.kernels.nf4_matmul import apply_lora_function, lora_backward, lora_forward
+
 from qtrain.nf4 import NF4Tensor
 
-__all__ = ["NF4GemvLoRAFunction", "MAX_ROWS", "nf4_gemv", "nf4_lora_gemv"]
+__all__ = ["MAX_ROWS", "NF4GemvLoRAFunction", "nf4_gemv", "nf4_lora_gemv"]
 
 MAX_ROWS = 16  # rows of X per program (X with more rows is cut into chunks of 16)
 _TILE_ELEMENTS = 4096  # BLOCK_M * BLOCK_N * BLOCK_K of one step's product; NOT measured (no GPU yet)

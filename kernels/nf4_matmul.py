@@ -33,8 +33,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
 from qtrain.kernels.nf4_lora import compute_dtype, triton_available
+
 from qtrain.nf4 import NF4Tensor, dequantize_nf4
 
 __all__ = [

@@ -152,7 +152,7 @@ def test_out_buffer_is_written_and_reused(triton_device):
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(dtype=torch.float32), dict(numel=99), dict(strided=True)], ids=["dtype", "numel", "strided"]
+    "bad", [{"dtype": torch.float32}, {"numel": 99}, {"strided": True}], ids=["dtype", "numel", "strided"]
 )
 def test_out_buffer_is_checked(triton_device, bad):
     from qtrain.kernels.nf4_dequant import nf4_dequantize_triton

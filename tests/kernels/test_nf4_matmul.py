@@ -138,7 +138,7 @@ def test_dropout_masks_the_adapter_input_only(triton_device):
 
 
 def test_no_adapter_no_bias_and_3d_input(triton_device):
-    (x, a, b, bias, grad_y), weight = make_inputs(*CASES[0], device=triton_device)
+    (x, _, _, _, grad_y), weight = make_inputs(*CASES[0], device=triton_device)
     x3 = x[:36].reshape(4, 9, -1).requires_grad_(True)  # [batch, seq, K]
     y = _dequant().nf4_lora_dequant(x3, weight, None, None, SCALE)
     assert y.shape == (4, 9, weight.shape[0])
@@ -149,7 +149,7 @@ def test_no_adapter_no_bias_and_3d_input(triton_device):
 
 
 def test_empty_batch(triton_device):
-    (x, a, b, bias, grad_y), weight = make_inputs(*CASES[0], device=triton_device)
+    (x, a, b, bias, _), weight = make_inputs(*CASES[0], device=triton_device)
     xe = x[:0].clone().requires_grad_(True)
     y = _dequant().nf4_lora_dequant(xe, weight, a, b, SCALE, bias)
     assert y.shape == (0, weight.shape[0])
@@ -163,7 +163,7 @@ def test_empty_batch(triton_device):
 def test_one_buffer_sized_to_the_largest_weight(triton_device):
     mod = _dequant()
     mod.release_buffers()
-    (x, a, b, bias, _), small = make_inputs(5, 33, 64, 2, device=triton_device)
+    (x, a, b, _, _), small = make_inputs(5, 33, 64, 2, device=triton_device)
     _, big = make_inputs(5, 80, 64, 2, device=triton_device, seed=1)
     mod.nf4_lora_dequant(x, small, a, b, SCALE)
     assert list(mod.buffer_numels().values()) == [33 * 64]
