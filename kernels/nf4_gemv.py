@@ -36,7 +36,11 @@ from qtrain.nf4 import NF4Tensor
 __all__ = ["MAX_ROWS", "NF4GemvLoRAFunction", "nf4_gemv", "nf4_lora_gemv"]
 
 MAX_ROWS = 16  # rows of X per program (X with more rows is cut into chunks of 16)
-_TILE_ELEMENTS = 4096  # BLOCK_M * BLOCK_N * BLOCK_K of one step's product; NOT measured (no GPU yet)
+# BLOCK_M * BLOCK_N * BLOCK_K of one K step's product. NOT TIMED (no GPU yet): from compile-only
+# statistics (sm_90, bf16, 4 warps, triton 3.9's ptxas): 2048 elements (16 per thread) take 72-107
+# registers and no spills at BLOCK_M 1..16; 4096 took 210-255 registers (low occupancy for a
+# memory-bound kernel).
+_TILE_ELEMENTS = 2048
 
 
 # ---- kernel ----------------------------------------------------------------------------------------
@@ -111,12 +115,12 @@ def _nf4_gemv_kernel(
 
 def gemv_config(M: int, blocksize: int) -> dict:
     """Tile sizes for M rows: BLOCK_M = next power of two <= 16, BLOCK_K one or two NF4 blocks,
-    BLOCK_N filling `_TILE_ELEMENTS` (8..64 rows of W). Interpreter: small tiles."""
+    BLOCK_N filling `_TILE_ELEMENTS` (4..64 rows of W). Interpreter: small tiles."""
     block_m = min(MAX_ROWS, triton.next_power_of_2(max(M, 1)))
     block_k = max(blocksize, 64)
     if is_interpreting():
         return {"BLOCK_M": block_m, "BLOCK_N": 16, "BLOCK_K": block_k}
-    block_n = min(64, max(8, _TILE_ELEMENTS // (block_m * block_k)))
+    block_n = min(64, max(4, _TILE_ELEMENTS // (block_m * block_k)))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4}
 
 

@@ -206,3 +206,11 @@ def test_dispatch_matches_fp64_reference(triton_device, monkeypatch, M, autocast
     for name, got, ref in [("Y", y.detach(), y_ref.detach())] + [(n, l.grad, r.grad) for n, l, r in zip(("dX", "dA", "dB", "dbias"), leaves, refs)]:
         err = (got.cpu().double() - ref).abs().max().item() / ref.abs().max().item()
         assert err <= tol, f"{name} on the {path} path: relative error {err:.3g} > {tol}"
+
+
+@pytest.mark.gpu
+def test_gpu_choice_at_the_ends():
+    d = _dispatch()
+    device = torch.device("cuda")
+    assert d.choose_path(1, 4096, 4096, device) == "gemv"
+    assert d.choose_path(80_000, 28672, 4096, device) == "dequant"

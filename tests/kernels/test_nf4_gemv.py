@@ -122,3 +122,19 @@ def test_clear_error_on_plain_cpu(triton_device, monkeypatch):
     (x, a, b, bias, _), weight = make_inputs(1, 33, 64, 2)
     with pytest.raises(RuntimeError, match="need CUDA tensors.*TRITON_INTERPRET=1"):
         _gemv().nf4_lora_gemv(x, weight, a, b, SCALE, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 33])
+def test_llama_shape_on_gpu(M):
+    from qtrain.kernels.nf4_dequant import is_interpreting
+
+    if is_interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the compiled kernel is not in use")
+    (x, a, b, bias, _), weight = make_inputs(M, 4096, 4096, 16, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = _gemv().nf4_lora_gemv(x, weight, a, b, SCALE, bias)
+    w = dequantize_nf4(weight, torch.bfloat16).float()
+    ref = x.to(torch.bfloat16).float() @ w.T + SCALE * (x @ a.T) @ b.T + bias
+    err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
+    assert y.dtype == torch.bfloat16 and err <= REL_TOL[torch.bfloat16], err

@@ -211,3 +211,21 @@ def test_no_fp32_activation_sized_tensors_under_autocast(triton_device):
     big = [(f, d) for f, d, n in rec.outputs if n >= min(M * N, M * K) and d.is_floating_point]
     assert len(big) >= 4, big  # Y, XA @ B^T into Y, dX, the buffer: the check sees the products
     assert all(d == torch.bfloat16 for _, d in big), [o for o in big if o[1] != torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [4096, 14336], ids=["q", "gate"])
+def test_llama_shape_on_gpu(N):
+    # Llama-3-8B projection at a training micro-batch, bf16 autocast forward, backward outside it;
+    # reference: the same fp32 math on the GPU (fp64 would be slow at this size)
+    M, K, R = 2048, 4096, 16
+    (x, a, b, bias, grad_y), weight = make_inputs(M, N, K, R, device="cuda")
+    y, grads = run(_dequant().nf4_lora_dequant, x, weight, a, b, bias, grad_y, autocast=torch.bfloat16)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b, bias)]
+    w32 = dequantize_nf4(weight, torch.float32)
+    y_ref = leaves[0] @ w32.T + SCALE * (leaves[0] @ leaves[1].T) @ leaves[2].T + leaves[3]
+    y_ref.backward(grad_y)
+    assert y.dtype == torch.bfloat16
+    for name, got, ref in [("Y", y, y_ref.detach())] + [(n, g, l.grad) for n, g, l in zip(("dX", "dA", "dB", "dbias"), grads, leaves)]:
+        err = (got.double() - ref.double()).abs().max().item() / ref.abs().max().item()
+        assert err <= REL_TOL[torch.bfloat16], f"{name}: relative error {err:.3g}"
