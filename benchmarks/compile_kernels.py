@@ -20,13 +20,15 @@ says nothing about speed. Exit status 1 if any compile fails. Not a timing bench
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
 import sys
 import tempfile
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile for real, before triton is imported
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for real, before triton is imported
 
 import torch
 import triton
@@ -41,16 +43,16 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes a block m
 DEFAULT_SHAPE = (4096, 14336, 4096, 16)  # M N K r: Llama-3-8B gate at 4k tokens per micro-batch, rank 16
 
 
+@dataclasses.dataclass(frozen=True)
 class Pointer:
     """A tensor argument as the launcher sees it: its element type (torch allocations are 256-byte aligned)."""
 
-    def __init__(self, ty: str):
-        self.ty = ty
+    ty: str
 
 
 def specialize(value) -> tuple[str, str | None]:
     """(type, specialisation) of one non-constexpr argument, by the rules of triton's launcher
-    (`native_specialize_impl` with the CUDA backend): ints equal to 1 become constexprs, ints
+    (`native_specialize_impl` with the CUDA backend, which keeps BaseBackend's): ints equal to 1 become constexprs, ints
     and pointers divisible by 16 are marked "D" (tt.divisibility=16), ints past int32 are i64."""
     if isinstance(value, Pointer):
         return "*" + value.ty, "D"
