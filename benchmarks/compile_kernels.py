@@ -20,12 +20,12 @@ says nothing about speed. Exit status 1 if any compile fails. Not a timing bench
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from typing import NamedTuple
 
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real, before triton is imported
@@ -43,8 +43,7 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes a block m
 DEFAULT_SHAPE = (4096, 14336, 4096, 16)  # M N K r: Llama-3-8B gate at 4k tokens per micro-batch, rank 16
 
 
-@dataclasses.dataclass(frozen=True)
-class Pointer:
+class Pointer(NamedTuple):
     """A tensor argument as the launcher sees it: its element type (torch allocations are 256-byte aligned)."""
 
     ty: str
