@@ -92,6 +92,31 @@ def test_triton_backend_under_autocast_matches_fp64(triton_device, M, cdtype, x_
         torch.testing.assert_close(leaf.grad.cpu().double(), ref, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_train_step_with_triton_backend_under_autocast(triton_device, dtype):
+    # The reproduction: a bf16 model, backend "triton", one train_step (forward under
+    # autocast, backward outside). Before the fix: "expected m1 and m2 to have the same dtype".
+    from transformers import LlamaConfig
+
+    from qtrain.lora import LoRASpec
+    from qtrain.synthetic import random_model
+    from qtrain.train import train_step
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    model = random_model(config, LoRASpec(rank=4), compute_dtype=dtype, device=triton_device, backend="triton")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    before = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    device = torch.device(triton_device)
+    loss, tokens = train_step(model, [batch], optimizer, trainable, 1.0, device, torch.autocast(device.type, dtype=dtype))
+    assert tokens == 18 and 0 < loss < 10
+    assert all(torch.isfinite(p).all() for p in trainable)
+    assert any(not torch.equal(p, q) for p, q in zip(trainable, before))  # B (zero at init) got a gradient
+
+
 def test_torch_backend_returns_the_compute_dtype(triton_device):
     # the path chosen for a shape must never change Y's dtype: torch and triton agree on it
     x, w, a, b, bias = _inputs(5, 64, 33, 3, torch.float32, "cpu")
@@ -135,6 +160,38 @@ def test_no_full_size_upcast_of_x_or_dy(triton_device, monkeypatch):
     for name, leaf, ref in zip(("dX", "dA", "dB"), leaves, grads_ref):
         tol = TOLS[torch.float16] if name == "dX" else ADAPTER_TOL
         torch.testing.assert_close(leaf.grad.cpu().double(), ref, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 2048])
+def test_gpu_autocast_at_llama_shapes(M):
+    # bf16 autocast forward, backward outside, Llama-3-8B's q projection with a rank-16 fp32 adapter:
+    # the triton backend against the torch backend (both bf16 compute) and the fp64 formulas.
+    from qtrain.kernels.nf4_dequant import is_interpreting
+
+    if is_interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the compiled kernels are not in use")
+    K, N, R = 4096, 4096, 16
+    g = torch.Generator().manual_seed(0)
+    w = quantize_nf4(torch.randn(N, K, generator=g) * 0.02).to("cuda")
+    x = torch.randn(M, K, generator=g).to("cuda", torch.bfloat16)
+    a, b = (torch.randn(s, generator=g).mul(0.02).cuda() for s in ((R, K), (N, R)))
+    bias = torch.zeros(N, dtype=torch.bfloat16, device="cuda")
+    grad_y = torch.randn(M, N, generator=g).to("cuda", torch.bfloat16)
+    out = {}
+    for backend in ("torch", "triton"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = nf4_lora(leaves[0], w, leaves[1], leaves[2], SCALE, bias, backend=backend)
+        y.backward(grad_y)
+        out[backend] = [y.detach()] + [t.grad for t in leaves]
+    y_ref, (dx_ref, da_ref, db_ref, _) = _fp64_reference(x.cpu(), w.to("cpu"), a.cpu(), b.cpu(), bias.cpu(),
+                                                         grad_y.cpu(), torch.bfloat16)  # fmt: skip
+    for name, got, tb, ref in zip(("Y", "dX", "dA", "dB"), out["triton"], out["torch"], (y_ref, dx_ref, da_ref, db_ref)):
+        assert got.dtype == tb.dtype, name
+        err = (got.cpu().double() - ref).abs().max().item()
+        err_torch = (tb.cpu().double() - ref).abs().max().item()
+        assert err <= 2 * err_torch + 1e-6 * ref.abs().max().item(), (name, err, err_torch)
 
 
 # ---- item 2: the self-check runs as training runs, with one fixed config --------------------------
