@@ -179,7 +179,10 @@ def is_triton_error(exc: BaseException) -> bool:
     """Whether `exc` comes from triton compiling or launching a kernel (CompilationError,
     OutOfResources, PTXASError, an MLIR pass failure...): an exception type defined in triton, or
     any exception raised from inside triton's package. Errors raised by qtrain's own argument
-    checks or by torch are not: those are the caller's to see."""
+    checks or by torch are not: those are the caller's to see, an out-of-memory error above all
+    (raised by an allocation inside triton's code, it is still the trainer's to handle)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
     if type(exc).__module__.split(".")[0] == "triton":
         return True
     frames = traceback.extract_tb(exc.__traceback__)
