@@ -125,7 +125,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """A context with autocast disabled for x's device type (a no-op where autocast does not exist)."""
     device = x.device.type
-    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+    return (
+        torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+    )
 
 
 # ---- dispatch --------------------------------------------------------------------------------------
@@ -216,7 +218,7 @@ def run_triton_or_fall_back(
         return torch_call()
     try:
         return triton_call()
-    except Exception as exc:  # noqa: BLE001 - filtered by is_triton_error, re-raised otherwise
+    except Exception as exc:
         if not is_triton_error(exc):
             raise
         if not fall_back:
@@ -252,7 +254,9 @@ def triton_self_check(device: torch.device) -> bool:
         ref, got = ref.float(), got.float()
         if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().mean().item()):  # bf16: 8-bit mantissa
             err = (got - ref).abs().max().item()
-            warnings.warn(f"qtrain: Triton kernels disagree with torch on {device} (max error {err:.3g}); using the torch backend")
+            warnings.warn(
+                f"qtrain: Triton kernels disagree with torch on {device} (max error {err:.3g}); using the torch backend"
+            )
             return False
     return True
 

@@ -638,7 +638,10 @@ class NF4LoRAFunction(torch.autograd.Function):
         if need_x:  # the adapter's share is fused here unless it belongs to h (dropout)
             args = (grad_y, ctx.weight, dyb if not ctx.has_h else None, lora_a, s, ctx.x_dtype)
             grad_x = run_triton_or_fall_back(
-                lambda: nf4_lora_bwd_dx(*args[:5], out_dtype=args[5]), lambda: _dx_torch(*args), ctx.fall_back, grad_y.device
+                lambda: nf4_lora_bwd_dx(*args[:5], out_dtype=args[5]),
+                lambda: _dx_torch(*args),
+                ctx.fall_back,
+                grad_y.device,
             )  # [M, K]
         if need_h:
             grad_h = _mm_upcast(s * dyb, lora_a, ctx.h_dtype)  # [M, K]

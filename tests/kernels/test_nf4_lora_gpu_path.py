@@ -12,18 +12,18 @@ import functools
 import importlib
 import importlib.util
 import inspect
-import tomllib
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed (CPU-only platforms)")
-import triton.language as tl  # noqa: E402
+import qtrain.kernels.nf4_lora as nfl
+import triton.language as tl
+from qtrain.kernels.nf4_lora import nf4_lora, nf4_lora_reference, nf4_lora_torch
 
-import qtrain.kernels.nf4_lora as nfl  # noqa: E402
-from qtrain.kernels.nf4_lora import nf4_lora, nf4_lora_reference, nf4_lora_torch  # noqa: E402
-from qtrain.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
+from qtrain.nf4 import dequantize_nf4, quantize_nf4
 
 ROOT = Path(__file__).resolve().parents[2]
 SCALE = 0.7
@@ -111,7 +111,9 @@ def test_train_step_with_triton_backend_under_autocast(triton_device, dtype):
     before = [p.detach().clone() for p in trainable]
     optimizer = torch.optim.SGD(trainable, lr=0.1)
     device = torch.device(triton_device)
-    loss, tokens = train_step(model, [batch], optimizer, trainable, 1.0, device, torch.autocast(device.type, dtype=dtype))
+    loss, tokens = train_step(
+        model, [batch], optimizer, trainable, 1.0, device, torch.autocast(device.type, dtype=dtype)
+    )
     assert tokens == 18 and 0 < loss < 10
     assert all(torch.isfinite(p).all() for p in trainable)
     assert any(not torch.equal(p, q) for p, q in zip(trainable, before))  # B (zero at init) got a gradient
@@ -137,7 +139,7 @@ def test_no_full_size_upcast_of_x_or_dy(triton_device, monkeypatch):
     kernels = _kernels()
     M, K, N, R = 17, 64, 50, 4
     monkeypatch.setattr(kernels, "_UPCAST_CHUNK", 2 * N)
-    x, w, a, b, bias = _inputs(M, K, N, R, torch.float16, triton_device)
+    x, w, a, b, _ = _inputs(M, K, N, R, torch.float16, triton_device)
     casts = []
     real_to = torch.Tensor.to
 
@@ -187,7 +189,9 @@ def test_gpu_autocast_at_llama_shapes(M):
         out[backend] = [y.detach()] + [t.grad for t in leaves]
     y_ref, (dx_ref, da_ref, db_ref, _) = _fp64_reference(x.cpu(), w.to("cpu"), a.cpu(), b.cpu(), bias.cpu(),
                                                          grad_y.cpu(), torch.bfloat16)  # fmt: skip
-    for name, got, tb, ref in zip(("Y", "dX", "dA", "dB"), out["triton"], out["torch"], (y_ref, dx_ref, da_ref, db_ref)):
+    for name, got, tb, ref in zip(
+        ("Y", "dX", "dA", "dB"), out["triton"], out["torch"], (y_ref, dx_ref, da_ref, db_ref)
+    ):
         assert got.dtype == tb.dtype, name
         err = (got.cpu().double() - ref).abs().max().item()
         err_torch = (tb.cpu().double() - ref).abs().max().item()
@@ -298,7 +302,7 @@ def test_gpu_launch_past_int32_offsets():
     if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
         pytest.skip("needs ~20 GB of GPU memory")
     kernels = _kernels()
-    x, w, a, b, bias = _inputs(M, K, N, R, torch.bfloat16, "cpu")
+    x, w, a, b, _ = _inputs(M, K, N, R, torch.bfloat16, "cpu")
     x, w, a, b = x.cuda(), w.to("cuda"), a.cuda(), b.cuda()
     xa = x.float() @ a.T
     y = kernels.nf4_lora_fwd(x, w, xa, b, None, SCALE)
@@ -335,9 +339,9 @@ def test_lora_epilogue_uses_ieee_precision(triton_device, dtype):
 
 
 def test_triton_floor_is_3_4():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    (triton_dep,) = [d for d in deps if d.startswith("triton")]
-    assert triton_dep.split(";")[0].strip() == "triton>=3.4", triton_dep
+    # (read as text: tomllib is Python 3.11+, the project supports 3.10)
+    (triton_dep,) = re.findall(r'^\s*"(triton[^";]*)', (ROOT / "pyproject.toml").read_text(), flags=re.MULTILINE)
+    assert triton_dep.strip() == "triton>=3.4", triton_dep
     assert nfl.MIN_TRITON == (3, 4)
 
 
@@ -455,7 +459,9 @@ def test_compile_script_specialises_as_triton_does():
     spec.loader.exec_module(script)
     for value in (1, 16, 37, 4096, 14336, 2**31 + 16, 0.5):
         assert script.specialize(value) == native(BaseBackend, value, False, True, True), value
-    assert script.specialize(script.Pointer("bf16")) == native(BaseBackend, MockTensor(torch.bfloat16), False, True, True)
+    assert script.specialize(script.Pointer("bf16")) == native(
+        BaseBackend, MockTensor(torch.bfloat16), False, True, True
+    )
     _, fn, consts, _, _, launch = next(job for job in script.jobs("bf16", quick=True) if job[0].startswith("fwd"))
     assert launch == script.launch_args("fwd", "bf16", *script.DEFAULT_SHAPE)
     src = script.runtime_source(fn, launch, consts)
