@@ -11,9 +11,13 @@ Shapes: X [M, K], W [N, K] (NF4), A [r, K], B [N, r], Y [M, N].
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.metadata
 import importlib.util
+import traceback
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +25,9 @@ import torch.nn.functional as F
 from qtrain.nf4 import NF4Tensor, dequantize_nf4
 
 BACKENDS = ("auto", "torch", "triton")
+# triton 3.3.x aborts the process compiling `tl.gather` on 1-D tensors (triton#6958): no Python
+# exception to catch, so "auto" never picks Triton below this version (pyproject.toml's floor too).
+MIN_TRITON = (3, 4)
 
 
 def nf4_lora_reference(
@@ -44,19 +51,24 @@ def nf4_lora_reference(
 class NF4MatmulFunction(torch.autograd.Function):
     """`X @ dequant(W)^T` that saves only the 4-bit weight for backward, not a 16-bit copy.
 
-    The frozen base gets no gradient; backward dequantizes W again for `dX = dY @ W`.
+    Computes in `compute_dtype(x)` (the autocast dtype under autocast) with autocast off inside, so
+    forward and backward are explicit about dtypes: Y in the compute dtype, dX in X's dtype. The
+    frozen base gets no gradient; backward dequantizes W again for `dX = dY @ W`.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: NF4Tensor) -> torch.Tensor:
-        ctx.weight = weight
-        return x @ dequantize_nf4(weight, x.dtype).T  # [*, N]
+        dtype = compute_dtype(x)
+        ctx.weight, ctx.x_dtype = weight, x.dtype
+        with autocast_off(x):
+            return x.to(dtype) @ dequantize_nf4(weight, dtype).T  # [*, N]
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ dequantize_nf4(ctx.weight, grad_y.dtype)  # [*, K]
+            with autocast_off(grad_y):
+                grad_x = (grad_y @ dequantize_nf4(ctx.weight, grad_y.dtype)).to(ctx.x_dtype)  # [*, K]
         return grad_x, None
 
 
@@ -73,14 +85,14 @@ def nf4_lora_torch(
     """The `torch` backend: dequantize + matmul for the base, plain autograd for the adapter.
 
     The adapter runs in its own dtype (fp32 by default, as PEFT does for QLoRA) and its result
-    is cast back to the activation dtype.
+    is cast to Y's dtype, `compute_dtype(x)` as for every NF4 path.
     """
-    y = NF4MatmulFunction.apply(x, weight)
+    y = NF4MatmulFunction.apply(x, weight)  # [*, N] in compute_dtype(x)
     if bias is not None:
         y = y + bias.to(y.dtype)
     if lora_a is None:
         return y
-    return y + lora_delta(x, lora_a, lora_b, scale, dropout, training)
+    return y + lora_delta(x, lora_a, lora_b, scale, dropout, training).to(y.dtype)
 
 
 def lora_delta(
@@ -110,6 +122,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if autocast_enabled(x) else x.dtype
 
 
+def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled for x's device type (a no-op where autocast does not exist)."""
+    device = x.device.type
+    return (
+        torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+    )
+
+
 # ---- dispatch --------------------------------------------------------------------------------------
 
 
@@ -119,51 +139,141 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
+def triton_version() -> tuple[int, ...]:
+    """The installed triton's (major, minor), read from its metadata without importing it; () if unknown."""
+    try:
+        parts = importlib.metadata.version("triton").split(".")[:2]
+        return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
+    except importlib.metadata.PackageNotFoundError:
+        return ()
+
+
+# Devices ("cuda:0", ...) on which a Triton kernel failed to compile or launch under backend="auto":
+# "auto" uses the torch backend there for the rest of the process.
+_TRITON_FAILED: dict[str, str] = {}
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The concrete backend ("torch" or "triton") that `backend` means for input `x`.
 
     "auto" takes triton for CUDA inputs on Ampere or newer (the Triton configs and bf16 tensor
-    cores assume sm_80+) when triton is installed and the kernels pass a self-check on this GPU
-    (once per device and process), and the torch backend otherwise (CPU included).
+    cores assume sm_80+) when triton >= MIN_TRITON is installed, the kernels pass a self-check on
+    this GPU (once per device and process) and no Triton kernel has failed on it, and the torch
+    backend otherwise (CPU included).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if x.is_cuda and triton_available() and torch.cuda.get_device_capability(x.device) >= (8, 0):
-        return "triton" if triton_self_check(x.device) else "torch"
-    return "torch"
+    if str(x.device) in _TRITON_FAILED:
+        return "torch"
+    return "triton" if _auto_may_use_triton(x) else "torch"
+
+
+def _auto_may_use_triton(x: torch.Tensor) -> bool:
+    if not (x.is_cuda and triton_available() and triton_version() >= MIN_TRITON):
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 0) and triton_self_check(x.device)
+
+
+def is_triton_error(exc: BaseException) -> bool:
+    """Whether `exc` comes from triton compiling or launching a kernel (CompilationError,
+    OutOfResources, PTXASError, an MLIR pass failure...): an exception type defined in triton, or
+    any exception raised from inside triton's package. Errors raised by qtrain's own argument
+    checks or by torch are not: those are the caller's to see, an out-of-memory error above all
+    (raised by an allocation inside triton's code, it is still the trainer's to handle)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if type(exc).__module__.split(".")[0] == "triton":
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and _in_triton_package(frames[-1].filename)
+
+
+def _in_triton_package(filename: str) -> bool:
+    spec = importlib.util.find_spec("triton") if triton_available() else None
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    return any(filename.startswith(root) for root in roots)
+
+
+def triton_error_hint(exc: BaseException) -> str:
+    """One line for the user: what failed and what to do."""
+    version = ".".join(map(str, triton_version())) or "?"
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return (
+        f"Triton {version} could not compile or run qtrain's NF4 kernels ({type(exc).__name__}: {first}); "
+        f"use backend 'torch' (model.backend: torch), or triton >= {'.'.join(map(str, MIN_TRITON))}"
+    )
+
+
+def run_triton_or_fall_back(
+    triton_call: Callable[[], torch.Tensor], torch_call: Callable[[], torch.Tensor], fall_back: bool, device
+) -> torch.Tensor:
+    """`triton_call()`, or on a Triton compile/launch error: with `fall_back` (backend "auto") warn
+    once, use the torch backend on `device` for the rest of the process and return `torch_call()`;
+    without it (backend "triton" asked for by name) raise RuntimeError with a one-line hint."""
+    key = str(device)
+    if fall_back and key in _TRITON_FAILED:
+        return torch_call()
+    try:
+        return triton_call()
+    except Exception as exc:
+        if not is_triton_error(exc):
+            raise
+        if not fall_back:
+            raise RuntimeError(triton_error_hint(exc)) from exc
+        _TRITON_FAILED[key] = repr(exc)
+        warnings.warn(f"qtrain: {triton_error_hint(exc)}. Using the torch backend on {key} from now on", stacklevel=2)
+    return torch_call()
 
 
 @functools.cache
 def triton_self_check(device: torch.device) -> bool:
-    """Run the Triton kernels once on a small odd-shaped layer (forward and every gradient, bf16)
-    and compare with the torch backend; on any mismatch or error, warn and let "auto" use torch.
+    """Run the Triton kernels once on small odd-shaped layers the way training calls them (forward
+    under bf16 autocast, backward outside it; the tiled path at M=37 and the small-M path at M=5)
+    and compare output and every gradient with the torch backend; on any mismatch or error, warn
+    and let "auto" use torch. One fixed kernel config (no autotuning of shapes no real layer has).
     A guard for GPUs and triton versions the kernels were not measured on."""
-    from qtrain.nf4 import quantize_nf4
-
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(37, 192, generator=g).to(device, torch.bfloat16)  # [M, K]
-    w = quantize_nf4(torch.randn(80, 192, generator=g).to(device, torch.bfloat16))  # [N, K]
-    a, b = (torch.randn(s, generator=g).mul(0.1).to(device) for s in ((8, 192), (80, 8)))  # [r, K], [N, r]
-    results = []
+    dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     try:
-        from qtrain.kernels.nf4_lora_triton import nf4_lora_triton
+        from qtrain.kernels.nf4_lora_triton import fixed_configs, nf4_lora_triton
 
-        for fn in (nf4_lora_torch, nf4_lora_triton):
-            xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
-            y = fn(xi, w, ai, bi, 2.0)
-            y.float().square().sum().backward()
-            results.append([y.float(), xi.grad.float(), ai.grad, bi.grad])
+        results = []
+        with fixed_configs():
+            for m in (37, 5):
+                ref = _self_check_run(nf4_lora_torch, device, dtype, m)
+                results += zip(ref, _self_check_run(nf4_lora_triton, device, dtype, m))
     except Exception as e:  # noqa: BLE001 - any failure means: do not use these kernels here
         warnings.warn(f"qtrain: Triton kernels failed their self-check on {device} ({e!r}); using the torch backend")
         return False
-    for ref, got in zip(*results):
+    for ref, got in results:
+        if got.dtype != ref.dtype:
+            warnings.warn(f"qtrain: Triton kernels return {got.dtype} where torch returns {ref.dtype}; using torch")
+            return False
+        ref, got = ref.float(), got.float()
         if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().mean().item()):  # bf16: 8-bit mantissa
             err = (got - ref).abs().max().item()
-            warnings.warn(f"qtrain: Triton kernels disagree with torch on {device} (max error {err:.3g}); using the torch backend")
+            warnings.warn(
+                f"qtrain: Triton kernels disagree with torch on {device} (max error {err:.3g}); using the torch backend"
+            )
             return False
     return True
+
+
+def _self_check_run(fn, device: torch.device, dtype: torch.dtype, m: int) -> list[torch.Tensor]:
+    """[Y, dX, dA, dB, dbias] of `fn` on an [m, 192] x [80, 192] layer, bf16 activations, fp32 adapter."""
+    from qtrain.nf4 import quantize_nf4
+
+    g = torch.Generator(device="cpu").manual_seed(m)
+    x = torch.randn(m, 192, generator=g).to(device, dtype)  # [M, K]
+    w = quantize_nf4(torch.randn(80, 192, generator=g).to(device, dtype))  # [N, K]
+    a, b, bias = (torch.randn(s, generator=g).mul(0.1).to(device) for s in ((8, 192), (80, 8), (80,)))
+    xi, ai, bi, biasi = (t.clone().requires_grad_() for t in (x, a, b, bias.to(dtype)))
+    with torch.autocast(device.type, dtype=dtype):
+        y = fn(xi, w, ai, bi, 2.0, biasi)
+    y.float().square().sum().backward()  # outside autocast, as the trainer's backward
+    return [y.detach(), xi.grad, ai.grad, bi.grad, biasi.grad]
 
 
 def nf4_lora(
@@ -177,11 +287,18 @@ def nf4_lora(
     training: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """`X @ dequant(W)^T + s * (dropout(X) @ A^T) @ B^T + bias` on the backend `backend` resolves to."""
+    """`X @ dequant(W)^T + s * (dropout(X) @ A^T) @ B^T + bias` on the backend `backend` resolves to.
+
+    Under "auto" a Triton compile or launch error (forward or backward) falls back to the torch
+    backend with one warning; under "triton" it raises RuntimeError with a hint."""
+    args = (x, weight, lora_a, lora_b, scale, bias, dropout, training)
     if resolve_backend(backend, x) == "triton":
         if not triton_available():
             raise ImportError("backend='triton' needs the triton package (`pip install triton`, Linux)")
         from qtrain.kernels.nf4_lora_triton import nf4_lora_triton  # lazy: triton only when used
 
-        return nf4_lora_triton(x, weight, lora_a, lora_b, scale, bias, dropout, training)
-    return nf4_lora_torch(x, weight, lora_a, lora_b, scale, bias, dropout, training)
+        fall_back = backend == "auto"
+        return run_triton_or_fall_back(
+            lambda: nf4_lora_triton(*args, fall_back=fall_back), lambda: nf4_lora_torch(*args), fall_back, x.device
+        )
+    return nf4_lora_torch(*args)

@@ -22,19 +22,33 @@ Shapes: X [M, K], W [N, K] (NF4, 4-bit), A [r, K], B [N, r], bias [N], Y [M, N].
 - Dropout (LoRA path only, as the torch backend): the dropped-out input h is passed separately;
   XA and dA use h, and the adapter's share of dX, s * (dY @ B) @ A, is returned as h's gradient
   (autograd then applies the dropout mask) instead of being fused into the dX kernel.
-- The adapter stays in its own dtype (fp32 by default); its products run in fp32.
+- The adapter stays in its own dtype (fp32 by default); its products run in fp32, but only the
+  small [M, r] tensors and row chunks of X / dY are ever upcast: no fp32 copy of X [M, K] or
+  dY [M, N] (9 GB at 80k tokens for a fused gate_up). The dX kernel reads dY in its own dtype.
+- Autocast: `NF4LoRAFunction` computes in `compute_dtype(x)` (the autocast dtype under autocast)
+  with autocast off inside forward and backward, and returns Y in that dtype and every gradient in
+  its input's dtype; training runs the forward under autocast and the backward outside it.
+- Row offsets: every product of a token index and a row stride goes through `_row_offsets`, in
+  int64 (80k tokens x 28,672 columns passes 2^31).
 
 Numerics: one rounding of the fp32 accumulator at the end (the torch backend rounds base, adapter
 and sum separately, so this is at least as close to the fp32 reference). fp32 inputs use IEEE fp32
-`tl.dot` (no TF32); for 16-bit inputs the adapter epilogue uses TF32 (2^-11 relative, below the
-output's own rounding).
+`tl.dot` (no TF32). The rank-r epilogue dots always use IEEE precision (`LORA_PRECISION`): they are
+tiny, and TF32 would truncate their fp32 operands to 10 mantissa bits (a biased 2^-10 error).
+
+Autotuning: keyed on a bucketed M (`m_bucket`, powers of two up to M_BUCKET_MAX) and (N, K); the
+small-M path on (N, K) only, so generation does not re-tune per batch size. Timings use
+`_bench_no_flush` (no 256 MB L2-flush buffer that could fake an OOM near the memory cap) and are
+cached on disk where triton supports it. `fixed_configs()` switches tuning off (the self-check).
 
 Interpreter (CPU tests, TRITON_INTERPRET=1): its `tl.dot` is wrong on bf16 operands, so there bf16
 tiles are rounded to bf16 exactly and then multiplied in fp32 (`DOT_DTYPE`); one small config is
 used, no autotuning.
 """
 
+import contextlib
 import functools
+import inspect
 
 try:
     import triton
@@ -47,13 +61,24 @@ except ImportError as exc:  # pragma: no cover - exercised only on installs with
 import torch
 import torch.nn.functional as F
 from qtrain.kernels.nf4_dequant import _dequant_tile, _round_to, check_device, is_interpreting, nf4_args
-from qtrain.kernels.nf4_lora import nf4_lora_reference
+from qtrain.kernels.nf4_lora import autocast_off, compute_dtype, nf4_lora_reference, run_triton_or_fall_back
 
-from qtrain.nf4 import NF4Tensor
+from qtrain.nf4 import NF4Tensor, dequantize_nf4
 
-__all__ = ["NF4LoRAFunction", "nf4_lora_bwd_dx", "nf4_lora_fwd", "nf4_lora_reference", "nf4_lora_triton"]
+__all__ = [
+    "NF4LoRAFunction",
+    "fixed_configs",
+    "m_bucket",
+    "nf4_lora_bwd_dx",
+    "nf4_lora_fwd",
+    "nf4_lora_reference",
+    "nf4_lora_triton",
+]
 
 SMALL_M = 16  # rows up to which the forward takes the memory-bound split-K path (generation)
+M_BUCKET_MAX = 16384  # the autotuner's M key: next power of two of M, at most this
+LORA_PRECISION = "ieee"  # the rank-r epilogue dots: tiny, so exact fp32 costs nothing (TF32 would round)
+_UPCAST_CHUNK = 1 << 24  # elements of a row chunk upcast to the adapter dtype at a time (64 MB in fp32)
 
 # ---- configs ---------------------------------------------------------------------------------------
 # NOT TIMED: no GPU was lent while writing them. Chosen from compile-only statistics (ptxas registers,
@@ -100,6 +125,10 @@ _SMALL_M_CONFIGS = [
 _GROUP_M = 8  # tile-row grouping for L2 reuse of the weight
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
 _INTERPRET_SMALL_M_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64}
+# fixed_configs(): one config per kernel that compiles and fits on every sm_80+ GPU (no spills)
+_FIXED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": _GROUP_M, "num_warps": 4, "num_stages": 3}
+_FIXED_SMALL_M_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+_FIXED = [False]  # process-wide (autograd runs backward on other threads): set by fixed_configs()
 _SPLIT_K_ALIGN = 128  # splits start at multiples of every BLOCK_K: no tile straddles a (power-of-two) NF4 block
 
 
@@ -112,6 +141,61 @@ def _tiled_configs(shapes, m_name: str, n_name: str, k_name: str) -> list:
 
 def _big_smem(capability: tuple[int, int]) -> bool:
     return capability == (8, 0) or capability[0] >= 9
+
+
+@contextlib.contextmanager
+def fixed_configs():
+    """Within this context every launcher uses one fixed config per kernel instead of the
+    autotuner: the self-check's odd shapes then compile nothing that real shapes would not reuse."""
+    previous, _FIXED[0] = _FIXED[0], True
+    try:
+        yield
+    finally:
+        _FIXED[0] = previous
+
+
+def _default_config(small_m: bool) -> dict | None:
+    """The config a launcher uses when none is given: the interpreter's, the fixed one, or None (autotune)."""
+    if is_interpreting():
+        return _INTERPRET_SMALL_M_CONFIG if small_m else _INTERPRET_CONFIG
+    if _FIXED[0]:
+        return _FIXED_SMALL_M_CONFIG if small_m else _FIXED_CONFIG
+    return None
+
+
+def m_bucket(m: int) -> int:
+    """The autotuner's key for M rows: the next power of two, capped at M_BUCKET_MAX."""
+    return min(triton.next_power_of_2(max(m, 1)), M_BUCKET_MAX)
+
+
+def _bench_no_flush(kernel_call, quantiles) -> list[float]:
+    """Quantiles of `kernel_call`'s time in ms with CUDA events, for the autotuner. Unlike
+    triton.testing.do_bench, no 256 MB buffer is allocated to flush L2 between runs: near the
+    memory cap that allocation could fail (a fake OOM) in the middle of a training step."""
+    kernel_call()  # compile / warm up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    kernel_call()
+    end.record()
+    end.synchronize()
+    reps = max(5, min(100, int(25.0 / max(start.elapsed_time(end), 1e-3))))  # ~25 ms of runs
+    times = []
+    for _ in range(reps):
+        start.record()
+        kernel_call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return torch.quantile(torch.tensor(times), torch.tensor(list(quantiles))).tolist()
+
+
+def _autotune(configs: list, key: list[str]):
+    """triton.autotune with our timing (no flush buffer) and on-disk results where triton has them."""
+    params = inspect.signature(triton.autotune).parameters
+    extra = {"do_bench": _bench_no_flush} if "do_bench" in params else {}
+    if "cache_results" in params:
+        extra["cache_results"] = True
+    return triton.autotune(configs=configs, key=key, **extra)
 
 
 # ---- device helpers --------------------------------------------------------------------------------
@@ -127,6 +211,13 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     first_m = (pid // width) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _row_offsets(offs, stride):
+    """offs * stride in int64: a token index times a row stride passes 2^31 at long contexts
+    (80k tokens x 28,672 columns). Every such product in these kernels goes through here."""
+    return offs.to(tl.int64) * stride
 
 
 @triton.jit
@@ -148,7 +239,8 @@ def _fwd_k_step(
     """acc [BLOCK_M, BLOCK_N] += X[offs_m, k0:k0+BLOCK_K] @ dequant(W)[offs_n, k0:k0+BLOCK_K]^T."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
+    x_rows = x_ptr + _row_offsets(offs_m, stride_xm)[:, None]
+    x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
     w = _dequant_tile(packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, code_ptr, absmax_offset,
                       offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, ABSMAX_BLOCKSIZE, DOUBLE_QUANT, ALIGNED)  # fmt: skip
     w = _to_dot_operand(w, x_ptr.dtype.element_ty, DOT_DTYPE)  # [BLOCK_N, BLOCK_K]
@@ -165,7 +257,7 @@ def _add_lowrank(
     for r0 in range(0, R, R_BLOCK):
         offs_r = r0 + tl.arange(0, R_BLOCK)
         l_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-        lo = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :], mask=l_mask, other=0.0)  # [BM, R_BLOCK]
+        lo = tl.load(l_ptr + _row_offsets(offs_m, stride_lm)[:, None] + offs_r[None, :], mask=l_mask, other=0.0)
         r_mask = (offs_r[:, None] < R) & (offs_o[None, :] < OUT)
         ro = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_o[None, :] * stride_ro, mask=r_mask, other=0.0)
         lowrank = tl.dot(lo.to(tl.float32), ro.to(tl.float32), lowrank, input_precision=PRECISION)
@@ -205,7 +297,8 @@ def _nf4_lora_fwd_kernel(
     if HAS_BIAS:
         acc = _add_bias(acc, bias_ptr, offs_n, N)
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], _round_to(acc, y_ptr.dtype.element_ty), mask=y_mask)
+    y_rows = y_ptr + _row_offsets(offs_m, stride_ym)[:, None]
+    tl.store(y_rows + offs_n[None, :], _round_to(acc, y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -240,7 +333,8 @@ def _nf4_lora_fwd_small_m_kernel(
         if HAS_BIAS:
             acc = _add_bias(acc, bias_ptr, offs_n, N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+    part_rows = part_ptr + _row_offsets(pid_k * M + offs_m, N)[:, None]  # row (split, m) of part [splits * M, N]
+    tl.store(part_rows + offs_n[None, :], acc, mask=mask)
 
 
 @triton.jit
@@ -263,10 +357,11 @@ def _nf4_lora_bwd_kernel(
     k0 = pid_k * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    dy_rows = dy_ptr + _row_offsets(offs_m, stride_dym)[:, None]
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dy_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :], mask=dy_mask, other=0.0)  # [BM, BN]
+        dy = tl.load(dy_rows + offs_n[None, :], mask=dy_mask, other=0.0)  # [BM, BN]
         w = _dequant_tile(packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, code_ptr, absmax_offset,
                           offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, ABSMAX_BLOCKSIZE, DOUBLE_QUANT, ALIGNED)  # fmt: skip
         w = _to_dot_operand(w, dy_ptr.dtype.element_ty, DOT_DTYPE)  # [BLOCK_N, BLOCK_K]
@@ -275,9 +370,8 @@ def _nf4_lora_bwd_kernel(
         acc = _add_lowrank(acc, dyb_ptr, stride_dybm, a_ptr, stride_ar, 1, offs_m, offs_k, M, K, R, scale,
                            R_BLOCK, LORA_PRECISION)  # fmt: skip
     dx_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    tl.store(
-        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], _round_to(acc, dx_ptr.dtype.element_ty), mask=dx_mask
-    )
+    dx_rows = dx_ptr + _row_offsets(offs_m, stride_dxm)[:, None]
+    tl.store(dx_rows + offs_k[None, :], _round_to(acc, dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
 # ---- launchers -------------------------------------------------------------------------------------
@@ -298,7 +392,7 @@ def _common_constexprs(weight: NF4Tensor, dtype: torch.dtype, rank: int) -> dict
         "R_BLOCK": min(max(16, triton.next_power_of_2(max(rank, 1))), 32),  # tl.dot needs >= 16
         "DOT_DTYPE": dot_dtype,
         "PRECISION": "ieee" if dot_dtype == tl.float32 else "tf32",  # tf32 is ignored for 16-bit operands
-        "LORA_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "LORA_PRECISION": LORA_PRECISION,
     }
 
 
@@ -310,14 +404,14 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def _autotuned_fwd(capability: tuple[int, int]):
     shapes = _FWD_COMMON + (_FWD_BIG_SMEM if _big_smem(capability) else [])
     configs = _tiled_configs(shapes, "BLOCK_M", "BLOCK_N", "BLOCK_K")
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"])(_nf4_lora_fwd_kernel)
+    return _autotune(configs, ["M_BUCKET", "N", "K"])(_nf4_lora_fwd_kernel)
 
 
 @functools.cache
 def _autotuned_bwd(capability: tuple[int, int]):
     shapes = _BWD_COMMON + (_BWD_BIG_SMEM if _big_smem(capability) else [])
     configs = _tiled_configs(shapes, "BLOCK_M", "BLOCK_N", "BLOCK_K")
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"])(_nf4_lora_bwd_kernel)
+    return _autotune(configs, ["M_BUCKET", "N", "K"])(_nf4_lora_bwd_kernel)
 
 
 @functools.cache
@@ -325,13 +419,13 @@ def _autotuned_small_m():
     configs = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in _SMALL_M_CONFIGS
     ]
-    return triton.autotune(configs=configs, key=["M", "N", "K"])(_nf4_lora_fwd_small_m_kernel)
+    return _autotune(configs, ["N", "K"])(_nf4_lora_fwd_small_m_kernel)  # not M: one tuning for every batch size
 
 
 def _tiled_launch(kernel_fn, autotuned, config: dict | None, rows: int, cols_name: str, cols: int):
-    """(kernel[grid], launch kwargs) for an explicit config, the interpreter's config, or the autotuner."""
-    if config is None and is_interpreting():
-        config = _INTERPRET_CONFIG
+    """(kernel[grid], launch kwargs) for an explicit config, the default one (interpreter, fixed), or the autotuner."""
+    if config is None:
+        config = _default_config(small_m=False)
     if config is not None:
         grid = (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config[cols_name]),)
         return kernel_fn[grid], {"GROUP_M": _GROUP_M, "num_warps": 4, **config}
@@ -398,7 +492,7 @@ def nf4_lora_fwd(
     kernel, meta = _tiled_launch(_nf4_lora_fwd_kernel, _autotuned_fwd(_capability(x.device)), config, M, "BLOCK_N", N)
     kernel(
         x, *ptrs, xa, lora_b, bias, y,
-        M, N, K, rank, triton.next_power_of_2(M), offset, float(scale),
+        M, N, K, rank, m_bucket(M), offset, float(scale),
         x.stride(0), xa.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0),
         **flags, **meta, enable_fp_fusion=False,
     )  # fmt: skip
@@ -409,8 +503,8 @@ def _fwd_small_m(x, ptrs, offset, xa, lora_b, bias, y, rank, scale, flags, confi
     (M, K), N = x.shape, y.shape[1]
     splits, per_split = _split_k(N, K, x.device, split_k)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)  # [splits, M, N]
-    if config is None and is_interpreting():
-        config = _INTERPRET_SMALL_M_CONFIG
+    if config is None:
+        config = _default_config(small_m=True)
     if config is not None:
         kernel = _nf4_lora_fwd_small_m_kernel[(triton.cdiv(N, config["BLOCK_N"]), splits)]
         meta = {"num_warps": 4, **config}
@@ -433,13 +527,15 @@ def nf4_lora_bwd_dx(
     lora_a: torch.Tensor | None,
     scale: float,
     config: dict | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """dX [M, K] = dY [M, N] @ dequant(W) + s * dYB [M, r] @ A [r, K], in dY's dtype."""
+    """dX [M, K] = dY [M, N] @ dequant(W) + s * dYB [M, r] @ A [r, K], computed in dY's dtype and
+    written in `out_dtype` (default dY's): X's dtype, so that no cast copy of dX is made."""
     _check_inputs(grad_y, weight, "grad_y")
     (M, N), K = grad_y.shape, weight.shape[1]
     if N != weight.shape[0] or grad_y.stride(1) != 1:
         raise ValueError(f"grad_y must be [M, {weight.shape[0]}] with unit column stride, got {tuple(grad_y.shape)}")
-    dx = torch.empty(M, K, dtype=grad_y.dtype, device=grad_y.device)
+    dx = torch.empty(M, K, dtype=out_dtype or grad_y.dtype, device=grad_y.device)
     if M == 0:
         return dx
     has_lora = dyb is not None
@@ -453,7 +549,7 @@ def nf4_lora_bwd_dx(
     )
     kernel(
         grad_y, *ptrs, dyb, lora_a, dx,
-        M, N, K, rank, triton.next_power_of_2(M), offset, float(scale),
+        M, N, K, rank, m_bucket(M), offset, float(scale),
         grad_y.stride(0), dyb.stride(0), lora_a.stride(0), dx.stride(0),
         HAS_LORA=has_lora, **consts, **meta, enable_fp_fusion=False,
     )  # fmt: skip
@@ -463,22 +559,59 @@ def nf4_lora_bwd_dx(
 # ---- autograd --------------------------------------------------------------------------------------
 
 
+def _mm_upcast(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """(a @ b) [M, n] with a [M, k] cast to b's dtype (the adapter's), returned in `out_dtype`,
+    one chunk of rows at a time when a cast is needed: never a full-size cast copy of `a`."""
+    if a.dtype == b.dtype == out_dtype:
+        return a @ b
+    out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    step = max(1, _UPCAST_CHUNK // max(a.shape[1], b.shape[1], 1))
+    for i in range(0, a.shape[0], step):
+        out[i : i + step] = a[i : i + step].to(b.dtype) @ b
+    return out
+
+
+def _tmm_upcast(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a^T @ b [p, q] in `dtype` for a [M, p], b [M, q], reducing over M one chunk of rows at a
+    time when a cast is needed: never a full-size cast copy of `a` or `b`."""
+    if a.dtype == b.dtype == dtype:
+        return a.T @ b
+    out = torch.zeros(a.shape[1], b.shape[1], dtype=dtype, device=a.device)
+    step = max(1, _UPCAST_CHUNK // max(a.shape[1], b.shape[1], 1))
+    for i in range(0, a.shape[0], step):
+        out.addmm_(a[i : i + step].T.to(dtype), b[i : i + step].to(dtype))
+    return out
+
+
+def _dx_torch(grad_y, weight, dyb, lora_a, scale, out_dtype) -> torch.Tensor:
+    """The dX kernel's result with torch ops (the fallback when the kernel fails to compile or launch)."""
+    dx = grad_y @ dequantize_nf4(weight, grad_y.dtype)  # [M, K]
+    if dyb is not None:
+        dx += _mm_upcast(scale * dyb, lora_a, grad_y.dtype)
+    return dx.to(out_dtype)
+
+
 class NF4LoRAFunction(torch.autograd.Function):
     """`Y = X @ dequant(W)^T + s * (H @ A^T) @ B^T + bias` with H = X, or the dropped-out X when given.
 
-    Saves X (or H) only when A needs a gradient, XA [M, r] only when B does, A and B (parameters)
-    and the 4-bit weight: never a dense copy of W.
+    Computes in `compute_dtype(x)` with autocast off inside forward and backward; Y comes out in
+    that dtype, every gradient in its input's dtype. Saves X (or H) only when A needs a gradient,
+    XA [M, r] only when B does, A and B (parameters) and the 4-bit weight: never a dense copy of W.
+    `fall_back`: a Triton error in the backward's dX kernel recomputes dX with torch (backend "auto").
     """
 
     @staticmethod
-    def forward(ctx, x, h, weight: NF4Tensor, lora_a, lora_b, bias, scale: float):
+    def forward(ctx, x, h, weight: NF4Tensor, lora_a, lora_b, bias, scale: float, fall_back: bool):
         # x [M, K], h None or [M, K], lora_a [r, K], lora_b [N, r], bias [N]
-        has_lora = lora_a is not None
-        lora_in = x if h is None else h
-        xa = lora_in.to(lora_a.dtype) @ lora_a.T if has_lora else None  # [M, r], adapter dtype
-        y = nf4_lora_fwd(x, weight, xa, lora_b, bias, scale)
+        dtype = compute_dtype(x)  # read before autocast is switched off
+        with autocast_off(x):
+            has_lora = lora_a is not None
+            lora_in = x if h is None else h
+            xa = _mm_upcast(lora_in, lora_a.T, lora_a.dtype) if has_lora else None  # [M, r], adapter dtype
+            y = nf4_lora_fwd(x.to(dtype), weight, xa, lora_b, bias, scale)  # [M, N] in dtype
         needs = ctx.needs_input_grad
-        ctx.weight, ctx.scale, ctx.has_h = weight, scale, h is not None
+        ctx.weight, ctx.scale, ctx.has_h, ctx.fall_back = weight, scale, h is not None, fall_back
+        ctx.x_dtype, ctx.h_dtype = x.dtype, (h.dtype if h is not None else None)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(
             lora_in if has_lora and needs[3] else None,
@@ -490,26 +623,35 @@ class NF4LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        with autocast_off(grad_y):
+            return NF4LoRAFunction._backward(ctx, grad_y.contiguous())  # [M, N], Y's dtype
+
+    @staticmethod
+    def _backward(ctx, grad_y):
         lora_in, xa, lora_a, lora_b = ctx.saved_tensors
-        need_x, need_h, _, need_a, need_b, need_bias, _ = ctx.needs_input_grad
-        grad_y = grad_y.contiguous()  # [M, N]
+        need_x, need_h, _, need_a, need_b, need_bias, _, _ = ctx.needs_input_grad
         s = ctx.scale
         dyb = None
         if lora_a is not None and (need_x or need_h or need_a):
-            dyb = grad_y.to(lora_b.dtype) @ lora_b  # [M, r]
+            dyb = _mm_upcast(grad_y, lora_b, lora_b.dtype)  # [M, r], adapter dtype
         grad_x = grad_h = grad_a = grad_b = grad_bias = None
         if need_x:  # the adapter's share is fused here unless it belongs to h (dropout)
-            fused = dyb if not ctx.has_h else None
-            grad_x = nf4_lora_bwd_dx(grad_y, ctx.weight, fused, lora_a, s)  # [M, K]
+            args = (grad_y, ctx.weight, dyb if not ctx.has_h else None, lora_a, s, ctx.x_dtype)
+            grad_x = run_triton_or_fall_back(
+                lambda: nf4_lora_bwd_dx(*args[:5], out_dtype=args[5]),
+                lambda: _dx_torch(*args),
+                ctx.fall_back,
+                grad_y.device,
+            )  # [M, K]
         if need_h:
-            grad_h = (s * dyb @ lora_a).to(lora_in.dtype if lora_in is not None else grad_y.dtype)  # [M, K]
+            grad_h = _mm_upcast(s * dyb, lora_a, ctx.h_dtype)  # [M, K]
         if need_a:
-            grad_a = s * dyb.T @ lora_in.to(lora_a.dtype)  # [r, K]
+            grad_a = _tmm_upcast(s * dyb, lora_in, lora_a.dtype)  # [r, K]
         if need_b:
-            grad_b = s * grad_y.to(lora_b.dtype).T @ xa  # [N, r]
+            grad_b = _tmm_upcast(grad_y, xa, lora_b.dtype).mul_(s)  # [N, r]
         if need_bias:
-            grad_bias = grad_y.sum(0).to(ctx.bias_dtype)  # [N]
-        return grad_x, grad_h, None, grad_a, grad_b, grad_bias, None
+            grad_bias = grad_y.sum(0, dtype=torch.float32).to(ctx.bias_dtype)  # [N]
+        return grad_x, grad_h, None, grad_a, grad_b, grad_bias, None, None
 
 
 def nf4_lora_triton(
@@ -521,8 +663,12 @@ def nf4_lora_triton(
     bias: torch.Tensor | None = None,
     dropout: float = 0.0,
     training: bool = False,
+    *,
+    fall_back: bool = False,
 ) -> torch.Tensor:
-    """The `triton` backend, same signature and semantics as `nf4_lora_torch`; x [..., K] -> [..., N]."""
+    """The `triton` backend, same signature and semantics as `nf4_lora_torch`; x [..., K] -> [..., N]
+    in `compute_dtype(x)`. `fall_back` (set by backend "auto"): a Triton error in the backward
+    recomputes dX with torch instead of raising."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -530,5 +676,5 @@ def nf4_lora_triton(
     h = None
     if lora_a is not None and dropout > 0 and training:
         h = F.dropout(x2, p=dropout, training=True)  # LoRA path only; autograd applies the mask to dH
-    y = NF4LoRAFunction.apply(x2, h, weight, lora_a, lora_b, bias, float(scale))  # [M, N]
+    y = NF4LoRAFunction.apply(x2, h, weight, lora_a, lora_b, bias, float(scale), fall_back)  # [M, N]
     return y if x.dim() == 2 else y.view(*lead, y.shape[-1])
