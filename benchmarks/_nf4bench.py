@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +78,15 @@ def setup(dry: bool):
         return None
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before bitsandbytes or qtrain.kernels import triton
     return torch.device("cpu"), torch.float16
+
+
+def drop_script_dir() -> None:
+    """Take benchmarks/ off sys.path (`python benchmarks/x.py` puts it first): there benchmarks/kernels.py
+    would be importable as a top-level `kernels`, the name under which bitsandbytes and transformers look
+    for Hugging Face's kernels package. Each script calls this first under `__main__` (the scripts load
+    their siblings by path, not by import)."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
 
 
 def resolve(dotted: str):
