@@ -126,16 +126,19 @@ def load_bnb():
     return bitsandbytes
 
 
-def bnb_weight(nf4):
+def bnb_weight(nf4, dtype=None):
     """(packed uint8 [n/2, 1], QuantState) for bitsandbytes from our NF4Tensor: the same codes, through
-    the state-dict keys bitsandbytes' Linear4bit writes."""
+    the state-dict keys bitsandbytes' Linear4bit writes. `dtype` (default: the quantized weight's) is
+    what bitsandbytes dequantizes to: the compute dtype, as a Linear4bit with that compute dtype."""
     from bitsandbytes.functional import QuantState
 
     from qtrain.nf4 import to_bnb_state_dict
 
     state = to_bnb_state_dict(nf4, "weight")
     packed = state.pop("weight")
-    return packed, QuantState.from_dict(state, nf4.device)
+    quant_state = QuantState.from_dict(state, nf4.device)
+    quant_state.dtype = dtype or nf4.dtype
+    return packed, quant_state
 
 
 def make_layer(K: int, N: int, rank: int, bias: bool, device, dtype, seed: int = 0) -> dict:

@@ -84,8 +84,7 @@ def variants(nf4, dtype, bnb) -> tuple[dict, dict]:
     if bnb is None:
         missing["bnb"] = "unavailable (bitsandbytes is not installed)"
         return fns, missing
-    packed, state = B.bnb_weight(nf4)
-    state.dtype = dtype  # dequantize_4bit returns quant_state.dtype
+    packed, state = B.bnb_weight(nf4, dtype)
     buffer = torch.empty(nf4.shape, dtype=dtype, device=nf4.device)
     if nf4.device.type == "cuda":
         fns["bnb"] = lambda: bnb.functional.dequantize_4bit(packed, state, out=buffer)

@@ -104,7 +104,7 @@ def baselines(layer: dict, bnb, dtype) -> dict:
 
         fns["b"] = lambda x: DequantAddmm.apply(x, a, b, lambda: buffer.copy_(dequantize_nf4(nf4, dtype)), s, bias)
         return fns
-    packed, state = B.bnb_weight(nf4)
+    packed, state = B.bnb_weight(nf4, dtype)
 
     def dequant_once():
         if buffer.is_cuda:

@@ -56,9 +56,9 @@ def reference(layer: dict, x, dy) -> dict:
     return {"y": y.detach(), "dx": x32.grad, "da": a.grad, "db": b.grad}
 
 
-def bnb_peft(layer: dict, bnb):
+def bnb_peft(layer: dict, bnb, dtype):
     """bitsandbytes matmul_4bit on the same codes + peft's LoRA (under autocast: no input cast)."""
-    packed, state = B.bnb_weight(layer["nf4"])
+    packed, state = B.bnb_weight(layer["nf4"], dtype)
 
     def fn(x, nf4, a, b, scale, bias=None, dropout=0.0, training=False):
         y = bnb.matmul_4bit(x, packed.t(), quant_state=state, bias=bias).clone()
@@ -111,12 +111,13 @@ def format_row(r: dict) -> str:
 
 def run(args, device, dtype) -> dict:
     bnb = B.load_bnb()
-    paths, missing = B.our_paths()
+    paths, missing = B.our_paths(args.paths)
     if bnb is not None:
         paths["bnb"] = None  # built per layer
     else:
         missing["bnb"] = "unavailable (bitsandbytes is not installed)"
-    result = {"meta": B.metadata(device, dtype, tol=TOL), "paths": {n: missing.get(n, "ok") for n in [*B.PATHS, "bnb"]}, "rows": []}
+    names = [*args.paths, "bnb"]
+    result = {"meta": B.metadata(device, dtype, tol=TOL), "paths": {n: missing.get(n, "ok") for n in names}, "rows": []}
     print(HEADER)
     for proj, K, N, bias in shapes(device):
         layer = B.make_layer(K, N, 16 if device.type == "cuda" else 8, bias, device, dtype)
@@ -128,7 +129,7 @@ def run(args, device, dtype) -> dict:
                 if not B.path_takes(name, M):
                     rows.append({"path": name, "status": f"n/a (M > {B.PATHS[name][1]})"})
                     continue
-                rows.append(probe(name, fn or bnb_peft(layer, bnb), layer, x, dy, dtype, ref))
+                rows.append(probe(name, fn or bnb_peft(layer, bnb, dtype), layer, x, dy, dtype, ref))
             for r in rows:
                 r.update(proj=proj, K=K, N=N, bias=bias, M=M)
                 print(format_row(r), flush=True)
@@ -144,9 +145,11 @@ def run(args, device, dtype) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--m", nargs="+", type=int, help=f"rows (tokens); default {M_VALUES} ({DRY_M} with --dry)")
+    p.add_argument("--paths", nargs="+", choices=list(B.PATHS), help="ours to probe (default: all); bnb always")
     p.add_argument("--dry", action="store_true", help="without a GPU: tiny shapes on CPU under the Triton interpreter")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    args.paths = args.paths or list(B.PATHS)
     args.m = args.m or (DRY_M if args.dry and not torch.cuda.is_available() else M_VALUES)
     return args
 
