@@ -155,7 +155,7 @@ def make_layer(K: int, N: int, rank: int, bias: bool, device, dtype, seed: int =
     a = (torch.randn(rank, K, generator=g) / K**0.5).to(device)  # [r, K]
     b = (torch.randn(N, rank, generator=g) * 0.02).to(device)  # [N, r]
     bias_t = (torch.randn(N, generator=g) * 0.1).to(device, dtype) if bias else None
-    return dict(nf4=nf4, w=dequantize_nf4(nf4, dtype), a=a, b=b, bias=bias_t, scale=2.0)
+    return {"nf4": nf4, "w": dequantize_nf4(nf4, dtype), "a": a, "b": b, "bias": bias_t, "scale": 2.0}
 
 
 def inputs(M: int, K: int, N: int, device, dtype, seed: int = 1):

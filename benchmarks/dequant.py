@@ -42,7 +42,13 @@ BANDWIDTH_TBS = [
     ("5090", 1.79), ("4090", 1.008), ("4080", 0.717), ("3090", 0.936), ("3080", 0.76),
 ]  # fmt: skip
 # (name, N, K): Llama-3-8B's weights, and the fused gate_up (the largest projection, one dequant buffer's size).
-SHAPES = [("q/o", 4096, 4096), ("k/v", 1024, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336), ("gate_up", 28672, 4096)]
+SHAPES = [
+    ("q/o", 4096, 4096),
+    ("k/v", 1024, 4096),
+    ("gate/up", 14336, 4096),
+    ("down", 4096, 14336),
+    ("gate_up", 28672, 4096),
+]
 QUICK_SHAPES = ["down", "gate_up"]
 DRY_SHAPES = [("dry-a", 80, 128), ("dry-b", 48, 192)]
 TARGET_VS_BNB, TARGET_BANDWIDTH = 2.5, 0.80
@@ -112,7 +118,9 @@ def measure(name: str, N: int, K: int, device, dtype, bnb, timer, peak: float) -
         row["gbps"][v] = moved / (ms * 1e6)
         row["of_peak"][v] = moved / (ms * 1e-3) / peak
     ref = outputs.get("bnb")
-    row["bit_exact_vs_bnb"] = {v: (bool(torch.equal(w, ref)) if ref is not None else None) for v, w in outputs.items() if v != "bnb"}
+    row["bit_exact_vs_bnb"] = {
+        v: (bool(torch.equal(w, ref)) if ref is not None else None) for v, w in outputs.items() if v != "bnb"
+    }
     ours, theirs = row["ms"].get("ours"), row["ms"].get("bnb")
     row["ours_vs_bnb"] = theirs / ours if ours and theirs else None
     row["targets"] = {
@@ -143,7 +151,9 @@ def format_row(r: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", choices=[s[0] for s in SHAPES], help="default: all; --quick: " + " ".join(QUICK_SHAPES))
+    p.add_argument(
+        "--shapes", nargs="+", choices=[s[0] for s in SHAPES], help="default: all; --quick: " + " ".join(QUICK_SHAPES)
+    )
     p.add_argument("--reps", type=int, help="timed repetitions (default 50; --quick 20; --dry 2)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--dry", action="store_true", help="without a GPU: tiny weights on CPU under the Triton interpreter")
@@ -158,7 +168,10 @@ def run(args, device, dtype) -> dict:
     bnb = B.load_bnb()
     timer = B.Timer(device, warmup=0 if args.dry else 5, reps=args.reps)
     peak, source = bandwidth(device)
-    result = {"meta": B.metadata(device, dtype, reps=args.reps, bandwidth_gbps=peak / 1e9, bandwidth_source=source), "rows": []}
+    result = {
+        "meta": B.metadata(device, dtype, reps=args.reps, bandwidth_gbps=peak / 1e9, bandwidth_source=source),
+        "rows": [],
+    }
     print(f"memory bandwidth {peak / 1e9:.0f} GB/s, {source}\n\n{HEADER}")
     for name, N, K in shapes(args, device):
         result["rows"].append(measure(name, N, K, device, dtype, bnb, timer, peak))
@@ -175,10 +188,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     env = B.setup(args.dry)
     if env is None:
-        print("benchmarks/dequant.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing measured; --dry runs it on CPU.")
+        print(
+            "benchmarks/dequant.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing measured; --dry runs it on CPU."
+        )
         return 0
-    device, dtype = env
-    run(args, device, torch.bfloat16)  # bf16 loads, stores and casts are exact under the interpreter too
+    run(args, env[0], torch.bfloat16)  # bf16 loads, stores and casts are exact under the interpreter too
     if args.json:
         print(f"wrote {args.json}")
     return 0

@@ -9,11 +9,11 @@
 #   env       60  install the carried wheels (.whl/, from ../shared/device/pack-wheels.sh) and qtrain
 #                 editable; GPU, driver and package versions, commit
 #   pytest    90  pytest -m gpu
-#   probe     50  benchmarks/probe.py: every NF4+LoRA path under bf16 autocast at Llama-3-8B shapes
+#   probe     75  benchmarks/probe.py: every NF4+LoRA path under bf16 autocast at Llama-3-8B shapes
 #   kernels   100 benchmarks/kernels.py --quick
 #   dequant   30  benchmarks/dequant.py --quick
-#   e2e       145 benchmarks/e2e.py --quick (baseline and qtrain workers, 70 s each at most)
-#   int32     60  benchmarks/int32_probe.py, LAST: an illegal address poisons the CUDA context
+#   e2e       125 benchmarks/e2e.py --quick (baseline and qtrain workers, 60 s each at most)
+#   int32     55  benchmarks/int32_probe.py, LAST: an illegal address poisons the CUDA context
 # Files under $OUT (default: a new temp dir): summary.md (one line per step: name, status, seconds),
 # session.log (everything printed), probe.json, kernels.json, dequant.json, e2e.json, e2e.md, int32.json.
 # A step's status: ok, FAIL (exit N) or TIMEOUT (cap N s); the session goes on after either. Exit
@@ -109,17 +109,17 @@ echo "| env | $(status_of $rc 60) | $((SECONDS - start)) | 60 | $device; commit 
 
 step pytest 90 "grep -E '(passed|failed|skipped|error|deselected|no tests ran)' '$LOG' | tail -1" \
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
-step probe 50 "grep -m1 '^summary:' '$TMP/probe.txt'" \
+step probe 75 "grep -m1 '^summary:' '$TMP/probe.txt'" \
   bash -o pipefail -c "'$PY' benchmarks/probe.py $DRYFLAG --json '$OUT/probe.json' | tee '$TMP/probe.txt'"
 step kernels 100 "grep -m1 '^summary:' '$TMP/kernels.txt' | cut -c1-110" \
   bash -o pipefail -c "'$PY' benchmarks/kernels.py --quick $DRYFLAG --json '$OUT/kernels.json' | tee '$TMP/kernels.txt'"
 step dequant 30 "" "$PY" benchmarks/dequant.py --quick $DRYFLAG --json "$OUT/dequant.json"
-step e2e 145 "ls '$TMP/e2e' 2>/dev/null || echo 'no result files'" \
-  "$PY" benchmarks/e2e.py --quick --worker-timeout 70 --search-seconds 15 --out "$TMP/e2e"
+step e2e 125 "ls '$TMP/e2e' 2>/dev/null || echo 'no result files'" \
+  "$PY" benchmarks/e2e.py --quick --worker-timeout 60 --search-seconds 15 --out "$TMP/e2e"
 for f in "$TMP"/e2e/e2e-*.json "$TMP"/e2e/e2e-*.md; do  # the .png stays behind: 8 files at most come back
   [[ -f $f ]] && cp "$f" "$OUT/e2e.${f##*.}"
 done
-step int32 60 "" "$PY" benchmarks/int32_probe.py $DRYFLAG --json "$OUT/int32.json"
+step int32 55 "" "$PY" benchmarks/int32_probe.py $DRYFLAG --json "$OUT/int32.json"
 
 echo "$OUT"
 cat "$SUMMARY"

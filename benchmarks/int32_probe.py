@@ -91,13 +91,18 @@ def run(args, device, dtype) -> dict:
         "results": [{"path": n, "status": why} for n, why in missing.items()],
     }
     B.write_json(args.json, result)
-    print(f"M={M} K={K} N={N}: largest element offset {max_offset} ({'>' if max_offset > INT32_MAX else '<='} 2^31 - 1)")
+    print(
+        f"M={M} K={K} N={N}: largest element offset {max_offset} ({'>' if max_offset > INT32_MAX else '<='} 2^31 - 1)"
+    )
     layer = B.make_layer(K, N, 16, False, device, dtype)
     x, dy = B.inputs(M, K, N, device, dtype)
     for name, fn in paths.items():
         r = probe(name, fn, layer, x, dy, dtype, rows)
         result["results"].append(r)
-        print(f"{name}: {r['status']} {r.get('max_rel', '')} {r.get('rows_over_tol', '')} {r.get('error', '')}", flush=True)
+        print(
+            f"{name}: {r['status']} {r.get('max_rel', '')} {r.get('rows_over_tol', '')} {r.get('error', '')}",
+            flush=True,
+        )
         B.write_json(args.json, result)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -108,7 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--m", type=int, default=SHAPE[0], help=f"tokens (default {SHAPE[0]})")
     p.add_argument("--paths", nargs="+", choices=list(B.PATHS), default=PATH_NAMES)
-    p.add_argument("--dry", action="store_true", help=f"without a GPU: M, K, N = {DRY_SHAPE} on CPU under the Triton interpreter")
+    p.add_argument(
+        "--dry", action="store_true", help=f"without a GPU: M, K, N = {DRY_SHAPE} on CPU under the Triton interpreter"
+    )
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
@@ -117,7 +124,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     env = B.setup(args.dry)
     if env is None:
-        print("benchmarks/int32_probe.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing probed; --dry runs it on CPU.")
+        print(
+            "benchmarks/int32_probe.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing probed; --dry runs it on CPU."
+        )
         return 0
     result = run(args, *env)
     if args.json:

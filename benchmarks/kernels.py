@@ -23,7 +23,7 @@ faster). Targets (issue 16), per row of ours:
 - M <= 16, fwd: >= 2.5x (c) (bf16 GEMV) and >= 1.0x (a) (bitsandbytes' 4-bit GEMV at M = 1);
 - every row: not slower than (b), i.e. >= 0.97x (b) (3% for timing noise).
 Output check: each path's forward output against (a) on the same codes, max |diff| / max |(a)| <=
-OUTPUT_TOL. Markdown to stdout, JSON with --json (written after every shape).
+OUTPUT_TOL. Markdown to stdout, JSON with --json (written after every shape and M).
 """
 
 from __future__ import annotations
@@ -55,7 +55,11 @@ DRY_M = [1, 16, 37]
 MODES = ["fwd", "fwd+bwd"]
 SMALL_M = 16
 BASELINES = ["a", "b", "c"]
-BASELINE_NAMES = {"a": "bnb matmul_4bit + PEFT LoRA", "b": "dequant-once + cuBLAS + addmm LoRA", "c": "bf16 cuBLAS + addmm LoRA"}
+BASELINE_NAMES = {
+    "a": "bnb matmul_4bit + PEFT LoRA",
+    "b": "dequant-once + cuBLAS + addmm LoRA",
+    "c": "bf16 cuBLAS + addmm LoRA",
+}
 # max |ours - (a)| / max |(a)| on the same codes: bf16 output rounding (2^-9) and fp32-accumulation order
 # over K <= 18944, plus (a)'s fp32-adapter rounding; a wrong block, nibble or tile is >= 1e-1.
 OUTPUT_TOL = 1e-2
@@ -202,10 +206,13 @@ def measure(layer, paths, bnb, M, modes, dtype, timer) -> list[dict]:
         for name in mine:
             t = ms[name]
             speedup = {k: (ms[k] / t if t and ms.get(k) else None) for k in BASELINES}
-            rows.append(dict(M=M, mode=mode, path=name, ms=t, error=errors.get(name), baseline_ms={k: ms.get(k) for k in BASELINES},
-                             speedup=speedup, targets=targets(M, mode, speedup) if t else {}, check=checks.get(name)))  # fmt: skip
-        rows.append(dict(M=M, mode=mode, path="baselines", baseline_ms={k: ms.get(k) for k in BASELINES},
-                         errors={k: v for k, v in errors.items() if k in BASELINES}, check={k: checks.get(k) for k in ("b", "c")}))  # fmt: skip
+            row = {"M": M, "mode": mode, "path": name, "ms": t, "error": errors.get(name), "speedup": speedup}
+            row |= {"baseline_ms": {k: ms.get(k) for k in BASELINES}, "check": checks.get(name)}
+            rows.append(row | {"targets": targets(M, mode, speedup) if t else {}})
+        rows.append({
+            "M": M, "mode": mode, "path": "baselines", "baseline_ms": {k: ms.get(k) for k in BASELINES},
+            "errors": {k: v for k, v in errors.items() if k in BASELINES}, "check": {k: checks.get(k) for k in ("b", "c")},
+        })  # fmt: skip
     return rows
 
 
@@ -265,11 +272,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--projections", nargs="+", choices=["q", "k", "v", "o", "gate", "up", "down"])
     p.add_argument("--m", nargs="+", type=int, help=f"rows (tokens) per call; default {M_VALUES}")
     p.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
-    p.add_argument("--paths", nargs="+", choices=list(B.PATHS), help="ours to time (default: all; --quick: all but torch)")
+    p.add_argument(
+        "--paths", nargs="+", choices=list(B.PATHS), help="ours to time (default: all; --quick: all but torch)"
+    )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--reps", type=int, help="timed repetitions (default 20; --quick 8; --dry 1)")
     p.add_argument("--max-seconds", type=float, help="start no new shape after this (default none; --quick 80)")
-    p.add_argument("--quick", action="store_true", help=f"projections {QUICK_PROJECTIONS}, M in {QUICK_M}, few repetitions")
+    p.add_argument(
+        "--quick", action="store_true", help=f"projections {QUICK_PROJECTIONS}, M in {QUICK_M}, few repetitions"
+    )
     p.add_argument("--dry", action="store_true", help="without a GPU: tiny shapes on CPU under the Triton interpreter")
     p.add_argument("--json", type=Path, help="write the result here (after every shape)")
     args = p.parse_args(argv)
@@ -311,15 +322,16 @@ def run(args, device, dtype) -> dict:
             print(result["stopped"], file=sys.stderr)
             break
         layer = B.make_layer(K, N, args.rank, bias, device, dtype)
-        new = [dict(M="-", mode="-", path=n, unavailable=why) for n, why in missing.items()]
+        new = [{"M": "-", "mode": "-", "path": n, "unavailable": why} for n, why in missing.items()]
         for M in args.m:
             new += measure(layer, paths, bnb, M, args.modes, dtype, timer)
-        for r in new:
-            r.update(model=model, proj=proj, K=K, N=N, bias=bias)
-            print(format_row(r), flush=True)
-        result["rows"] += new
-        result["summary"] = summary(result["rows"])
-        B.write_json(args.json, result)
+            for r in new:
+                r.update(model=model, proj=proj, K=K, N=N, bias=bias)
+                print(format_row(r), flush=True)
+            result["rows"] += new
+            result["summary"] = summary(result["rows"])
+            B.write_json(args.json, result)  # after every (shape, M): a step killed at its cap keeps what ran
+            new = []
         del layer
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -332,7 +344,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     env = B.setup(args.dry)
     if env is None:
-        print("benchmarks/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing measured; --dry runs it on CPU.")
+        print(
+            "benchmarks/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing measured; --dry runs it on CPU."
+        )
         return 0
     print(HEADER)
     result = run(args, *env)

@@ -100,7 +100,9 @@ def shapes(device) -> list[tuple[str, int, int, bool]]:
     return [by_name[p] for p in PROJECTIONS]
 
 
-HEADER = "| proj | KxN | bias | M | path | status | Y | dX | dA | dB | note |\n|---|---|---|---|---|---|---|---|---|---|---|"
+HEADER = (
+    "| proj | KxN | bias | M | path | status | Y | dX | dA | dB | note |\n|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def format_row(r: dict) -> str:
@@ -158,7 +160,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     env = B.setup(args.dry)
     if env is None:
-        print("benchmarks/probe.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing probed; --dry runs it on CPU.")
+        print(
+            "benchmarks/probe.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing probed; --dry runs it on CPU."
+        )
         return 0
     result = run(args, *env)
     print(f"\nsummary: {result['summary']}")

@@ -105,7 +105,12 @@ def test_baselines_b_and_c_match_fp32_autograd(kernels, bias):
         layer_g = {**layer, "a": ag, "b": bg}
         y = kernels.baselines(layer_g, B.load_bnb(), torch.float32)[name](xg)
         y.backward(dy)
-        for got, want, what in ((y, ref, "y"), (xg.grad, xr.grad, "dx"), (ag.grad, ar.grad, "da"), (bg.grad, br.grad, "db")):
+        for got, want, what in (
+            (y, ref, "y"),
+            (xg.grad, xr.grad, "dx"),
+            (ag.grad, ar.grad, "da"),
+            (bg.grad, br.grad, "db"),
+        ):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"({name}) {what}")
     if "a" in fns:  # bitsandbytes + PEFT on the same codes
         torch.testing.assert_close(fns["a"](x), ref.detach(), rtol=1e-5, atol=1e-5)
@@ -123,11 +128,18 @@ def test_bnb_gets_the_same_codes(kernels):
 def test_kernels_dry_json_and_reports(kernels, fake_paths, tmp_path, capsys):
     fake_paths(kernels)
     out = tmp_path / "k.json"
-    assert kernels.main(["--dry", "--paths", "torch", "wrong", "broken", "missing", "--m", "1", "5", "--json", str(out)]) == 0
+    assert (
+        kernels.main(["--dry", "--paths", "torch", "wrong", "broken", "missing", "--m", "1", "5", "--json", str(out)])
+        == 0
+    )
     result = read(out)
-    assert {"device", "commit", "date", "torch", "triton", "bitsandbytes", "dtype", "dry", "output_tol"} <= set(result["meta"])
+    assert {"device", "commit", "date", "torch", "triton", "bitsandbytes", "dtype", "dry", "output_tol"} <= set(
+        result["meta"]
+    )
     assert result["meta"]["dry"] is True and result["meta"]["dtype"] == "float16"
-    assert result["paths"]["torch"] == "ok" and result["paths"]["missing"].startswith("unavailable (ModuleNotFoundError")
+    assert result["paths"]["torch"] == "ok" and result["paths"]["missing"].startswith(
+        "unavailable (ModuleNotFoundError"
+    )
     rows = result["rows"]
     shapes = {(r["K"], r["N"], r["bias"]) for r in rows}
     assert shapes == {(K, N, b) for _, K, N, b in kernels.B.DRY_SHAPES}
@@ -180,7 +192,10 @@ def test_dequant_dry(tmp_path):
     for r in result["rows"]:
         assert set(r["ms"]) == {"ours", "bnb", "torch"} and not r["errors"]
         assert r["bit_exact_vs_bnb"] == {"torch": True, "ours": True}
-        assert r["bytes"] == r["N"] * r["K"] // 2 + r["N"] * r["K"] // 64 + 4 * -(-r["N"] * r["K"] // 64 // 256) + 2 * r["N"] * r["K"]
+        assert (
+            r["bytes"]
+            == r["N"] * r["K"] // 2 + r["N"] * r["K"] // 64 + 4 * -(-r["N"] * r["K"] // 64 // 256) + 2 * r["N"] * r["K"]
+        )
         assert set(r["targets"]) == {">=2.5x bnb", ">=80% HBM"}
         assert r["ours_vs_bnb"] == pytest.approx(r["ms"]["bnb"] / r["ms"]["ours"])
 
@@ -200,7 +215,12 @@ def test_probe_dry(fake_paths, tmp_path):
     probe = load("probe")
     fake_paths(probe)
     out = tmp_path / "p.json"
-    assert probe.main(["--dry", "--paths", "torch", "gemv", "wrong", "broken", "missing", "--m", "1", "20", "--json", str(out)]) == 0
+    assert (
+        probe.main(
+            ["--dry", "--paths", "torch", "gemv", "wrong", "broken", "missing", "--m", "1", "20", "--json", str(out)]
+        )
+        == 0
+    )
     result = read(out)
     by = {(r["K"], r["M"], r["path"]): r for r in result["rows"]}
     for K in (128, 192):
@@ -222,7 +242,7 @@ def test_probe_dry(fake_paths, tmp_path):
 
 def test_int32_rows_and_shape():
     int32 = load("int32_probe")
-    M, K, N = int32.SHAPE
+    M, _, N = int32.SHAPE
     assert (M - 1) * N + N - 1 > 2**31 - 1  # the shape does pass int32
     rows = int32.sample_rows(M, N)
     assert {0, M - 1, 74897, 74898, 74899} <= set(rows)

@@ -18,18 +18,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 STEPS = ["env", "pytest", "probe", "kernels", "dequant", "e2e", "int32"]
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout"
+)
 
 
 def summary_rows(out: Path) -> list[list[str]]:
     """The step rows of summary.md: [step, status, seconds, cap, note]."""
-    rows = [line.strip("|").split("|") for line in (out / "summary.md").read_text().splitlines() if line.startswith("| ")]
+    rows = [
+        line.strip("|").split("|") for line in (out / "summary.md").read_text().splitlines() if line.startswith("| ")
+    ]
     return [[c.strip() for c in row] for row in rows if row[0].strip() not in ("step",)]
 
 
 def run_session(out: Path, python: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "COMMIT")} | {"OUT": str(out), "PYTHON": python}
-    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 @pytest.mark.slow
@@ -56,7 +62,7 @@ def test_dry_session_runs_every_step(tmp_path):
 def test_failing_steps_are_recorded_and_the_session_goes_on(tmp_path):
     # A "python" that fails every command: each step is recorded as failed, none stops the session.
     fake = tmp_path / "python"
-    fake.write_text("#!/usr/bin/env bash\necho \"fake python: $*\" >&2\nexit 3\n")
+    fake.write_text('#!/usr/bin/env bash\necho "fake python: $*" >&2\nexit 3\n')
     fake.chmod(0o755)
     out = tmp_path / "out"
     proc = run_session(out, str(fake), "--dry", timeout=60)
