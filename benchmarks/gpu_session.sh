@@ -19,7 +19,7 @@
 # A step's status: ok, FAIL (exit N) or TIMEOUT (cap N s); the session goes on after either. Exit
 # status 0 when every step is ok, else 1.
 # --dry: no install and no GPU; pytest -m gpu collects and skips, each script runs with --dry (CPU,
-# the Triton interpreter), e2e.py says it needs a GPU.
+# the Triton interpreter; e2e.py: both stacks on a tiny Llama).
 # Environment: OUT, COMMIT (else git's HEAD, else "unknown"), PYTHON (default python3).
 set -uo pipefail
 
@@ -115,7 +115,7 @@ step kernels 100 "grep -m1 '^summary:' '$TMP/kernels.txt' | cut -c1-110" \
   bash -o pipefail -c "'$PY' benchmarks/kernels.py --quick $DRYFLAG --json '$OUT/kernels.json' | tee '$TMP/kernels.txt'"
 step dequant 30 "" "$PY" benchmarks/dequant.py --quick $DRYFLAG --json "$OUT/dequant.json"
 step e2e 125 "ls '$TMP/e2e' 2>/dev/null || echo 'no result files'" \
-  "$PY" benchmarks/e2e.py --quick --worker-timeout 60 --search-seconds 15 --out "$TMP/e2e"
+  "$PY" benchmarks/e2e.py --quick $DRYFLAG --worker-timeout 60 --search-seconds 15 --out "$TMP/e2e"
 for f in "$TMP"/e2e/e2e-*.json "$TMP"/e2e/e2e-*.md; do  # the .png stays behind: 8 files at most come back
   [[ -f $f ]] && cp "$f" "$OUT/e2e.${f##*.}"
 done

@@ -40,13 +40,13 @@ def run_session(out: Path, python: str, *args: str, timeout: int = 300) -> subpr
 
 @pytest.mark.slow
 def test_dry_session_runs_every_step(tmp_path):
-    # ~90 s on 2 busy cores: every step on CPU (pytest -m gpu collects and skips, the scripts with --dry).
+    # ~100 s on 2 busy cores: every step on CPU (pytest -m gpu collects and skips, the scripts with --dry).
     proc = run_session(tmp_path, sys.executable, "--dry")
     log = (tmp_path / "session.log").read_text() if (tmp_path / "session.log").exists() else ""
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:] + log[-4000:]
     files = {p.name for p in tmp_path.rglob("*") if p.is_file()}
-    assert files == {"summary.md", "session.log", "probe.json", "kernels.json", "dequant.json", "int32.json"}
-    assert len(files) <= 8
+    results = {f"{name}.json" for name in ("probe", "kernels", "dequant", "e2e", "int32")}
+    assert files == {"summary.md", "session.log", "e2e.md", *results}  # 8: what the device tool returns
     rows = summary_rows(tmp_path)
     assert [r[0] for r in rows] == STEPS
     assert all(r[1] == "ok" for r in rows), rows  # a step that crashed or timed out is not "ok"
@@ -56,7 +56,8 @@ def test_dry_session_runs_every_step(tmp_path):
     for name in ("probe", "kernels", "dequant", "int32"):
         result = json.loads((tmp_path / f"{name}.json").read_text())
         assert result["meta"]["dry"] is True and result["meta"]["commit"], name
-    assert "needs a CUDA GPU" in log  # e2e.py without a GPU
+    e2e = json.loads((tmp_path / "e2e.json").read_text())  # both stacks trained a tiny Llama, the e2e.png left behind
+    assert [(r["stack"], r["error"]) for r in e2e["rows"]] == [("baseline", None), ("qtrain", None)]
 
 
 def test_failing_steps_are_recorded_and_the_session_goes_on(tmp_path):
