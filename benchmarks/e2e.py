@@ -86,7 +86,8 @@ split by --models / --stacks / --settings). Time (by FLOP counts, not measured: 
 available when this was written): per worker ~10 s start, ~10-20 s build, ~30 s Triton autotuning
 in qtrain's first steps, seconds per `seq` setting, and --search-seconds (45; 20 with --quick) plus
 at most one try (up to ~1 min near 100k tokens) per sweep; a worker is stopped after
---worker-timeout (300 s) with its results so far kept. Without a CUDA GPU it says so and exits 0.
+--worker-timeout (300 s) with its results so far kept. Without a CUDA GPU it says so and exits 0;
+with --dry it trains a tiny Llama on CPU through the same driver instead (a check, not a measurement).
 """
 
 from __future__ import annotations
