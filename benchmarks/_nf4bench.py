@@ -8,10 +8,10 @@ bitsandbytes itself writes, `qtrain.nf4.to_bnb_state_dict`, into a bnb `QuantSta
 kernels on identical 4-bit codes shows kernel errors that the ~10% quantization error of a
 comparison with the unquantized weight would hide.
 
-`--dry` (every script): no GPU needed. The Triton kernels run under the interpreter on CPU
-(`setup` sets TRITON_INTERPRET=1 before triton is first imported; bitsandbytes imports triton),
-at tiny shapes, with fp16 autocast instead of bf16 (the interpreter's `tl.dot` on bf16 operands
-returns garbage). It runs every code path of the script, JSON included, in seconds.
+`--dry` (every script): tiny shapes, every code path of the script, JSON included, in seconds; no
+GPU needed. Without one the Triton kernels run under the interpreter on CPU (`setup` sets
+TRITON_INTERPRET=1 before triton is first imported; bitsandbytes imports triton) with fp16
+autocast instead of bf16 (the interpreter's `tl.dot` on bf16 operands returns garbage).
 
 benchmarks/ is no package: scripts load this file by path (`_load("_nf4bench")`).
 """
@@ -214,7 +214,7 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
-def metadata(device, dtype, **extra) -> dict:
+def metadata(device, dtype, dry: bool, **extra) -> dict:
     """GPU (or CPU) name, versions, commit ($COMMIT, else git), date and the run's settings."""
     import torch
 
@@ -234,12 +234,12 @@ def metadata(device, dtype, **extra) -> dict:
     return {
         "device": torch.cuda.get_device_name(device) if cuda else common.cpu_name(),
         "capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None,
-        "dry": not cuda,
         **git,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         **versions,
         "dtype": str(dtype).removeprefix("torch."),
+        "dry": dry,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         **extra,
     }

@@ -281,7 +281,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help=f"projections {QUICK_PROJECTIONS}, M in {QUICK_M}, few repetitions"
     )
-    p.add_argument("--dry", action="store_true", help="without a GPU: tiny shapes on CPU under the Triton interpreter")
+    p.add_argument(
+        "--dry",
+        action="store_true",
+        help="tiny shapes: a check of the code path (without a GPU: on CPU, Triton interpreter)",
+    )
     p.add_argument("--json", type=Path, help="write the result here (after every shape)")
     args = p.parse_args(argv)
     args.models = args.models or ["llama-3-8b"]
@@ -293,9 +297,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def shapes(args, device) -> list[tuple[str, str, int, int, bool]]:
+def shapes(args) -> list[tuple[str, str, int, int, bool]]:
     """(model, proj, K, N, bias), each distinct (K, N, bias) once (Mistral-7B shares Llama-3-8B's)."""
-    if device.type != "cuda":
+    if args.dry:
         return [("dry", name, K, N, bias) for name, K, N, bias in B.DRY_SHAPES]
     seen, out = set(), []
     for model in args.models:
@@ -310,13 +314,13 @@ def run(args, device, dtype) -> dict:
     bnb = B.load_bnb()
     paths, missing = B.our_paths(args.paths)
     timer = B.Timer(device, warmup=0 if args.dry else 3, reps=args.reps)
-    result = {"meta": B.metadata(device, dtype, rank=args.rank, reps=args.reps, baselines=BASELINE_NAMES,
+    result = {"meta": B.metadata(device, dtype, args.dry, rank=args.rank, reps=args.reps, baselines=BASELINE_NAMES,
                                  output_tol=OUTPUT_TOL, not_slower=NOT_SLOWER),
               "paths": {n: missing.get(n, "ok") for n in args.paths}, "rows": []}  # fmt: skip
     if bnb is None:
         print("bitsandbytes is not installed: baseline (a) and the output check are skipped", file=sys.stderr)
     start = time.monotonic()
-    for model, proj, K, N, bias in shapes(args, device):
+    for model, proj, K, N, bias in shapes(args):
         if args.max_seconds and time.monotonic() - start > args.max_seconds:
             result["stopped"] = f"--max-seconds {args.max_seconds:g} reached before {model} {proj}"
             print(result["stopped"], file=sys.stderr)
