@@ -86,7 +86,8 @@ split by --models / --stacks / --settings). Time (by FLOP counts, not measured: 
 available when this was written): per worker ~10 s start, ~10-20 s build, ~30 s Triton autotuning
 in qtrain's first steps, seconds per `seq` setting, and --search-seconds (45; 20 with --quick) plus
 at most one try (up to ~1 min near 100k tokens) per sweep; a worker is stopped after
---worker-timeout (300 s) with its results so far kept. Without a CUDA GPU it says so and exits 0.
+--worker-timeout (300 s) with its results so far kept. Without a CUDA GPU it says so and exits 0;
+with --dry it trains a tiny Llama on CPU through the same driver instead (a check, not a measurement).
 """
 
 from __future__ import annotations
@@ -995,6 +996,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (default: from the table)")
     p.add_argument("--quick", action="store_true", help="Llama-3.1-8B, baseline and qtrain, 3 steps, a coarse "
                    "offloaded sweep (~3 min)")  # fmt: skip
+    p.add_argument("--dry", action="store_true", help="without a GPU: baseline and qtrain on a tiny Llama on CPU, "
+                   "in this process (the driver and result files, in seconds)")  # fmt: skip
     p.add_argument("--in-process", action="store_true", help="run every stack in this process (no isolation)")
     p.add_argument("--worker-timeout", type=float, default=300.0, help="seconds a (model, stack) process may take")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -1017,9 +1020,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def dry_run(args) -> int:
+    """--dry on CPU: the baseline and qtrain stacks train a tiny Llama (fp32, plain AdamW, one thread) for
+    two steps through `run`, in this process, and write the result files: a check of the whole driver
+    for benchmarks/gpu_session.sh --dry, not a measurement."""
+    from qtrain.tiny import tiny_config
+
+    args.models = args.sweep_models = ["tiny"]
+    args.settings, args.seq, args.steps, args.stacks = ["seq"], 32, 2, ["baseline", "qtrain"]
+    # multiples of 64: bitsandbytes 0.50's CPU dequantize is wrong for rows that are not
+    configs = {"tiny": tiny_config("llama", hidden_size=64, intermediate_size=128, num_layers=1, vocab_size=128)}
+    torch.set_num_threads(1)
+    save = Saver(args.out)
+    result = run(args, torch.device("cpu"), configs, torch.float32, "adamw", save=save)
+    print(markdown(result))
+    for path in save.paths or ():
+        print(f"wrote {path}")
+    return 0 if all(r["error"] is None for r in result["rows"]) else 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
+        if args.dry:
+            return dry_run(args)
         print("benchmarks/e2e.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing measured.")
         return 0
     if args.worker:
