@@ -10,7 +10,13 @@ heads of size d, e bytes per compute-dtype element, a bytes per adapter activati
                             e(2Hd + 2Kd) + 4H                              q, k, v, output, logsumexp
                             3eI + eI                                       gate, act, up; down's input
                             Σ r·a                                          X @ A^T of each adapter
+                            Σ (a + mask) · in_features                     LoRA dropout > 0: each adapter's dropped input
     under checkpointing     eD per layer (its input); one layer's saved set is rebuilt in backward
+
+Beside them: the layer backward's gradient buffers (`layer_backward_bytes`: the residual gradient
+and the worst moment of the MLP / attention backward, fused projections split with one
+concatenation), and on the GPU's dequant-once path (`_nf4_path`: >= 256 tokens per micro-batch)
+one compute-dtype buffer of the largest projection weight, fused gate/up included, per device.
 
 The peak is the largest of three moments: the end of the forward (everything saved, plus the
 loss), the backward of the last layer (checkpointed inputs, one recomputed layer and its gradient
