@@ -278,12 +278,13 @@ def layer_saved_bytes(s: LayerShape, w: Workload) -> int:
 def dropout_saved_bytes(s: LayerShape, w: Workload) -> int:
     """Per token and layer, LoRA dropout in training (`qtrain.kernels.nf4_lora.lora_delta`, also on
     the fused path, which draws each projection's mask): every adapted projection saves its dropped
-    input h = dropout(x) for A's gradient (x's dtype under autocast, else the adapter's fp32) and
-    dropout's mask (bool on CUDA's fused dropout; elsewhere `x * mask`, a mask in x's dtype)."""
+    input h = dropout(x) for A's gradient (x's dtype under autocast and in the Triton backend's
+    NF4LoRAFunction, else the torch backend's fp32 cast for the adapter) and dropout's mask (bool on
+    CUDA's fused dropout; elsewhere `x * mask`, a mask in x's dtype)."""
     if s.dropout <= 0:
         return 0
     e = torch.finfo(w.dtype).bits // 8
-    h = e if w.autocast and e < 4 else 4
+    h = e if (w.autocast and e < 4) or w.backend == "triton" else 4
     mask = 1 if w.device == "cuda" else e
     return sum((h + mask) * s.in_out[n][0] for n in s.ranks)
 
