@@ -10,7 +10,9 @@ For each row i of logits z [N, V] with label y_i (rows with y_i == ignore_index 
 One program per row reads the row twice (pass 1: max/sum; pass 2: softmax - onehot) and writes dz
 over z, in z's dtype, so the caller needs no second [N, V] buffer (Liger-Kernel's cross_entropy
 does the same). All math is fp32 in registers; 16-bit logits are widened per block. Ignored rows
-get loss 0 and an all-zero gradient row. An out-of-range label (not ignore_index) gives a NaN loss
+get loss 0 and an all-zero gradient row. The running max starts at -FLT_MAX, not -inf, so blocks
+of only -inf logits (before the first finite one) add exp(-inf) = 0 instead of NaN; a row that is
+-inf everywhere still gives NaN, as PyTorch does. An out-of-range label (not ignore_index) gives a NaN loss
 for its row (PyTorch would raise).
 
 `kernels/linear_cross_entropy.py` calls this inside its chunk loop (backend="triton"): the chunk's
@@ -82,7 +84,9 @@ def _cross_entropy_kernel(
         in_range = (y >= 0) & (y < V)
         target = tl.load(row_ptr + y * stride_col, mask=in_range, other=float("nan")).to(tl.float32)
         # pass 1: online logsumexp
-        m = float("-inf")  # running max
+        # running max, from the lowest FINITE fp32: starting at -inf, a first block of only -inf
+        # logits (masked vocab, a constrained decoder's bias) gave exp(-inf - -inf) = NaN
+        m = -3.4028234663852886e38  # -FLT_MAX
         d = 0.0  # running sum of exp(z - m)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs

@@ -10,7 +10,13 @@ heads of size d, e bytes per compute-dtype element, a bytes per adapter activati
                             e(2Hd + 2Kd) + 4H                              q, k, v, output, logsumexp
                             3eI + eI                                       gate, act, up; down's input
                             Σ r·a                                          X @ A^T of each adapter
+                            Σ (a + mask) · in_features                     LoRA dropout > 0: each adapter's dropped input
     under checkpointing     eD per layer (its input); one layer's saved set is rebuilt in backward
+
+Beside them: the layer backward's gradient buffers (`layer_backward_bytes`: the residual gradient
+and the worst moment of the MLP / attention backward, fused projections split with one
+concatenation), and on the GPU's dequant-once path (`_nf4_path`: >= 256 tokens per micro-batch)
+one compute-dtype buffer of the largest projection weight, fused gate/up included, per device.
 
 The peak is the largest of three moments: the end of the forward (everything saved, plus the
 loss), the backward of the last layer (checkpointed inputs, one recomputed layer and its gradient
@@ -209,6 +215,7 @@ class LayerShape:
     ranks: dict[str, int]  # projection name → adapter rank (targets only)
     in_out: dict[str, tuple[int, int]]
     dora: bool = False
+    dropout: float = 0.0  # the adapters' LoRA dropout (the largest): > 0 saves each projection's dropped input
 
 
 def layer_shape(model: nn.Module, config: PretrainedConfig) -> LayerShape:
@@ -224,6 +231,7 @@ def layer_shape(model: nn.Module, config: PretrainedConfig) -> LayerShape:
         d=head,
         ranks={n: adapter_rank(m) for n, m in projections.items() if adapter_rank(m)},
         dora=any(getattr(m, "use_dora", False) for m in projections.values()),
+        dropout=max((m.dropout for m in projections.values() if m.rank), default=0.0),
         in_out={n: (m.in_features, m.out_features) for n, m in projections.items()},
     )
 
@@ -262,7 +270,23 @@ def layer_saved_bytes(s: LayerShape, w: Workload) -> int:
     mlp = (2 if "swiglu" in w.fused else 3) * e * s.I
     dora = 4 * sum(s.in_out[n][1] for n in s.ranks) if s.dora else 0  # the fp32 output DoRA rescales
     methods = sum(method_saved_bytes(m, s, e) for m in w.methods)
-    return norms + attn_in + mlp_in + attention + mlp + down_in + a * sum(s.ranks.values()) + dora + methods
+    if s.dropout > 0:  # each adapter saves its own dropped input instead of the shared one
+        attn_in = mlp_in = down_in = 0
+    return norms + attn_in + mlp_in + attention + mlp + down_in + a * sum(s.ranks.values()) + dora + methods + dropout_saved_bytes(s, w)
+
+
+def dropout_saved_bytes(s: LayerShape, w: Workload) -> int:
+    """Per token and layer, LoRA dropout in training (`qtrain.kernels.nf4_lora.lora_delta`, also on
+    the fused path, which draws each projection's mask): every adapted projection saves its dropped
+    input h = dropout(x) for A's gradient (x's dtype under autocast and in the Triton backend's
+    NF4LoRAFunction, else the torch backend's fp32 cast for the adapter) and dropout's mask (bool on
+    CUDA's fused dropout; elsewhere `x * mask`, a mask in x's dtype)."""
+    if s.dropout <= 0:
+        return 0
+    e = torch.finfo(w.dtype).bits // 8
+    h = e if (w.autocast and e < 4) or w.backend == "triton" else 4
+    mask = 1 if w.device == "cuda" else e
+    return sum((h + mask) * s.in_out[n][0] for n in s.ranks)
 
 
 def method_saved_bytes(method, s: LayerShape, e: int) -> int:
@@ -297,6 +321,64 @@ def dequant_bytes(largest: int, w: Workload) -> int:
     if not w.quantize or w.backend != "torch":
         return 0
     return largest * (8 if w.dtype == torch.float32 else 6)
+
+
+GEMV_MAX_TOKENS = 16  # at most this many rows per call: the GEMV kernel (no tensor cores, no buffer)
+DEQUANT_MIN_TOKENS = 256  # at least this many: dequantize once into a buffer, then cuBLAS (sm_90 default)
+
+
+def _nf4_path(tokens: int) -> str:
+    """The NF4 + LoRA path the GPU dispatch takes for a projection over `tokens` rows: "gemv"
+    (<= 16: decode, generation), "fused" (the Triton kernel dequantizing in its main loop) or
+    "dequant" (>= 256: one bf16 dequantized weight per device, then cuBLAS; the break-even of issue
+    16 on sm_90 is M ~ 128-256, ~600 on a 4090). These are the defaults of
+    `qtrain.kernels.nf4_dispatch.choose_path`; at merge this calls it (its per-device measured
+    thresholds) instead of the constants."""
+    if tokens <= GEMV_MAX_TOKENS:
+        return "gemv"
+    return "dequant" if tokens >= DEQUANT_MIN_TOKENS else "fused"
+
+
+def largest_projection(s: LayerShape, w: Workload) -> int:
+    """Elements of the largest NF4 weight one call dequantizes: a projection, or a fused group of
+    `w.fused` (gate/up: 2I x D, q/k/v: (H + 2K)d x D) whose members are all there."""
+    widths = [n * k for k, n in s.in_out.values()]
+    for group, names in (("qkv", QKV), ("gate_up", GATE_UP)):
+        if group in w.fused and all(n in s.in_out for n in names):
+            widths.append(sum(s.in_out[n][1] for n in names) * s.in_out[names[0]][0])
+    return max(widths, default=0)
+
+
+def dequant_buffer_bytes(s: LayerShape, w: Workload) -> int:
+    """The dequant-once path's buffer: ONE per device, reused by every projection (forward and the
+    backward's dX), in the compute dtype, sized to the largest projection weight (fused groups
+    included). Allocated at the first call with tokens >= the threshold and kept."""
+    if not w.quantize or w.backend != "triton" or _nf4_path(w.tokens) != "dequant":
+        return 0
+    return largest_projection(s, w) * (torch.finfo(w.dtype).bits // 8)
+
+
+def layer_backward_bytes(s: LayerShape, w: Workload) -> int:
+    """Per token: the gradients alive at the worst moment of one decoder layer's backward, beyond the
+    layer's saved set (counted whole: "recomputed layer"), which each op releases as its backward ends.
+    The NF4 + LoRA backward reads dY and writes dX in the compute dtype (e bytes; no fp32 copies).
+
+    Throughout, the residual stream's gradient D (it waits for the norm's contribution). Then the
+    worst of: down_proj's backward, first, the whole saved set still alive: dH, I. With fused
+    gate/up, the split's backward (`qtrain.fused.columns`, one concatenation): dgate, dup and their
+    concatenation, 2 x 2I, when SwiGLU's saved gate, up (2I; stock silu: 3I) and down's saved input
+    (I, if adapted) are released. With fused q/k/v the same for 2 (H + 2K)d, attention's q, k, v and
+    output (2(H + K)d) released. (Slicing instead of one concatenation added a zero-filled fused-
+    width gradient per block.) The adapters' rank-r temporaries are negligible. Measured on CPU
+    (tests/qtrain/test_estimate.py, stock and fused projections): within the estimate's 10%."""
+    e = torch.finfo(w.dtype).bits // 8
+    moments = [s.I]
+    if "gate_up" in w.fused:
+        released = (2 if "swiglu" in w.fused else 3) * s.I + (s.I if "down_proj" in s.ranks else 0)
+        moments.append(2 * 2 * s.I - released)
+    if "qkv" in w.fused:
+        moments.append(2 * (s.H + 2 * s.K) * s.d - 2 * (s.H + s.K) * s.d)
+    return e * (s.D + max(moments))
 
 
 @dataclass(frozen=True)
@@ -350,6 +432,9 @@ def estimate(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> Estimate:
     ]
     if w.device == "cuda":
         static.append(Item("other", "cuBLAS workspace", CUBLAS_WORKSPACE))
+    buffer = dequant_buffer_bytes(s, w)
+    if buffer:
+        static.append(Item("other", "dequantized-weight buffer", buffer, f"one per device, {_count(largest_projection(s, w))} weights"))
 
     per_layer = layer_saved_bytes(s, w)
     S = w.seq_len + virtual_tokens(w)  # the decoder's rows: prompt tuning prepends its virtual tokens
@@ -398,7 +483,7 @@ def estimate(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> Estimate:
     layer_backward = [
         *(replace(i, bytes=i.bytes // L) if first_layer_is_worse and i in per_layer_kept else i for i in kept),
         Item("gradients", "adapter gradients", layer_grads if first_layer_is_worse else layer_grads // L),
-        Item("other", "layer backward buffers", e * (s.I + s.D) * T, "gradients of the layer's activations"),
+        Item("other", "layer backward buffers", layer_backward_bytes(s, w) * T, "gradients of the layer's activations"),
         Item("other", "dequantized weight (torch backend)", dequant_bytes(facts.largest_linear, w)),
     ]
     if mask and w.device == "cpu":  # CPU sdpa expands a mask to every head: bool [B, H, S, S (+ P)]

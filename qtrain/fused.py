@@ -17,8 +17,12 @@ Per decoder layer (other architectures are left alone, the reason recorded):
       autograd of cat/block_diag sends each projection's gradient to its own lora_a/lora_b (and
       bias). Unequal LoRA scales are folded into the blocks (s_i B_i, s = 1); a rank-0 projection
       is a zero-width block.
-    - op `rope`: `qtrain.kernels.rope.apply_rope`, in place on the q/k views of that output (one
-      launch for both), else transformers' `apply_rotary_pos_emb` of the architecture;
+      The output is split into q, k, v by `columns` (`unsafe_split_with_sizes`): no copy, and the
+      backward is one concatenation of the three gradients (slicing made a zero-filled full-width
+      gradient per block, summed).
+    - op `rope`: `qtrain.kernels.rope.apply_rope`, in place on the q/k blocks of that output (one
+      launch for both; `rotate_own`: reshaped without autograd views, so the backward makes no
+      zero-filled copy of the fused width), else transformers' `apply_rotary_pos_emb`;
     - then the cache update, transformers' attention function of `config._attn_implementation`
       (sdpa, eager, flash...) with the given mask and the architecture's sliding window, o_proj:
       the stock forward step by step, same signature and return value.
@@ -352,13 +356,17 @@ def fused_projection(x: torch.Tensor, linears: list[nn.Module], absmax: torch.Te
 
 
 def columns(y: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """Column blocks of y [..., sum sizes] as single views (`narrow`, not `split`: split's views may
-    not be modified in place, and RoPE rotates q and k in place)."""
-    out, start = [], 0
-    for n in sizes:
-        out.append(y.narrow(-1, start, n))
-        start += n
-    return out
+    """Column blocks of y [..., sum sizes] whose backward is ONE concatenation of their gradients.
+
+    `aten.unsafe_split_with_sizes`: the blocks share y's memory (no copy) but autograd does not track
+    them as views of y, so (a) its backward cats the blocks' gradients into one [..., sum sizes]
+    tensor, where `narrow`/slicing sent each block's gradient through `slice_backward` (a zero-filled
+    [..., sum sizes] tensor per block, summed: 1-1.4 GB transient per layer at 8k tokens for Llama's
+    gate/up), and (b) RoPE may rotate q and k in place (`split`'s views may not be modified in place;
+    on a block, the in-place rotation's bookkeeping is q- or k-sized, not of the fused width). Safe
+    here because y is this call's own output and nothing saved it for the backward; an in-place write
+    to a block does not bump y's version counter."""
+    return list(torch.ops.aten.unsafe_split_with_sizes(y, list(sizes), -1))
 
 
 class _FusedGroups:
@@ -480,6 +488,19 @@ def _rope_backend(x: torch.Tensor) -> str:
     return "triton" if rope_kernels.is_interpreting() and not x.is_cuda else "auto"
 
 
+def rotate_own(q: torch.Tensor, k: torch.Tensor, cos, sin, heads: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE in place on this call's own q [B, S, H * d] and k [B, S, K * d] (fused column blocks or
+    un-hooked LoRALinear outputs), returned as [B, S, H|K, d].
+
+    Reshaped with `aten._unsafe_view`, which autograd does not track as a view, and rotated in that
+    layout (unsqueeze_dim=2): the in-place rotation then only rebases these tensors' history. On an
+    autograd view (`view(...).transpose(1, 2)` of a block of the fused output) it made a CopySlices
+    node and an `as_strided_backward` whose zero-filled buffer spans the view's base, i.e. every row
+    of the fused [T, (H + 2K)d] output, for q and for k. Same numbers, bit for bit."""
+    q4, k4 = (torch.ops.aten._unsafe_view(t, heads) for t in (q, k))  # [B, S, H|K, d]
+    return apply_rope(q4, k4, cos, sin, unsqueeze_dim=2, backend=_rope_backend(q4))
+
+
 def _new_cache_api(stock_cls: type) -> bool:
     """Whether the stock attention takes `cache` (transformers >= 5.24) rather than `past_key_values`."""
     return "cache" in inspect.signature(stock_cls.forward).parameters
@@ -537,11 +558,12 @@ class FusedAttention(_FusedGroups, nn.Module):
         input_shape = hidden_states.shape[:-1]
         heads = (*input_shape, -1, self.head_dim)
         q, k, v, own = self._qkv(hidden_states)
-        q, k, v = (t.view(heads).transpose(1, 2) for t in (q, k, v))  # [B, H|KV, S, d]
         cos, sin = position_embeddings
         if self.fuse_rope and own:
-            q, k = apply_rope(q, k, cos, sin, backend=_rope_backend(q))
+            q, k = (t.transpose(1, 2) for t in rotate_own(q, k, cos, sin, heads))
+            v = v.view(heads).transpose(1, 2)
         else:
+            q, k, v = (t.view(heads).transpose(1, 2) for t in (q, k, v))  # [B, H|KV, S, d]
             q, k = self.rotary(q, k, cos, sin)
         if self._varlen_call(cache, kwargs):
             return self.o_proj(self._attend_varlen(q, k, v, kwargs)), None

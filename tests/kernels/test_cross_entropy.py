@@ -124,6 +124,27 @@ def test_ignore_index_inside_the_vocab_and_all_rows_ignored(device):
     assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
 
 
+@pytest.mark.parametrize("dtype", list(GRAD_TOL), ids=DTYPE_IDS.get)
+def test_rows_whose_leading_blocks_are_all_minus_inf(device, dtype):
+    # issue 16, item 7: the online logsumexp's running max started at -inf, so a first block of only
+    # -inf gave exp(-inf - -inf) = NaN. V=37 in blocks of 16 (3 blocks): row 0's first block is -inf,
+    # row 2's first two blocks (every block but the last), row 4 all but one column of its first
+    # block; row 1 is ignored with its first block -inf too; labels sit on finite logits.
+    logits, labels = make_logits(7, 37, dtype, device, ignore_every=0)
+    logits[0, :16] = logits[1, :16] = logits[2, :32] = float("-inf")
+    logits[4, 1:16] = float("-inf")
+    labels[0], labels[1], labels[2], labels[4] = 20, IGNORE, 33, 0
+    ref_loss, ref_grad = reference_loss_and_grad(logits, labels)
+    assert ref_loss.isfinite()
+    for block_v in (16, None):  # three blocks, and one masked block of 64
+        loss, grad = cross_entropy_fwd_bwd(logits.clone(), labels, IGNORE, GRAD_SCALE, block_v=block_v)
+        torch.testing.assert_close(loss.cpu(), ref_loss, rtol=LOSS_RTOL, atol=0)
+        assert_grad_close(grad, ref_grad, dtype)
+        assert torch.equal(grad[0, :16], torch.zeros_like(grad[0, :16]))  # softmax of -inf is exactly 0
+        loss = cross_entropy_forward(logits, labels, IGNORE, block_v=block_v)
+        torch.testing.assert_close(loss.cpu(), ref_loss, rtol=LOSS_RTOL, atol=0)
+
+
 def test_strided_logits_write_only_their_elements(device):
     # rows of a wider buffer (row stride 1015 > V), and every other column (column stride 2)
     logits, labels = make_logits(7, 1007, torch.float32, device)

@@ -20,6 +20,7 @@ from qtrain.estimate import (
     optimizer_bytes,
     suggestions,
 )
+from qtrain.fused import FusedOps, apply_fused_ops
 from qtrain.lora import LoRASpec
 from qtrain.memprof import MemoryProfiler, peak_sample
 from qtrain.methods import IA3, AdaLoRA, BitFit, Houlsby, LlamaAdapter, PrefixTuning, PromptTuning, PTuning, PTuningV2
@@ -56,6 +57,10 @@ SETTINGS = [
     ("prompt tuning, longer rows", {}, {"methods": (PromptTuning(num_virtual_tokens=16),), "seq_len": 256}, LoRASpec(rank=0)),
     ("P-tuning (LSTM encoder)", {}, {"methods": (PTuning(num_virtual_tokens=16),)}, LoRASpec(rank=0)),
     ("LLaMA-Adapter", {}, {"methods": (LlamaAdapter(adapter_layers=2),)}, LoRASpec(rank=0)),
+    ("LoRA dropout", {}, {}, LoRASpec(rank=8, dropout=0.1)),
+    ("LoRA dropout, fp32, no checkpointing", {}, {"dtype": torch.float32, "gradient_checkpointing": False}, LoRASpec(rank=8, dropout=0.1)),
+    ("fused q/k/v and gate/up", {}, {"fused": ("qkv", "gate_up")}, LoRASpec(rank=8)),
+    ("fused, fp32, no checkpointing", {}, {"dtype": torch.float32, "gradient_checkpointing": False, "fused": ("qkv", "gate_up")}, LoRASpec(rank=8)),
 ]
 MODEL = {"hidden_size": 192, "intermediate_size": 512, "num_layers": 3, "num_heads": 6, "num_kv_heads": 2, "vocab_size": 1024}
 BASE = Workload(batch_size=4, seq_len=128, dtype=torch.bfloat16, backend="torch", optimizer="adamw", device="cpu")
@@ -69,6 +74,9 @@ def measure(path, spec: LoRASpec, w: Workload):
         method.apply(model)
     for n, p in model.named_parameters():
         p.requires_grad = n in lora or any(m.owns(n) for m in w.methods)
+    if w.fused:  # the fused projections only (the small kernels would run under the Triton interpreter)
+        groups = {op: op in w.fused for op in ("qkv", "gate_up")}
+        apply_fused_ops(model, FusedOps(enabled="on", rms_norm=False, rope=False, swiglu=False, varlen=False, **groups))
     if w.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
@@ -221,3 +229,57 @@ def test_fused_ops_on_cuda_in_the_estimate():
     assert not workload_for(cfg, "cuda").attention_mask and workload_for(cfg, "cpu").attention_mask
     off = load_config(None, ["model.name_or_path=llama-3.1-8b", "data.packing=true", "kernels.enabled=off"])
     assert workload_for(off, "cuda").attention_mask and workload_for(off, "cuda").fused == ()
+
+
+def test_nf4_path_by_tokens_per_micro_batch():
+    from qtrain.estimate import DEQUANT_MIN_TOKENS, GEMV_MAX_TOKENS, _nf4_path
+
+    assert [_nf4_path(t) for t in (1, GEMV_MAX_TOKENS)] == ["gemv", "gemv"]
+    assert [_nf4_path(t) for t in (GEMV_MAX_TOKENS + 1, DEQUANT_MIN_TOKENS - 1)] == ["fused", "fused"]
+    assert [_nf4_path(t) for t in (DEQUANT_MIN_TOKENS, 80_000)] == ["dequant", "dequant"]
+
+
+def test_dequant_buffer_is_one_compute_dtype_copy_of_the_largest_projection():
+    """The dequant-once path (issue 16): one buffer per device, sized to the largest NF4 weight one
+    call dequantizes (the fused gate/up [2I, D] when fused, else a [I, D] MLP projection), in the
+    compute dtype, there from the forward on; none for the torch backend, short micro-batches or a
+    16-bit base."""
+    config = preset_config("llama-3.1-8b")
+    spec = LoRASpec(rank=16)
+    d, i = config.hidden_size, config.intermediate_size
+    stock = Workload(batch_size=1, seq_len=2048)
+
+    def buffer(w):
+        est = estimate(config, spec, w)
+        items = [x.bytes for x in est.items if x.name == "dequantized-weight buffer"]
+        assert est.phases["loss forward"] > 0 and len(items) <= 1
+        return items[0] if items else 0
+
+    assert buffer(stock) == i * d * 2
+    assert buffer(replace(stock, fused=("qkv", "gate_up"))) == 2 * i * d * 2
+    assert buffer(replace(stock, fused=("qkv",))) == i * d * 2  # [I, D] is wider than q/k/v's [6144, D]
+    assert buffer(replace(stock, dtype=torch.float32)) == i * d * 4
+    assert buffer(replace(stock, seq_len=128)) == 0  # 128 tokens: the fused kernel, no buffer
+    assert buffer(replace(stock, batch_size=2, seq_len=128)) == i * d * 2  # tokens per micro-batch count
+    assert buffer(replace(stock, backend="torch")) == 0 and buffer(replace(stock, quantize=False)) == 0
+    with_buffer, without = estimate(config, spec, stock), estimate(config, spec, replace(stock, backend="torch"))
+    assert with_buffer.phases["optimizer step"] - without.phases["optimizer step"] == i * d * 2  # kept throughout
+
+
+def test_layer_backward_buffers_of_fused_projections():
+    """With one concatenation as the split's backward, fused gate/up costs no more than the stock
+    projections when SwiGLU's saved gate/up and down's input are released first; without an adapter on
+    down_proj (nothing saves its input) the concatenation's extra [T, I] shows."""
+    from qtrain.estimate import layer_backward_bytes, layer_shape
+
+    config = preset_config("llama-3.1-8b")
+    d, i = config.hidden_size, config.intermediate_size
+    for targets, extra in (("all-linear", 0), (["q_proj", "v_proj"], i)):
+        spec = LoRASpec(rank=16, target_modules=targets)
+        stock = Workload(seq_len=2048)
+        fused = replace(stock, fused=("qkv", "gate_up", "swiglu"))
+        shape = layer_shape(meta_model(config, spec, stock), config)
+        assert layer_backward_bytes(shape, stock) == 2 * (d + i)  # bf16: the residual gradient and dH
+        assert layer_backward_bytes(shape, fused) == 2 * (d + i + extra)
+        stock_act = replace(fused, fused=("qkv", "gate_up"))  # stock silu saves silu(gate) too: released as well
+        assert layer_backward_bytes(shape, stock_act) == 2 * (d + i + max(0, extra - i))

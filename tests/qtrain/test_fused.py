@@ -14,6 +14,7 @@ packing path (op `varlen`) has its own file, test_varlen.py.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -468,6 +469,98 @@ def test_each_op_alone(tiny, op):
     if "mlp" in kinds:
         assert (mlp.fuse_gate_up, mlp.fuse_swiglu) == (op == "gate_up", op == "swiglu")
     assert swapped.varlen == (op == "varlen")  # varlen alone: the stock attention computation + the padding-free path
+
+
+# ---- the split of a fused output: one concatenation in backward ------------------------------------
+
+
+def narrow_columns(y: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """The split before issue 16 (item 5): `narrow` views, each block's gradient a zero-filled full-width tensor."""
+    return [y.narrow(-1, start, n) for start, n in zip(itertools.accumulate([0, *sizes[:-1]]), sizes)]
+
+
+def rotate_views(q, k, cos, sin, heads):
+    """RoPE before issue 16: in place on `view(...).transpose(1, 2)` views (autograd views of the fused output)."""
+    q, k = (t.view(heads).transpose(1, 2) for t in (q, k))  # [B, H|K, S, d]
+    q, k = fused.apply_rope(q, k, cos, sin, backend=fused._rope_backend(q))
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
+def graph_nodes(root) -> list[str]:
+    """Names of every autograd node reachable from `root`."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(child for child, _ in node.next_functions)
+    return [node.name() for node in seen]
+
+
+def consumers(root, target) -> list[str]:
+    """Names of the autograd nodes reachable from `root` that send a gradient into node `target`."""
+    seen, stack, out = set(), [root], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is target:
+                out.append(node.name())
+            stack.append(child)
+    return out
+
+
+@pytest.fixture
+def fused_nodes(monkeypatch):
+    """The autograd nodes of the fused projections' outputs [..., sum N_i] (before the split)."""
+    nodes = []
+    real = fused.fused_projection
+
+    def spy(x, linears, absmax):
+        y = real(x, linears, absmax)
+        nodes.append(y.grad_fn)
+        return y
+
+    monkeypatch.setattr(fused, "fused_projection", spy)
+    return nodes
+
+
+@pytest.mark.parametrize("arch,kernels", [("llama", "reference"), ("qwen2", "reference"), ("llama", "interpreter")])
+def test_split_backward_is_one_concatenation_and_bit_identical(tiny, fused_nodes, monkeypatch, request, arch, kernels):
+    """Each fused output's gradient comes from ONE node that concatenates the q/k/v (gate/up)
+    gradients: no slice_backward / as_strided_backward / CopySlices of the fused width (a zero-filled
+    [T, sum N_i] tensor each), and RoPE, still in place on q and k, rotates no autograd view (no
+    CopySlices / as_strided_backward, whose zero-filled buffer spans the fused output); the
+    gradients are bit for bit those of the narrow views rotated in place. RoPE through its torch
+    backend (copy_) and its Triton kernel (RoPEFunction, interpreter)."""
+    if kernels == "reference":
+        request.getfixturevalue("reference_kernels")
+    model = tiny(arch)
+    apply_fused_ops(model, ON)
+    ids = tokens(rows=2, length=7)
+    out = model(input_ids=ids, labels=ids)
+    assert len(fused_nodes) == 4  # q/k/v and gate/up of both layers
+    for node in fused_nodes:
+        assert consumers(out.loss.grad_fn, node) == ["UnsafeSplitWithSizesBackward0"]
+    names = graph_nodes(out.loss.grad_fn)
+    assert "AsStridedBackward0" not in names and "torch::autograd::CopySlices" not in names
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(fused, "columns", narrow_columns)
+    monkeypatch.setattr(fused, "rotate_own", rotate_views)
+    fused_nodes.clear()
+    out = model(input_ids=ids, labels=ids)
+    old = consumers(out.loss.grad_fn, fused_nodes[0])  # the checks see the old code's full-width nodes
+    assert set(old) & {"SliceBackward0", "torch::autograd::CopySlices"} and "UnsafeSplitWithSizesBackward0" not in old, old
+    assert {"AsStridedBackward0", "torch::autograd::CopySlices"} <= set(graph_nodes(out.loss.grad_fn))
+    out.loss.backward()
+    want = {"grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}}
+    assert got.keys() == want["grads"].keys()
+    for name, g in want["grads"].items():
+        assert g.abs().max() > 0 and torch.equal(got[name], g), name
 
 
 # ---- switches and errors -------------------------------------------------------------------------
