@@ -33,7 +33,7 @@ if __name__ == "__main__":
 import torch
 import triton
 import triton.language as tl
-from qtrain.kernels import nf4_dequant
+from qtrain.kernels import nf4_dequant, nf4_gemv
 from qtrain.kernels import nf4_lora_triton as lt
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -68,14 +68,27 @@ def specialize(value) -> tuple[str, str | None]:
 
 
 def launch_args(kernel: str, dtype: str, M: int, N: int, K: int, r: int) -> dict:
-    """The non-constexpr arguments the launchers (nf4_lora_fwd, _fwd_small_m, nf4_lora_bwd_dx)
-    pass for contiguous activations of `dtype`, an fp32 adapter of rank r and a double-quantized
+    """The non-constexpr arguments the launchers (nf4_dequantize_triton, nf4_gemv, nf4_lora_fwd,
+    _fwd_small_m, nf4_lora_bwd_dx) pass for contiguous activations of `dtype`, an fp32 adapter of rank r and a double-quantized
     NF4 weight [N, K], by argument name."""
     nf4 = {"packed_ptr": Pointer("u8"), "absmax_ptr": Pointer("u8"), "absmax_code_ptr": Pointer("fp32"),
            "absmax_scale_ptr": Pointer("fp32"), "code_ptr": Pointer("fp32"), "absmax_offset": 0.5, "scale": 2.0}  # fmt: skip
     act, f32 = Pointer(dtype), Pointer("fp32")
+    table = {k: v for k, v in nf4.items() if k not in ("code_ptr", "scale")} | {"pairs_ptr": Pointer("i64")}
     if kernel == "dequant":
-        return {**{k: v for k, v in nf4.items() if k != "scale"}, "out_ptr": act, "n": N * K}
+        return {**table, "out_ptr": act, "n": N * K, "n_blocks": N * K // 64}
+    if kernel == "gemv":
+        return {
+            **table,
+            "x_ptr": act,
+            "bias_ptr": act,
+            "y_ptr": act,
+            "M": M,
+            "N": N,
+            "K": K,
+            "stride_xm": K,
+            "stride_ym": N,
+        }
     if kernel == "bwd":
         return {**nf4, "dy_ptr": act, "dyb_ptr": f32, "a_ptr": f32, "dx_ptr": act, "M": M, "N": N, "K": K, "R": r,
                 "M_BUCKET": lt.m_bucket(M), "stride_dym": N, "stride_dybm": r, "stride_ar": K, "stride_dxm": K}  # fmt: skip
@@ -112,12 +125,18 @@ def jobs(dtype: str, quick: bool, shape: tuple[int, int, int, int] = DEFAULT_SHA
               "PRECISION": "ieee" if dtype == "fp32" else "tf32", "LORA_PRECISION": lt.LORA_PRECISION}  # fmt: skip
     args = {kind: launch_args(kind, dtype, M, N, K, r) for kind in ("dequant", "fwd", "bwd")}
     args["small_m"] = launch_args("small_m", dtype, 1, N, K, r)
+    gemv_ms = (1, nf4_gemv.MAX_ROWS)  # decode, and a full chunk of rows
     fwd = lt._FWD_COMMON + lt._FWD_BIG_SMEM
     bwd = lt._BWD_COMMON + lt._BWD_BIG_SMEM
     small = lt._SMALL_M_CONFIGS
     if quick:
         fwd, bwd, small = fwd[:1], bwd[:1], small[:1]
-    yield "dequant", nf4_dequant._nf4_dequant_kernel, {**{k: common[k] for k in ("BLOCKSIZE", "ABSMAX_BLOCKSIZE", "DOUBLE_QUANT")}, "BLOCK": 1024}, 4, 3, args["dequant"]  # fmt: skip
+    nf4 = {k: common[k] for k in ("BLOCKSIZE", "ABSMAX_BLOCKSIZE", "DOUBLE_QUANT")}
+    yield "dequant", nf4_dequant._nf4_dequant_kernel, {**nf4, "BLOCKS": nf4_dequant._DEQUANT_ELEMENTS // 64}, 4, 3, args["dequant"]  # fmt: skip
+    for m in gemv_ms:
+        tiles = {k: v for k, v in nf4_gemv.gemv_config(m, 64).items() if k != "num_warps"}
+        consts = {**nf4, "ALIGNED": K % 64 == 0, "HAS_BIAS": False, **tiles}
+        yield f"gemv {tiles['BLOCK_M']}x{tiles['BLOCK_N']}x{tiles['BLOCK_K']}", nf4_gemv._nf4_gemv_kernel, consts, 4, 3, launch_args("gemv", dtype, m, N, K, r)  # fmt: skip
     for bm, bn, bk, w, s in fwd:
         tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
         yield f"fwd {bm}x{bn}x{bk}", lt._nf4_lora_fwd_kernel, {**common, "HAS_BIAS": False, **tiles}, w, s, args["fwd"]

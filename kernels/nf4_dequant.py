@@ -3,7 +3,7 @@
 Anatomy: `nf4_dequantize_reference` (PyTorch, the ground truth) -> `@triton.jit` helpers shared with
 the fused NF4+LoRA kernels (`_absmax`, `_nf4_levels`, `_dequant_tile`, `_round_to`) and with the
 GEMV kernel (`_pair_levels`) -> `_nf4_dequant_kernel` -> the launcher `nf4_dequantize_triton`.
-Needs triton >= 3.3 (`tl.gather`, used by the fused kernels' tiles).
+Needs triton >= 3.4 (`tl.gather`, used by the fused kernels' tiles).
 
 The standalone kernel (the large-M path of nf4_matmul.py dequantizes every weight with it, once per
 forward and once per backward, so it must run at memory speed): each program takes whole 64-value

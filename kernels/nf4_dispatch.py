@@ -231,12 +231,15 @@ def nf4_lora_dispatch(
     bias: torch.Tensor | None = None,
     dropout: float = 0.0,
     training: bool = False,
+    *,
+    fall_back: bool = False,
 ) -> torch.Tensor:
-    """`X @ dequant(W)^T + s * (dropout(X) @ A^T) @ B^T + bias` on the path `choose_path` picks; x [..., K]."""
+    """`X @ dequant(W)^T + s * (dropout(X) @ A^T) @ B^T + bias` on the path `choose_path` picks; x [..., K].
+    `fall_back` (backend "auto"): a Triton error in a backward falls back to torch (see each path)."""
     K, N = x.shape[-1], weight.shape[0]
     M = x.numel() // K if K else 0
     fn = path_function(choose_path(M, N, K, x.device))
-    return fn(x, weight, lora_a, lora_b, scale, bias, dropout, training)
+    return fn(x, weight, lora_a, lora_b, scale, bias, dropout, training, fall_back=fall_back)
 
 
 # ---- measuring -------------------------------------------------------------------------------------

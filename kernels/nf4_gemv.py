@@ -163,8 +163,8 @@ class NF4GemvLoRAFunction(torch.autograd.Function):
     """`Y = X @ dequant(W)^T + s * (H @ A^T) @ B^T + bias`: GEMV forward, the dequant path's backward."""
 
     @staticmethod
-    def forward(ctx, x, h, weight: NF4Tensor, lora_a, lora_b, bias, scale: float):
-        return lora_forward(ctx, _gemv_base, x, h, weight, lora_a, lora_b, bias, scale)
+    def forward(ctx, x, h, weight: NF4Tensor, lora_a, lora_b, bias, scale: float, fall_back: bool):
+        return lora_forward(ctx, _gemv_base, x, h, weight, lora_a, lora_b, bias, scale, fall_back)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -180,7 +180,11 @@ def nf4_lora_gemv(
     bias: torch.Tensor | None = None,
     dropout: float = 0.0,
     training: bool = False,
+    *,
+    fall_back: bool = False,
 ) -> torch.Tensor:
-    """The small-M path, same signature and semantics as `nf4_lora_torch`; returns compute_dtype(x)."""
+    """The small-M path, same signature and semantics as `nf4_lora_torch`; returns compute_dtype(x).
+    `fall_back` (set by backend "auto"): a Triton error in the backward dequantizes with torch."""
     check_device(x, "x")
-    return apply_lora_function(NF4GemvLoRAFunction, x, weight, lora_a, lora_b, scale, bias, dropout, training)
+    args = (x, weight, lora_a, lora_b, scale, bias, dropout, training, fall_back)
+    return apply_lora_function(NF4GemvLoRAFunction, *args)

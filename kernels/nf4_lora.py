@@ -228,22 +228,28 @@ def run_triton_or_fall_back(
     return torch_call()
 
 
+# (path, M) the self-check runs: the fused kernel's tiled (odd M) and split-K small-M launches, the
+# GEMV path and the dequant + cuBLAS path (nf4_dispatch picks among them by M).
+SELF_CHECK_CASES = (("fused", 37), ("fused", 5), ("gemv", 5), ("dequant", 37))
+
+
 @functools.cache
 def triton_self_check(device: torch.device) -> bool:
-    """Run the Triton kernels once on small odd-shaped layers the way training calls them (forward
-    under bf16 autocast, backward outside it; the tiled path at M=37 and the small-M path at M=5)
-    and compare output and every gradient with the torch backend; on any mismatch or error, warn
-    and let "auto" use torch. One fixed kernel config (no autotuning of shapes no real layer has).
-    A guard for GPUs and triton versions the kernels were not measured on."""
+    """Run every Triton path once on small odd-shaped layers the way training calls them (forward
+    under bf16 autocast, backward outside it; `SELF_CHECK_CASES`) and compare output and every
+    gradient with the torch backend; on any mismatch or error, warn and let "auto" use torch. One
+    fixed kernel config (no autotuning of shapes no real layer has). A guard for GPUs and triton
+    versions the kernels were not measured on."""
     dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     try:
-        from qtrain.kernels.nf4_lora_triton import fixed_configs, nf4_lora_triton
+        from qtrain.kernels.nf4_dispatch import path_function
+        from qtrain.kernels.nf4_lora_triton import fixed_configs
 
         results = []
         with fixed_configs():
-            for m in (37, 5):
+            for path, m in SELF_CHECK_CASES:
                 ref = _self_check_run(nf4_lora_torch, device, dtype, m)
-                results += zip(ref, _self_check_run(nf4_lora_triton, device, dtype, m))
+                results += zip(ref, _self_check_run(path_function(path), device, dtype, m))
     except Exception as e:  # noqa: BLE001 - any failure means: do not use these kernels here
         warnings.warn(f"qtrain: Triton kernels failed their self-check on {device} ({e!r}); using the torch backend")
         return False
@@ -287,7 +293,8 @@ def nf4_lora(
     training: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """`X @ dequant(W)^T + s * (dropout(X) @ A^T) @ B^T + bias` on the backend `backend` resolves to.
+    """`X @ dequant(W)^T + s * (dropout(X) @ A^T) @ B^T + bias` on the backend `backend` resolves to;
+    "triton" runs the path `nf4_dispatch.choose_path` picks for this M (GEMV, fused or dequant).
 
     Under "auto" a Triton compile or launch error (forward or backward) falls back to the torch
     backend with one warning; under "triton" it raises RuntimeError with a hint."""
@@ -295,10 +302,10 @@ def nf4_lora(
     if resolve_backend(backend, x) == "triton":
         if not triton_available():
             raise ImportError("backend='triton' needs the triton package (`pip install triton`, Linux)")
-        from qtrain.kernels.nf4_lora_triton import nf4_lora_triton  # lazy: triton only when used
+        from qtrain.kernels.nf4_dispatch import nf4_lora_dispatch  # lazy: triton only when used
 
         fall_back = backend == "auto"
         return run_triton_or_fall_back(
-            lambda: nf4_lora_triton(*args, fall_back=fall_back), lambda: nf4_lora_torch(*args), fall_back, x.device
+            lambda: nf4_lora_dispatch(*args, fall_back=fall_back), lambda: nf4_lora_torch(*args), fall_back, x.device
         )
     return nf4_lora_torch(*args)

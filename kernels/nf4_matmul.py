@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from qtrain.kernels.nf4_lora import compute_dtype, triton_available
+from qtrain.kernels.nf4_lora import compute_dtype, run_triton_or_fall_back, triton_available
 
 from qtrain.nf4 import NF4Tensor, dequantize_nf4
 
@@ -84,14 +84,26 @@ def _use_triton(weight: NF4Tensor) -> bool:
     return weight.device.type == "cuda" or is_interpreting()
 
 
-def dequantize_into(weight: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """dequant(W) [N, K] in `dtype`, written into the shared buffer (bit-identical to `dequantize_nf4`)."""
-    out = weight_buffer(weight.numel(), dtype, weight.device)
-    if _use_triton(weight):
-        from qtrain.kernels.nf4_dequant import nf4_dequantize_triton
+def dequantize_into(weight: NF4Tensor, dtype: torch.dtype, fall_back: bool | None = None) -> torch.Tensor:
+    """dequant(W) [N, K] in `dtype`, written into the shared buffer (bit-identical to `dequantize_nf4`).
 
+    `fall_back` None: a Triton error propagates as it is (the forward: `nf4_lora`'s own fall-back
+    sees it); True/False (the backward, where that fall-back cannot reach): the torch dequantization
+    after one warning (backend "auto"), or RuntimeError with a hint (backend "triton")."""
+    out = weight_buffer(weight.numel(), dtype, weight.device)
+
+    def torch_call():
+        return out.view(weight.shape).copy_(dequantize_nf4(weight, dtype))
+
+    if not _use_triton(weight):
+        return torch_call()
+    from qtrain.kernels.nf4_dequant import nf4_dequantize_triton
+
+    if fall_back is None:
         return nf4_dequantize_triton(weight, dtype, out=out)
-    return out.view(weight.shape).copy_(dequantize_nf4(weight, dtype))
+    return run_triton_or_fall_back(
+        lambda: nf4_dequantize_triton(weight, dtype, out=out), torch_call, fall_back, weight.device
+    )
 
 
 # ---- the math, shared by the dequant and GEMV paths ------------------------------------------------
@@ -105,8 +117,9 @@ def dequant_base(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None) 
     return F.linear(x, w, bias)
 
 
-def lora_forward(ctx, base: BaseMatmul, x, h, weight: NF4Tensor, lora_a, lora_b, bias, scale: float):
-    """Y = base(X) + s * (H @ A^T) @ B^T, all in x's dtype; saves what `lora_backward` needs.
+def lora_forward(ctx, base: BaseMatmul, x, h, weight: NF4Tensor, lora_a, lora_b, bias, scale: float, fall_back: bool):
+    """Y = base(X) + s * (H @ A^T) @ B^T, all in x's dtype; saves what `lora_backward` needs
+    (`fall_back`: what the backward's dequantization does on a Triton error, see `dequantize_into`).
 
     x [M, K] (already in the compute dtype), h None or [M, K] (dropped-out x), lora_a [r, K],
     lora_b [N, r], bias None or [N] (in x's dtype).
@@ -119,7 +132,7 @@ def lora_forward(ctx, base: BaseMatmul, x, h, weight: NF4Tensor, lora_a, lora_b,
         xa = lora_in @ lora_a.to(x.dtype).T  # [M, r], 16-bit operands
         y.addmm_(xa, lora_b.to(x.dtype).T, alpha=scale)
     needs = ctx.needs_input_grad
-    ctx.weight, ctx.scale, ctx.has_h = weight, scale, h is not None
+    ctx.weight, ctx.scale, ctx.has_h, ctx.fall_back = weight, scale, h is not None, fall_back
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.save_for_backward(
         lora_in if has_lora and needs[3] else None,
@@ -131,16 +144,16 @@ def lora_forward(ctx, base: BaseMatmul, x, h, weight: NF4Tensor, lora_a, lora_b,
 
 
 def lora_backward(ctx, grad_y):
-    """Gradients (x, h, weight, A, B, bias, scale) of `lora_forward`, in dY's dtype; A and B's in their own."""
+    """Gradients (x, h, weight, A, B, bias, scale, fall_back) of `lora_forward`, in dY's dtype; A and B's in their own."""
     lora_in, xa, lora_a, lora_b = ctx.saved_tensors
-    need_x, need_h, _, need_a, need_b, need_bias, _ = ctx.needs_input_grad
+    need_x, need_h, _, need_a, need_b, need_bias, _, _ = ctx.needs_input_grad
     s, dtype = ctx.scale, grad_y.dtype
     dyb = None
     if lora_a is not None and (need_x or need_h or need_a):
         dyb = grad_y @ lora_b.to(dtype)  # [M, r]
     grad_x = grad_h = grad_a = grad_b = grad_bias = None
     if need_x:
-        grad_x = grad_y @ dequantize_into(ctx.weight, dtype)  # [M, K]
+        grad_x = grad_y @ dequantize_into(ctx.weight, dtype, ctx.fall_back)  # [M, K]
         if dyb is not None and not ctx.has_h:
             grad_x.addmm_(dyb, lora_a.to(dtype), alpha=s)
     if need_h:
@@ -151,7 +164,7 @@ def lora_backward(ctx, grad_y):
         grad_b = (grad_y.T @ xa).to(lora_b.dtype).mul_(s)  # [N, r]
     if need_bias:
         grad_bias = grad_y.sum(0).to(ctx.bias_dtype)  # [N]
-    return grad_x, grad_h, None, grad_a, grad_b, grad_bias, None
+    return grad_x, grad_h, None, grad_a, grad_b, grad_bias, None, None
 
 
 class NF4DequantLoRAFunction(torch.autograd.Function):
@@ -162,8 +175,8 @@ class NF4DequantLoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, h, weight: NF4Tensor, lora_a, lora_b, bias, scale: float):
-        return lora_forward(ctx, dequant_base, x, h, weight, lora_a, lora_b, bias, scale)
+    def forward(ctx, x, h, weight: NF4Tensor, lora_a, lora_b, bias, scale: float, fall_back: bool):
+        return lora_forward(ctx, dequant_base, x, h, weight, lora_a, lora_b, bias, scale, fall_back)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -180,6 +193,7 @@ def apply_lora_function(
     bias: torch.Tensor | None,
     dropout: float,
     training: bool,
+    fall_back: bool = False,
 ) -> torch.Tensor:
     """x [..., K] -> [..., N] through `function` in compute_dtype(x), autocast off inside."""
     dtype = compute_dtype(x)
@@ -190,7 +204,7 @@ def apply_lora_function(
         if lora_a is not None and dropout > 0 and training:
             h = F.dropout(x2, p=dropout, training=True)  # LoRA path only; autograd applies the mask to dH
         bias_c = bias.to(dtype) if bias is not None else None
-        y = function.apply(x2, h, weight, lora_a, lora_b, bias_c, float(scale))  # [M, N]
+        y = function.apply(x2, h, weight, lora_a, lora_b, bias_c, float(scale), fall_back)  # [M, N]
     return y.view(*lead, y.shape[-1])
 
 
@@ -203,6 +217,10 @@ def nf4_lora_dequant(
     bias: torch.Tensor | None = None,
     dropout: float = 0.0,
     training: bool = False,
+    *,
+    fall_back: bool = False,
 ) -> torch.Tensor:
-    """The large-M path, same signature and semantics as `nf4_lora_torch`; returns compute_dtype(x)."""
-    return apply_lora_function(NF4DequantLoRAFunction, x, weight, lora_a, lora_b, scale, bias, dropout, training)
+    """The large-M path, same signature and semantics as `nf4_lora_torch`; returns compute_dtype(x).
+    `fall_back` (set by backend "auto"): a Triton error in the backward dequantizes with torch."""
+    args = (x, weight, lora_a, lora_b, scale, bias, dropout, training, fall_back)
+    return apply_lora_function(NF4DequantLoRAFunction, *args)

@@ -36,6 +36,7 @@ from transformers import PretrainedConfig
 
 from qtrain.fused import GATE_UP, QKV
 from qtrain.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_workspace_bytes
+from qtrain.kernels.nf4_dispatch import DEFAULT_CROSSOVER, GEMV_MAX_M
 from qtrain.lora import LoRALinear, LoRASpec, is_lora_parameter, swap_linears
 from qtrain.model import build_skeleton
 from qtrain.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
@@ -323,17 +324,18 @@ def dequant_bytes(largest: int, w: Workload) -> int:
     return largest * (8 if w.dtype == torch.float32 else 6)
 
 
-GEMV_MAX_TOKENS = 16  # at most this many rows per call: the GEMV kernel (no tensor cores, no buffer)
-DEQUANT_MIN_TOKENS = 256  # at least this many: dequantize once into a buffer, then cuBLAS (sm_90 default)
+GEMV_MAX_TOKENS = GEMV_MAX_M  # at most this many rows per call: the GEMV kernel (no tensor cores, no buffer)
+# At least this many: dequantize once into a buffer, then cuBLAS. The estimate does not know the GPU,
+# so it takes the lowest default crossover of any GPU (`nf4_dispatch.DEFAULT_CROSSOVER`): the buffer
+# is counted whenever some card would allocate it (an overestimate of one weight at most elsewhere).
+DEQUANT_MIN_TOKENS = min(DEFAULT_CROSSOVER.values())
 
 
 def _nf4_path(tokens: int) -> str:
-    """The NF4 + LoRA path the GPU dispatch takes for a projection over `tokens` rows: "gemv"
-    (<= 16: decode, generation), "fused" (the Triton kernel dequantizing in its main loop) or
-    "dequant" (>= 256: one bf16 dequantized weight per device, then cuBLAS; the break-even of issue
-    16 on sm_90 is M ~ 128-256, ~600 on a 4090). These are the defaults of
-    `qtrain.kernels.nf4_dispatch.choose_path`; at merge this calls it (its per-device measured
-    thresholds) instead of the constants."""
+    """The NF4 + LoRA path the GPU dispatch (`qtrain.kernels.nf4_dispatch.choose_path`) takes for a
+    projection over `tokens` rows with default thresholds: "gemv" (decode, generation), "fused" (the
+    Triton kernel dequantizing in its main loop) or "dequant" (one dequantized weight per device,
+    then cuBLAS)."""
     if tokens <= GEMV_MAX_TOKENS:
         return "gemv"
     return "dequant" if tokens >= DEQUANT_MIN_TOKENS else "fused"

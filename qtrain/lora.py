@@ -256,7 +256,7 @@ class LoRALinear(nn.Module):
             return sq.clamp_min(0).sqrt()  # rounding can take an (almost) zero row slightly negative
 
     def _base_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """X @ W^T, no bias, in X's dtype."""
+        """X @ W^T, no bias, in compute_dtype(x) (the autocast dtype under autocast, else X's dtype)."""
         if self.quantize_base:
             return nf4_lora(x, self.nf4_weight, None, None, 0.0, backend=self.backend)
         return nn.functional.linear(x, self.weight.to(x.dtype))

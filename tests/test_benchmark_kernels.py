@@ -163,12 +163,16 @@ def test_kernels_dry_json_and_reports(kernels, fake_paths, tmp_path, capsys):
     assert "unavailable (ModuleNotFoundError" in text and "ERROR RuntimeError: illegal memory access" in text
 
 
-def test_kernels_dry_runs_the_triton_path(kernels, tmp_path):
-    # The fused Triton path under the interpreter, the way training calls it (autocast forward).
+def test_kernels_dry_runs_every_triton_path(kernels, tmp_path):
+    # Every Triton path under the interpreter, the way training calls it (forward under autocast,
+    # backward outside), checked against bitsandbytes on the same codes.
     out = tmp_path / "k.json"
-    assert kernels.main(["--dry", "--paths", "fused", "--m", "3", "--modes", "fwd", "--json", str(out)]) == 0
-    rows = [r for r in read(out)["rows"] if r["path"] == "fused"]
-    assert len(rows) == 2 and all(r["check"]["ok"] and r["ms"] > 0 for r in rows)
+    paths = ["fused", "dequant", "gemv", "dispatch"]
+    assert kernels.main(["--dry", "--paths", *paths, "--m", "3", "--json", str(out)]) == 0
+    rows = [r for r in read(out)["rows"] if r["path"] in paths]
+    assert {(r["path"], r["mode"]) for r in rows} == {(p, m) for p in paths for m in ("fwd", "fwd+bwd")}
+    for r in rows:
+        assert r["check"]["ok"] and r["ms"] > 0, r
 
 
 @pytest.mark.parametrize("script", ["kernels", "dequant", "probe", "int32_probe"])

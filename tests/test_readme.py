@@ -40,7 +40,8 @@ TINY = [  # appended to `qtrain train` / `qtrain memory profile` of ```bash bloc
     "eval.max_new_tokens=2",
 ]
 ADALORA = ["adalora.tinit=1", "adalora.tfinal=1"]  # a budget schedule that fits 3 steps
-SKIP = ("pip ", "tensorboard ", "python benchmarks/", "bash ", "torchrun ", "accelerate ")  # installs, viewers, GPU benchmarks
+# installs, viewers, GPU benchmarks and tuning
+SKIP = ("pip ", "tensorboard ", "python benchmarks/", "bash ", "torchrun ", "accelerate ", "qtrain kernels ")
 
 
 def blocks(kind: str) -> list[tuple[int, list[str]]]:

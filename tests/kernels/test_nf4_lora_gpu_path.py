@@ -65,15 +65,36 @@ def _fp64_reference(x, w, a, b, bias, grad_y, cdtype):
 # ---- item 1: autocast forward, backward outside ---------------------------------------------------
 
 
-@pytest.mark.parametrize("M", [37, 5], ids=["tiled-M37", "small-M5"])
+# The GEMV and dequant paths add the LoRA term with 16-bit operands (XA and B rounded to the compute
+# dtype, Y rounded before `addmm_` adds it: no fp32 [M, N] pass), the fused kernel in fp32 in its
+# epilogue: two more roundings, each at the size of its term (base and LoRA terms of size 1-5 that
+# may nearly cancel), so three times the fused kernel's bounds.
+_16BIT_LORA_TOLS = {dt: {k: 3 * v for k, v in tol.items()} for dt, tol in TOLS.items()}
+PATH_TOLS = {"fused": TOLS, "gemv": _16BIT_LORA_TOLS, "dequant": _16BIT_LORA_TOLS}
+
+# Their adapter gradients are products of 16-bit operands too (dY @ B and its product with X, as
+# PEFT's under autocast; the fused kernel's are fp32): an error of a few units of the 16-bit format's
+# rounding of the largest gradient (2^-8 bf16, 2^-11 fp16), relative to that largest gradient.
+ADAPTER_16BIT_TOL = {torch.bfloat16: {"atol": 3e-2, "rtol": 0.0}, torch.float16: {"atol": 4e-3, "rtol": 0.0}}
+
+
+@pytest.mark.parametrize(
+    "path,M",
+    [("fused", 37), ("fused", 5), ("gemv", 5), ("dequant", 37)],
+    ids=["fused-M37", "fused-M5", "gemv-M5", "dequant-M37"],
+)
 @pytest.mark.parametrize(
     "cdtype,x_dtype",
     [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
     ids=["bf16-autocast-bf16-x", "bf16-autocast-fp32-x", "fp16-autocast-fp32-x"],
 )
-def test_triton_backend_under_autocast_matches_fp64(triton_device, M, cdtype, x_dtype):
+def test_triton_backend_under_autocast_matches_fp64(triton_device, monkeypatch, path, M, cdtype, x_dtype):
     # Before the fix: XA came out of the forward in the autocast dtype and the backward (outside
     # autocast) multiplied it with an fp32 dY: "expected m1 and m2 to have the same dtype".
+    # backend "triton" goes through nf4_dispatch; each path is forced in turn.
+    import qtrain.kernels.nf4_dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "choose_path", lambda *args: path)
     K, N, R = 100, 50, 8  # K=100: NF4 blocks straddle rows
     x, w, a, b, bias = _inputs(M, K, N, R, x_dtype, triton_device)
     grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(1)).to(cdtype).to(triton_device)
@@ -84,11 +105,15 @@ def test_triton_backend_under_autocast_matches_fp64(triton_device, M, cdtype, x_
     y_ref, grads_ref = _fp64_reference(*(t.cpu() for t in (x,)), w.to("cpu"), a.cpu(), b.cpu(), bias.cpu(),
                                        grad_y.cpu(), cdtype)  # fmt: skip
     assert y.dtype == cdtype, "Y comes out in the compute (autocast) dtype"
-    torch.testing.assert_close(y.cpu().double(), y_ref, **TOLS[cdtype])
-    tols = [TOLS[cdtype], ADAPTER_TOL, ADAPTER_TOL, TOLS[cdtype]]
+    tol = PATH_TOLS[path][cdtype]
+    torch.testing.assert_close(y.cpu().double(), y_ref, **tol)
+    adapter_tol = ADAPTER_TOL if path == "fused" else ADAPTER_16BIT_TOL[cdtype]
+    tols = [tol, adapter_tol, adapter_tol, tol]
     for name, leaf, ref, tol in zip(("dX", "dA", "dB", "dbias"), leaves, grads_ref, tols):
         assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, f"{name}: {leaf.grad and leaf.grad.dtype}"
         assert ref.abs().max() > 0, name
+        if name in ("dA", "dB") and path != "fused":  # relative to the largest gradient
+            tol = {"atol": tol["atol"] * ref.abs().max().item(), "rtol": 0.0}
         torch.testing.assert_close(leaf.grad.cpu().double(), ref, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
@@ -399,10 +424,39 @@ def test_auto_falls_back_on_a_backward_error(auto_picks_triton, monkeypatch):
 def test_errors_that_are_not_triton_errors_propagate(auto_picks_triton, monkeypatch):
     kernels = _kernels()
     monkeypatch.setattr(kernels, "nf4_lora_fwd", lambda *a, **k: 1 / 0)
-    x, w, a, b, _ = _inputs(5, 64, 33, 3, torch.float32, auto_picks_triton)
+    x, w, a, b, _ = _inputs(17, 64, 33, 3, torch.float32, auto_picks_triton)  # M=17: the fused path
     with pytest.raises(ZeroDivisionError):
         nf4_lora(x, w, a, b, SCALE, backend="auto")
     assert not nfl._TRITON_FAILED
+
+
+@pytest.mark.parametrize("M", [5, 600], ids=["gemv-M5", "dequant-M600"])
+def test_auto_falls_back_on_a_backward_dequant_error(auto_picks_triton, monkeypatch, M):
+    # The GEMV and dequant paths' backward dequantizes W with the Triton kernel again: an error
+    # there (beyond the reach of nf4_lora's forward fall-back) dequantizes with torch under "auto"
+    # and raises RuntimeError with the hint under "triton".
+    import qtrain.kernels.nf4_dequant as dequant
+    import qtrain.kernels.nf4_dispatch as dispatch
+
+    assert dispatch.choose_path(M, 33, 64, torch.device(auto_picks_triton)) == ("gemv" if M == 5 else "dequant")
+    x, w, a, b, bias = _inputs(M, 64, 33, 3, torch.float32, auto_picks_triton)
+    grad_y = torch.randn(M, 33, generator=torch.Generator().manual_seed(1)).to(auto_picks_triton)
+
+    def grads(backend):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b)]
+        y = nf4_lora(leaves[0], w, leaves[1], leaves[2], SCALE, bias, backend=backend)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dequant, "nf4_dequantize_triton", _fail_kernel)  # the backward's kernel fails
+            y.backward(grad_y)
+        return [t.grad for t in leaves]
+
+    ref = grads("torch")
+    with pytest.warns(UserWarning, match="OutOfResources"):
+        got = grads("auto")
+    for name, g, r in zip(("dX", "dA", "dB"), got, ref):  # fp32 sums of up to 600 terms, in another order
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    with pytest.raises(RuntimeError, match="could not compile or run"):
+        grads("triton")
 
 
 def test_is_triton_error():
