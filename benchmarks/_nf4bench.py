@@ -1,4 +1,4 @@
-"""What the NF4 GPU benchmarks share (kernels.py, dequant.py, probe.py, int32_probe.py): the table of
+"""What the NF4 GPU benchmarks share (kernel_speed.py, dequant.py, probe.py, int32_probe.py): the table of
 our NF4+LoRA paths by dotted name, the same 4-bit codes for qtrain and bitsandbytes, timing, metadata.
 
 Our paths are named, not imported: `resolve` imports each at run time and turns a failure into a
@@ -24,7 +24,6 @@ import importlib.util
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -78,15 +77,6 @@ def setup(dry: bool):
         return None
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before bitsandbytes or qtrain.kernels import triton
     return torch.device("cpu"), torch.float16
-
-
-def drop_script_dir() -> None:
-    """Take benchmarks/ off sys.path (`python benchmarks/x.py` puts it first): there benchmarks/kernels.py
-    would be importable as a top-level `kernels`, the name under which bitsandbytes and transformers look
-    for Hugging Face's kernels package. Each script calls this first under `__main__` (the scripts load
-    their siblings by path, not by import)."""
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
 
 
 def resolve(dotted: str):

@@ -14,7 +14,7 @@ that vectorisation, registers and spills are those of the kernels that will run.
 Uses triton's own compiler and the ptxas it ships (no driver, no GPU): it catches what the CPU
 interpreter cannot (code that interprets but does not compile, layouts, shared memory over a GPU's
 limit) and gives ptxas's resource usage, the only performance signal available without a GPU. It
-says nothing about speed. Exit status 1 if any compile fails. Not a timing benchmark: see kernels.py.
+says nothing about speed. Exit status 1 if any compile fails. Not a timing benchmark: see kernel_speed.py.
 """
 
 from __future__ import annotations

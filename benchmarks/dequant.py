@@ -203,5 +203,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    B.drop_script_dir()
     sys.exit(main())

@@ -10,7 +10,7 @@
 #                 editable; GPU, driver and package versions, commit
 #   pytest    90  pytest -m gpu
 #   probe     75  benchmarks/probe.py: every NF4+LoRA path under bf16 autocast at Llama-3-8B shapes
-#   kernels   100 benchmarks/kernels.py --quick
+#   kernels   100 benchmarks/kernel_speed.py --quick
 #   dequant   30  benchmarks/dequant.py --quick
 #   e2e       125 benchmarks/e2e.py --quick (baseline and qtrain workers, 60 s each at most)
 #   int32     55  benchmarks/int32_probe.py, LAST: an illegal address poisons the CUDA context
@@ -38,8 +38,8 @@ OUT=$(cd "$OUT" && pwd)
 LOG=$OUT/session.log
 SUMMARY=$OUT/summary.md
 PY=${PYTHON:-python3}
-# Never put the repo root or benchmarks/ first on sys.path: kernels/ and benchmarks/kernels.py would
-# shadow the top-level name `kernels` that bitsandbytes and transformers probe (Python >= 3.11).
+# Never put the repo root first on sys.path (`python -m pytest` would): its kernels/ folder would shadow
+# the top-level name `kernels` that bitsandbytes and transformers probe (Python >= 3.11).
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export COMMIT
@@ -112,7 +112,7 @@ step pytest 90 "grep -E '(passed|failed|skipped|error|deselected|no tests ran)' 
 step probe 75 "grep -m1 '^summary:' '$TMP/probe.txt'" \
   bash -o pipefail -c "'$PY' benchmarks/probe.py $DRYFLAG --json '$OUT/probe.json' | tee '$TMP/probe.txt'"
 step kernels 100 "grep -m1 '^summary:' '$TMP/kernels.txt' | cut -c1-110" \
-  bash -o pipefail -c "'$PY' benchmarks/kernels.py --quick $DRYFLAG --json '$OUT/kernels.json' | tee '$TMP/kernels.txt'"
+  bash -o pipefail -c "'$PY' benchmarks/kernel_speed.py --quick $DRYFLAG --json '$OUT/kernels.json' | tee '$TMP/kernels.txt'"
 step dequant 30 "" "$PY" benchmarks/dequant.py --quick $DRYFLAG --json "$OUT/dequant.json"
 step e2e 125 "ls '$TMP/e2e' 2>/dev/null || echo 'no result files'" \
   "$PY" benchmarks/e2e.py --quick $DRYFLAG --worker-timeout 60 --search-seconds 15 --out "$TMP/e2e"

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py, dequant.py, probe.py, int32_probe.py on CPU: their --dry runs (tiny shapes, the
+"""benchmarks/kernel_speed.py, dequant.py, probe.py, int32_probe.py on CPU: their --dry runs (tiny shapes, the
 Triton interpreter), the JSON they write, the baselines' math, and that a wrong, raising or missing
 path is reported (FAIL, ERROR, unavailable) while the others still run.
 
@@ -29,7 +29,7 @@ def load(name: str):
 
 @pytest.fixture(scope="module")
 def kernels():
-    return load("kernels")
+    return load("kernel_speed")
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-# ---- kernels.py -----------------------------------------------------------------------------------
+# ---- kernel_speed.py -----------------------------------------------------------------------------------
 
 
 def test_model_shapes(kernels):
@@ -175,7 +175,7 @@ def test_kernels_dry_runs_every_triton_path(kernels, tmp_path):
         assert r["check"]["ok"] and r["ms"] > 0, r
 
 
-@pytest.mark.parametrize("script", ["kernels", "dequant", "probe", "int32_probe"])
+@pytest.mark.parametrize("script", ["kernel_speed", "dequant", "probe", "int32_probe"])
 def test_without_gpu_and_without_dry_nothing_runs(script, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the script would run")

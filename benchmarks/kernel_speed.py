@@ -1,9 +1,9 @@
 """NF4 linear + LoRA: each of our paths against what users run, the best known recipe and the ceiling.
 
-    python benchmarks/kernels.py                          # Llama-3-8B, M in 1 16 256 2048 4096 8192, fwd and fwd+bwd
-    python benchmarks/kernels.py --quick --json k.json    # gate and o at M 1 16 4096, few repetitions (~90 s on an H200)
-    python benchmarks/kernels.py --models llama-3-8b qwen2.5-7b --m 16 4096 --paths dispatch dequant
-    python benchmarks/kernels.py --dry                    # CPU: tiny shapes, Triton interpreter, the whole code path
+    python benchmarks/kernel_speed.py                          # Llama-3-8B, M in 1 16 256 2048 4096 8192, fwd and fwd+bwd
+    python benchmarks/kernel_speed.py --quick --json k.json    # gate and o at M 1 16 4096, few repetitions (~90 s on an H200)
+    python benchmarks/kernel_speed.py --models llama-3-8b qwen2.5-7b --m 16 4096 --paths dispatch dequant
+    python benchmarks/kernel_speed.py --dry                    # CPU: tiny shapes, Triton interpreter, the whole code path
 
 Ours (benchmarks/_nf4bench.py `PATHS`, each resolved at run time; one that does not import in this
 build is a row "unavailable (...)"): torch, fused (W dequantized inside the GEMM), dequant (W
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
     env = B.setup(args.dry)
     if env is None:
         print(
-            "benchmarks/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing measured; --dry runs it on CPU."
+            "benchmarks/kernel_speed.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing measured; --dry runs it on CPU."
         )
         return 0
     print(HEADER)
@@ -361,5 +361,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    B.drop_script_dir()
     sys.exit(main())
