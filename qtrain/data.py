@@ -677,3 +677,25 @@ def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> Itera
     """The eval examples in order, padded, once."""
     for start in range(0, len(examples), batch_size):
         yield collate(examples[start : start + batch_size], pad_id)
+
+
+PROMPT_FORMATS = (*FORMATS, "none")  # what format_prompt renders
+
+
+def format_prompt(prompt: str, data_format: str, tokenizer, input: str = "") -> tuple[str, bool]:
+    """(text to complete, add_special_tokens) for a user prompt, rendered as in training.
+
+    alpaca: the alpaca instruction block (`input` as its input); chat: the tokenizer's chat template
+    (a default one when it has none) for one user turn plus the assistant header, which already
+    holds its special tokens; prompt_completion, text, none: the prompt as is."""
+    if data_format == "alpaca":
+        return alpaca_prompt({"instruction": prompt, "input": input}), True
+    if input:
+        prompt = f"{prompt}\n\n{input}"
+    if data_format == "chat":
+        ensure_chat_template(tokenizer)
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    if data_format in ("prompt_completion", "text", "none"):
+        return prompt, True
+    raise ValueError(f"prompt format {data_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")

@@ -19,12 +19,12 @@ from torch import nn
 
 from qtrain.adapter import ADAPTER_CONFIG, TRAINING_INFO, load_adapter_weights, read_adapter_config, read_training_info
 from qtrain.config import DTYPES
-from qtrain.data import FORMATS, alpaca_prompt, ensure_chat_template
+from qtrain.data import FORMATS, PROMPT_FORMATS, format_prompt
+from qtrain.device import pick_device
 from qtrain.fused import FusedOps, apply_fused_ops
 from qtrain.methods.io import load_method, read_methods
 
 TEMPLATES = ("auto", "alpaca", "chat", "none")  # `none`: the prompt as is
-PROMPT_FORMATS = (*FORMATS, "none")  # what format_prompt renders
 
 
 @dataclass
@@ -110,7 +110,6 @@ def load_for_inference(
     quantized, data_format (None when not recorded), base_only.
     """
     from qtrain.model import load_model, load_tokenizer
-    from qtrain.train import pick_device
 
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
@@ -171,25 +170,6 @@ def load_for_inference(
 
 
 # ---- prompts ----
-
-
-def format_prompt(prompt: str, data_format: str, tokenizer, input: str = "") -> tuple[str, bool]:
-    """(text to complete, add_special_tokens) for a user prompt, rendered as in training.
-
-    alpaca: the alpaca instruction block (`input` as its input); chat: the tokenizer's chat template
-    (a default one when it has none) for one user turn plus the assistant header, which already
-    holds its special tokens; prompt_completion, text, none: the prompt as is."""
-    if data_format == "alpaca":
-        return alpaca_prompt({"instruction": prompt, "input": input}), True
-    if input:
-        prompt = f"{prompt}\n\n{input}"
-    if data_format == "chat":
-        ensure_chat_template(tokenizer)
-        messages = [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
-    if data_format in ("prompt_completion", "text", "none"):
-        return prompt, True
-    raise ValueError(f"prompt format {data_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
 
 
 def resolve_template(template: str, info: dict) -> str:

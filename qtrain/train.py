@@ -35,7 +35,16 @@ from rich.console import Console
 
 from qtrain.adapter import load_adapter_weights, read_adapter_config, save_adapter
 from qtrain.config import DTYPES, Config, to_dict
-from qtrain.data import IGNORE_INDEX, Batches, describe_batches, eval_batches, load_data, write_skipped_rows
+from qtrain.data import (
+    IGNORE_INDEX,
+    Batches,
+    describe_batches,
+    eval_batches,
+    format_prompt,
+    load_data,
+    write_skipped_rows,
+)
+from qtrain.device import pick_device
 from qtrain.estimate import estimate, suggestions, workload_for
 from qtrain.evaluate import exact_match, generate
 from qtrain.fused import apply_fused_ops
@@ -74,14 +83,6 @@ class OutOfMemory(RuntimeError):
 
 class StorageError(RuntimeError):
     """Writing the run's files failed (disk full): says where, and what to resume from."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
-    return torch.device(name)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -638,8 +639,6 @@ def _evaluate(cfg, model, tokenizer, examples, data_format, device, autocast, lo
     logger.log(step, metrics)
     console.print(f"[bold]eval[/] step {step}: loss {loss:.4f}, perplexity {metrics['eval_ppl']:.2f}")
     if cfg.eval.samples:
-        from qtrain.generate import format_prompt
-
         for sample in cfg.eval.samples:
             prompt, extra = (sample, "") if isinstance(sample, str) else (sample.prompt, sample.input)
             text, specials = format_prompt(prompt, data_format, tokenizer, extra)
