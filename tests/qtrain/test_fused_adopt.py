@@ -46,14 +46,17 @@ FUSED = {"attention": FusedLlamaAttention, "mlp": FusedMLP, "norm": FusedRMSNorm
 @pytest.mark.parametrize("kind", list(FUSED))
 def test_adopted_module_holds_the_same_objects_under_the_same_names(kind):
     stock = stock_modules()[kind]
-    params, buffers, children = dict(stock.named_parameters()), dict(stock.named_buffers()), dict(stock.named_children())
+    params, buffers = dict(stock.named_parameters()), dict(stock.named_buffers())
+    children = dict(stock.named_children())
     keys = list(stock.state_dict())
     new = adopt(stock, FUSED[kind])
     assert type(new) is FUSED[kind] and new is not stock
     assert list(dict(new.named_parameters())) == list(params)
     assert all(p is params[n] for n, p in new.named_parameters())  # the same Parameter objects
-    assert all(b is buffers[n] for n, b in new.named_buffers()) and dict(new.named_buffers()).keys() == buffers.keys()
-    assert all(c is children[n] for n, c in new.named_children()) and dict(new.named_children()).keys() == children.keys()
+    assert dict(new.named_buffers()).keys() == buffers.keys()
+    assert all(b is buffers[n] for n, b in new.named_buffers())
+    assert dict(new.named_children()).keys() == children.keys()
+    assert all(c is children[n] for n, c in new.named_children())
     assert list(new.state_dict()) == keys
     for name in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
         assert getattr(new, name) is getattr(stock, name), name  # the dicts themselves, not copies
