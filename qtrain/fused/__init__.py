@@ -16,7 +16,8 @@ The variable-length attention itself is `qtrain.kernels.varlen`.
 
 The names below are re-exported lazily (PEP 562): `from qtrain.fused import FusedOps` imports only
 `qtrain.fused.ops`; the modules that import transformers' modeling files load on first use of a name
-from them. Tests patch a name in the module that calls it (`qtrain.fused.mlp.swiglu`...), not here.
+from them. No re-exported name is also a submodule's (importing the submodule would rebind it).
+Tests patch a name in the module that calls it (`qtrain.fused.mlp.swiglu`...), not here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import importlib
 
 _EXPORTS = {
     "ops": ("ENABLED", "GATE_UP", "OPS", "QKV", "FusedOps"),
-    "adopt": ("adopt",),
     "projection": (
         "FusedGroups", "blocked", "columns", "fusable", "fused_absmax", "fused_projection", "fused_weight",
         "has_hooks", "share_codes", "shared_codes",

@@ -83,6 +83,14 @@ def test_unknown_names_raise_attribute_error():
         qtrain.fused.no_such_name  # noqa: B018
 
 
+def test_no_re_exported_name_is_a_submodule_name():
+    """Importing `qtrain.fused.<name>` sets the package attribute <name> to the module: a function of
+    that name would be replaced by it."""
+    submodules = {p.stem for p in Path(qtrain.fused.__file__).parent.glob("*.py")} - {"__init__"}
+    assert {"ops", "swap", "attention"} <= submodules
+    assert submodules.isdisjoint(qtrain.fused.__all__)
+
+
 def test_re_exports_are_the_defining_modules_objects():
     from qtrain.fused import attention, ops, swap
 
