@@ -46,6 +46,7 @@ from qtrain.nf4 import NF4Tensor, block_absmax
 
 
 def has_hooks(m: nn.Module) -> bool:
+    """Whether a module hook would see m's call (read only): a fused call would skip it, so it falls back."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
