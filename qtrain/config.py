@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from qtrain.fused import FusedOps
+from qtrain.fused.ops import FusedOps
 from qtrain.lora import LoRASpec
 from qtrain.methods import (
     IA3,

@@ -22,6 +22,10 @@ from qtrain.kernels.rms_norm import rms_norm_reference
 from qtrain.kernels.swiglu import swiglu_reference
 
 from qtrain import fused
+from qtrain.fused import attention as fused_attention
+from qtrain.fused import mlp as fused_mlp
+from qtrain.fused import norm as fused_norm
+from qtrain.fused import projection
 from qtrain.fused import FusedAttention, FusedMLP, FusedOps, FusedRMSNorm, apply_fused_ops
 from qtrain.lora import LoRALinear, LoRASpec
 from qtrain.methods.adapters import Houlsby
@@ -87,23 +91,23 @@ def tiny(loaded):
 @pytest.fixture
 def reference_kernels(monkeypatch):
     """RMSNorm/SwiGLU through their PyTorch references and RoPE through its torch backend (in place)."""
-    monkeypatch.setattr(fused, "rms_norm", rms_norm_reference)
-    monkeypatch.setattr(fused, "swiglu", swiglu_reference)
-    monkeypatch.setattr(fused, "_rope_backend", lambda x: "torch")
+    monkeypatch.setattr(fused_norm, "rms_norm", rms_norm_reference)
+    monkeypatch.setattr(fused_mlp, "swiglu", swiglu_reference)
+    monkeypatch.setattr(fused_attention, "_rope_backend", lambda x: "torch")
 
 
 @pytest.fixture
 def fused_calls(monkeypatch):
     """The outputs widths of the fused projection calls that ran fused (None: fell back to the stock modules)."""
     calls: list[int | None] = []
-    real = fused.fused_projection
+    real = projection.fused_projection
 
     def spy(x, linears, absmax):
         y = real(x, linears, absmax)
         calls.append(None if y is None else y.shape[-1])
         return y
 
-    monkeypatch.setattr(fused, "fused_projection", spy)
+    monkeypatch.setattr(projection, "fused_projection", spy)
     return calls
 
 
@@ -482,7 +486,7 @@ def narrow_columns(y: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
 def rotate_views(q, k, cos, sin, heads):
     """RoPE before issue 16: in place on `view(...).transpose(1, 2)` views (autograd views of the fused output)."""
     q, k = (t.view(heads).transpose(1, 2) for t in (q, k))  # [B, H|K, S, d]
-    q, k = fused.apply_rope(q, k, cos, sin, backend=fused._rope_backend(q))
+    q, k = fused_attention.apply_rope(q, k, cos, sin, backend=fused_attention._rope_backend(q))
     return q.transpose(1, 2), k.transpose(1, 2)
 
 
@@ -516,14 +520,14 @@ def consumers(root, target) -> list[str]:
 def fused_nodes(monkeypatch):
     """The autograd nodes of the fused projections' outputs [..., sum N_i] (before the split)."""
     nodes = []
-    real = fused.fused_projection
+    real = projection.fused_projection
 
     def spy(x, linears, absmax):
         y = real(x, linears, absmax)
         nodes.append(y.grad_fn)
         return y
 
-    monkeypatch.setattr(fused, "fused_projection", spy)
+    monkeypatch.setattr(projection, "fused_projection", spy)
     return nodes
 
 
@@ -549,8 +553,8 @@ def test_split_backward_is_one_concatenation_and_bit_identical(tiny, fused_nodes
     out.loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
-    monkeypatch.setattr(fused, "columns", narrow_columns)
-    monkeypatch.setattr(fused, "rotate_own", rotate_views)
+    monkeypatch.setattr(projection, "columns", narrow_columns)
+    monkeypatch.setattr(fused_attention, "rotate_own", rotate_views)
     fused_nodes.clear()
     out = model(input_ids=ids, labels=ids)
     old = consumers(out.loss.grad_fn, fused_nodes[0])  # the checks see the old code's full-width nodes

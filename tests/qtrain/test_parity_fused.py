@@ -35,7 +35,9 @@ import torch
 from qtrain.kernels.rms_norm import rms_norm_reference
 from qtrain.kernels.swiglu import swiglu_reference
 
-from qtrain import fused
+from qtrain.fused import attention as fused_attention
+from qtrain.fused import mlp as fused_mlp
+from qtrain.fused import norm as fused_norm
 from qtrain.adapter import load_adapter_weights, save_adapter
 from qtrain.fused import FusedAttention, FusedMLP, FusedOps, FusedRMSNorm, apply_fused_ops
 from qtrain.lora import LoRASpec, lora_modules
@@ -214,9 +216,9 @@ def init_dir(checkpoint, tmp_path_factory):
 def small_op_references(monkeypatch):
     """RMSNorm/SwiGLU through their PyTorch references and RoPE through its torch backend (still in
     place on the fused output's views), inside the fused modules; the interpreter is too slow for 50 steps."""
-    monkeypatch.setattr(fused, "rms_norm", rms_norm_reference)
-    monkeypatch.setattr(fused, "swiglu", swiglu_reference)
-    monkeypatch.setattr(fused, "_rope_backend", lambda x: "torch")
+    monkeypatch.setattr(fused_norm, "rms_norm", rms_norm_reference)
+    monkeypatch.setattr(fused_mlp, "swiglu", swiglu_reference)
+    monkeypatch.setattr(fused_attention, "_rope_backend", lambda x: "torch")
 
 
 def test_fused_modules_are_the_ones_trained(checkpoint):

@@ -19,7 +19,9 @@ import itertools
 import pytest
 import torch
 from qtrain.kernels.rms_norm import rms_norm_reference
+from qtrain.kernels import varlen
 from qtrain.kernels.swiglu import swiglu_reference
+from qtrain.kernels.varlen import packed_segments, segment_attention, varlen_attention
 from torch.nn import functional as F
 from transformers import DynamicCache, masking_utils
 from transformers.models.llama import modeling_llama
@@ -27,8 +29,11 @@ from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 
 from qtrain import fused
+from qtrain.fused import attention as fused_attention
+from qtrain.fused import mlp as fused_mlp
+from qtrain.fused import norm as fused_norm
 from qtrain.data import IGNORE_INDEX, Example, collate_packed
-from qtrain.fused import FusedOps, apply_fused_ops, packed_segments, segment_attention, varlen_attention
+from qtrain.fused import FusedOps, apply_fused_ops
 from qtrain.lora import LoRALinear, LoRASpec
 from qtrain.methods.adapters import Houlsby
 from qtrain.methods.llama_adapter import LlamaAdapter
@@ -93,22 +98,22 @@ def tiny(loaded):
 @pytest.fixture(autouse=True)
 def reference_kernels(monkeypatch):
     """RMSNorm/SwiGLU through their PyTorch references and RoPE through its torch backend (in place)."""
-    monkeypatch.setattr(fused, "rms_norm", rms_norm_reference)
-    monkeypatch.setattr(fused, "swiglu", swiglu_reference)
-    monkeypatch.setattr(fused, "_rope_backend", lambda x: "torch")
+    monkeypatch.setattr(fused_norm, "rms_norm", rms_norm_reference)
+    monkeypatch.setattr(fused_mlp, "swiglu", swiglu_reference)
+    monkeypatch.setattr(fused_attention, "_rope_backend", lambda x: "torch")
 
 
 @pytest.fixture
 def varlen_calls(monkeypatch):
     """The cu_seqlens of every variable-length attention call (one per layer per forward)."""
     calls: list[list[int]] = []
-    real = fused.varlen_attention
+    real = fused_attention.varlen_attention
 
     def spy(q, k, v, cu, *args, **kwargs):
         calls.append(cu.tolist())
         return real(q, k, v, cu, *args, **kwargs)
 
-    monkeypatch.setattr(fused, "varlen_attention", spy)
+    monkeypatch.setattr(fused_attention, "varlen_attention", spy)
     return calls
 
 
@@ -409,15 +414,15 @@ SIGNATURES = {"window_size": _varlen_attn_2_11, "is_causal": _varlen_attn_2_9}  
 @pytest.mark.parametrize("signature", list(SIGNATURES))
 @pytest.mark.parametrize("window", [None, 4])
 def test_torch_varlen_arguments_follow_its_signature(monkeypatch, signature, window):
-    """fused._torch_varlen_call on fakes with each torch version's signature: the window in flash's
+    """varlen._torch_varlen_call on fakes with each torch version's signature: the window in flash's
     convention (W - 1 keys to the left), GQA, the scale passed or folded into q; None where the
     signature cannot express the call (a sliding window on torch 2.9/2.10)."""
     fake = SIGNATURES[signature]
-    monkeypatch.setattr(fused, "_torch_varlen", lambda: (fake, frozenset(inspect.signature(fake).parameters)))
+    monkeypatch.setattr(varlen, "_torch_varlen", lambda: (fake, frozenset(inspect.signature(fake).parameters)))
     g = torch.Generator().manual_seed(4)
     cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
     q, k, v = (torch.randn(13, h, 8, generator=g) for h in (4, 2, 2))
-    got = fused._torch_varlen_call(q, k, v, cu, 7, 0.2, window)
+    got = varlen._torch_varlen_call(q, k, v, cu, 7, 0.2, window)
     if signature == "is_causal" and window:
         assert got is None  # varlen_attention then takes segment_attention
         return
@@ -487,7 +492,7 @@ def test_gpu_bf16_varlen_kernel_equals_the_block_mask_path(monkeypatch, window):
     both measured against fp32: the output and the q/k/v gradients are as accurate (bf16 rounds
     differently in each: ~4e-3 relative per rounding, so they are compared through their errors)."""
     cu, longest, q, k, v, dout = _gpu_case()
-    assert fused._flash_attn_varlen() is not None or fused._torch_varlen() is not None, "no CUDA varlen kernel"
+    assert varlen._flash_attn_varlen() is not None or varlen._torch_varlen() is not None, "no CUDA varlen kernel"
 
     def run(fn, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
@@ -496,8 +501,8 @@ def test_gpu_bf16_varlen_kernel_equals_the_block_mask_path(monkeypatch, window):
         return [out.detach().float(), *(t.grad.float() for t in leaves)]
 
     calls = []
-    segment = fused.segment_attention
-    monkeypatch.setattr(fused, "segment_attention", lambda *a, **kw: calls.append(1) or segment(*a, **kw))
+    segment = varlen.segment_attention
+    monkeypatch.setattr(varlen, "segment_attention", lambda *a, **kw: calls.append(1) or segment(*a, **kw))
     got = run(lambda *t: varlen_attention(*t, cu, longest, 128**-0.5, window), torch.bfloat16)
     assert calls == []  # a CUDA kernel ran, not the per-example loop
     stock = run(lambda *t: _block_masked(*t, cu, window), torch.bfloat16)
@@ -549,8 +554,8 @@ def test_gpu_bf16_packed_model_equals_the_block_mask(tiny_checkpoint, varlen_cal
     assert swapped.varlen
     loops = []
     masks.clear()
-    segment = fused.segment_attention
-    monkeypatch.setattr(fused, "segment_attention", lambda *a, **kw: loops.append(1) or segment(*a, **kw))
+    segment = varlen.segment_attention
+    monkeypatch.setattr(varlen, "segment_attention", lambda *a, **kw: loops.append(1) or segment(*a, **kw))
     got = run(model)
     assert len(varlen_calls) == 2 and loops == []  # both layers through a CUDA varlen kernel
     assert all(nbytes <= 1 for kind, _, nbytes in masks) and masks  # the placeholder only: no mask built
