@@ -41,7 +41,7 @@ from qtrain.evaluate import exact_match, generate
 from qtrain.fused import apply_fused_ops
 from qtrain.kernels.linear_cross_entropy import linear_cross_entropy
 from qtrain.kernels.nf4_lora import resolve_backend, triton_available
-from qtrain.lora import LoRASpec
+from qtrain.lora import LoRALinear, LoRASpec
 from qtrain.memory import OffloadActivations, peak_memory_bytes
 from qtrain.memprof import MemoryProfiler
 from qtrain.methods import PeftMethod, mark_trainable
@@ -326,7 +326,7 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters()) + sum(
-        m._nf4_meta["shape"].numel() for m in model.modules() if getattr(m, "_nf4_meta", None)
+        m.nf4_shape.numel() for m in model.modules() if isinstance(m, LoRALinear) and m.has_nf4
     )
     console.print(
         f"[bold]model[/] {path} ({loaded.config.model_type}, {'NF4' if cfg.model.quantize else cfg.model.dtype} base) "

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from qtrain.methods.hooks import ModuleHooks
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
@@ -41,6 +43,14 @@ class PeftMethod:
     def owns(self, param_name: str) -> bool:
         """Whether the model parameter called `param_name` belongs to this method."""
         raise NotImplementedError
+
+    @property
+    def hooks(self) -> ModuleHooks:
+        """The forward hooks this method put on models, kept to be removed by handle
+        (`qtrain.methods.hooks`). Runtime state, not a config field: made on first use."""
+        if getattr(self, "_hooks", None) is None:
+            self._hooks = ModuleHooks()
+        return self._hooks
 
     def expected_trainable(self, config: PretrainedConfig) -> int:
         """The paper's count of trainable parameters for a model of `config` (checked by tests)."""
