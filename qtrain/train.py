@@ -311,7 +311,9 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
     spec: LoRASpec = read_adapter_config(cfg.lora.init_from) if cfg.lora.init_from else cfg.lora
     if not use_lora:
         spec = LoRASpec(rank=0)  # every linear NF4, no adapter
-    methods = [getattr(cfg, name) for name in cfg.methods() if name != "lora"]  # the other PEFT methods
+    # the other PEFT methods, new objects from their config sections: what training adds to a method
+    # (its hooks, AdaLoRA's EMAs and rank pattern) lives on these, never on `cfg`
+    methods = [replace(getattr(cfg, name)) for name in cfg.methods() if name != "lora"]
     check_memory(cfg, path, spec, device, console)
     t0 = time.perf_counter()
     loaded = load_model(path, spec, compute_dtype=dtype, device=device, quantize=cfg.model.quantize, backend=cfg.model.backend)
