@@ -9,8 +9,10 @@ that adds its parameters to a loaded model instance, names them, and saves/loads
 
 The frozen base is whatever `qtrain.model.load_model` built (NF4 LoRALinear layers; rank 0 where
 LoRA is not used). Methods change the model INSTANCE only: parameters registered on our own
-modules (LoRALinear), children added to a decoder layer instance, forward hooks; never attributes
-of transformers classes. Parameter names are stable (they do not move existing modules), so methods
+modules (LoRALinear), children added to a decoder layer instance, forward hooks (registered through
+`self.hooks`, a `qtrain.methods.hooks.ModuleHooks`, and removed by handle); never attributes of
+transformers classes. Hyperparameters are the dataclass's fields; what a method learns or registers
+while it runs (hooks, AdaLoRA's allocation) is a plain attribute, never a field. Parameter names are stable (they do not move existing modules), so methods
 compose (LoRA + another) and PEFT's key names can be produced by a fixed mapping.
 """
 
