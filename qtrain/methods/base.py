@@ -12,8 +12,9 @@ LoRA is not used). Methods change the model INSTANCE only: parameters registered
 modules (LoRALinear), children added to a decoder layer instance, forward hooks (registered through
 `self.hooks`, a `qtrain.methods.hooks.ModuleHooks`, and removed by handle); never attributes of
 transformers classes. Hyperparameters are the dataclass's fields; what a method learns or registers
-while it runs (hooks, AdaLoRA's allocation) is a plain attribute, never a field. Parameter names are stable (they do not move existing modules), so methods
-compose (LoRA + another) and PEFT's key names can be produced by a fixed mapping.
+while it runs (hooks, AdaLoRA's allocation) is a plain attribute, never a field. Parameter names
+are stable (they do not move existing modules), so methods compose (LoRA + another) and PEFT's key
+names can be produced by a fixed mapping.
 """
 
 from __future__ import annotations
