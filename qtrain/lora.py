@@ -189,6 +189,44 @@ class LoRALinear(nn.Module):
             raise ValueError(f"bias of shape {tuple(bias.shape)}, expected {(self.out_features,)}")
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
 
+    # ---- the NF4 base's format: read through these, never through `_nf4_meta` ----
+
+    @property
+    def has_nf4(self) -> bool:
+        """Whether an NF4 base weight is loaded (not when the base is 16-bit, nor before it is set:
+        a layer built on meta, or `quantize_base` waiting for `set_base_weight`)."""
+        return bool(self._nf4_meta)
+
+    def _nf4_fact(self, key: str):
+        if not self._nf4_meta:
+            raise RuntimeError("this LoRALinear has no NF4 weight loaded")
+        return self._nf4_meta[key]
+
+    @property
+    def nf4_shape(self) -> torch.Size:
+        """The dequantized weight's shape [out, in]."""
+        return self._nf4_fact("shape")
+
+    @property
+    def nf4_dtype(self) -> torch.dtype:
+        """The dtype the weight was quantized from (and dequantizes to by default)."""
+        return self._nf4_fact("dtype")
+
+    @property
+    def nf4_blocksize(self) -> int:
+        """Weights per absmax (64, as bitsandbytes)."""
+        return self._nf4_fact("blocksize")
+
+    @property
+    def nf4_absmax_offset(self) -> float:
+        """The mean subtracted from the absmaxes before their 8-bit quantization (double quant)."""
+        return self._nf4_fact("absmax_offset")
+
+    @property
+    def nf4_absmax_blocksize(self) -> int:
+        """Absmaxes per 8-bit scale of the double quantization (256, as bitsandbytes)."""
+        return self._nf4_fact("absmax_blocksize")
+
     @property
     def nf4_weight(self) -> NF4Tensor:
         if not self._nf4_meta:
@@ -216,7 +254,7 @@ class LoRALinear(nn.Module):
             w = w + self.scale * (self.lora_b.weight.float() @ self.lora_a.weight.float())
         if self.use_dora:
             w = (self.lora_magnitude.detach().float() / torch.linalg.vector_norm(w, dim=1))[:, None] * w
-        out_dtype = dtype or (self._nf4_meta["dtype"] if self.quantize_base else self.weight.dtype)
+        out_dtype = dtype or (self.nf4_dtype if self.quantize_base else self.weight.dtype)
         return w.to(out_dtype)
 
     # ---- forward ----

@@ -232,7 +232,7 @@ def _tie_or_check(model: nn.Module, config: PretrainedConfig, model_dir: Path) -
     if out is not None and out.weight.device.type == "meta" and tie:
         out.weight = model.get_input_embeddings().weight
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    missing += [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.quantize_base and not m._nf4_meta]
+    missing += [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.quantize_base and not m.has_nf4]
     missing += [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and not m.quantize_base and m.weight is None]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

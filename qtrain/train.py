@@ -50,7 +50,7 @@ from qtrain.evaluate import exact_match, generate
 from qtrain.fused import apply_fused_ops
 from qtrain.kernels.linear_cross_entropy import linear_cross_entropy
 from qtrain.kernels.nf4_lora import resolve_backend, triton_available
-from qtrain.lora import LoRASpec
+from qtrain.lora import LoRALinear, LoRASpec
 from qtrain.memory import OffloadActivations, peak_memory_bytes
 from qtrain.memprof import MemoryProfiler
 from qtrain.methods import PeftMethod, mark_trainable
@@ -312,7 +312,9 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
     spec: LoRASpec = read_adapter_config(cfg.lora.init_from) if cfg.lora.init_from else cfg.lora
     if not use_lora:
         spec = LoRASpec(rank=0)  # every linear NF4, no adapter
-    methods = [getattr(cfg, name) for name in cfg.methods() if name != "lora"]  # the other PEFT methods
+    # the other PEFT methods, new objects from their config sections: what training adds to a method
+    # (its hooks, AdaLoRA's EMAs and rank pattern) lives on these, never on `cfg`
+    methods = [replace(getattr(cfg, name)) for name in cfg.methods() if name != "lora"]
     check_memory(cfg, path, spec, device, console)
     t0 = time.perf_counter()
     loaded = load_model(path, spec, compute_dtype=dtype, device=device, quantize=cfg.model.quantize, backend=cfg.model.backend)
@@ -327,7 +329,7 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters()) + sum(
-        m._nf4_meta["shape"].numel() for m in model.modules() if getattr(m, "_nf4_meta", None)
+        m.nf4_shape.numel() for m in model.modules() if isinstance(m, LoRALinear) and m.has_nf4
     )
     console.print(
         f"[bold]model[/] {path} ({loaded.config.model_type}, {'NF4' if cfg.model.quantize else cfg.model.dtype} base) "

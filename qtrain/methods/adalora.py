@@ -126,6 +126,23 @@ def _device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass
+class RankAllocation:
+    """What AdaLoRA learns while it trains, beside its parameters (the state of PEFT's RankAllocator):
+    the importance EMAs by parameter name, the rank pattern by module name ({name: [kept] * init_r},
+    None before the first allocation), the last budget and the T that after_step last saw.
+
+    A runtime object that the `AdaLoRA` method owns (`method.allocation`), made new by `apply` and
+    `remove`: not a field, so the `adalora:` config section (the dataclass's fields, `config_dict`)
+    never carries it, and `trainer_state` / `load_trainer_state` are its only way in and out."""
+
+    exp_avg_ipt: dict[str, torch.Tensor] = field(default_factory=dict)
+    exp_avg_unc: dict[str, torch.Tensor] = field(default_factory=dict)
+    rank_pattern: dict[str, list[bool]] | None = None
+    budget: int | None = None
+    total_seen: int | None = None
+
+
 def orthogonality(p: torch.Tensor, rows: bool) -> torch.Tensor:
     """||P P^T - I||_F (rows: A's right singular vectors) or ||P^T P - I||_F (B's columns), fp32."""
     p = p.float()
@@ -212,13 +229,8 @@ class AdaLoRA(PeftMethod):
             raise ValueError(f"adalora.lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     def _reset_state(self) -> None:
-        """The allocator's state (not config fields): EMAs by parameter name, the rank pattern by
-        module name, the last budget and the T last seen by after_step."""
-        self._exp_avg_ipt: dict[str, torch.Tensor] = {}
-        self._exp_avg_unc: dict[str, torch.Tensor] = {}
-        self._rank_pattern: dict[str, list[bool]] | None = None
-        self.budget: int | None = None
-        self._total_seen: int | None = None
+        """A new, empty `RankAllocation` (the method's runtime state; not a config field)."""
+        self.allocation = RankAllocation()
 
     @property
     def all_linear(self) -> bool:
@@ -226,8 +238,14 @@ class AdaLoRA(PeftMethod):
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]] | None:
-        """{module name: [kept] * init_r} of the last allocation (None before the first)."""
-        return None if self._rank_pattern is None else {k: list(v) for k, v in self._rank_pattern.items()}
+        """{module name: [kept] * init_r} of the last allocation (None before the first), a copy."""
+        pattern = self.allocation.rank_pattern
+        return None if pattern is None else {k: list(v) for k, v in pattern.items()}
+
+    @property
+    def budget(self) -> int | None:
+        """The number of triplets kept by the last step's schedule (None before after_step)."""
+        return self.allocation.budget
 
     # ---- the model ----
 
@@ -273,15 +291,12 @@ class AdaLoRA(PeftMethod):
         m.register_parameter(B, nn.Parameter(b))
         m.register_buffer(RANKNUM, torch.full((1,), float(r), device=device, dtype=torch.float32), persistent=False)
         m.adalora_scaling, m.adalora_dropout = float(self.lora_alpha), float(self.lora_dropout)
-        m.register_forward_hook(add_svd_delta, with_kwargs=True)
+        self.hooks.forward(m, add_svd_delta, with_kwargs=True)
 
     def remove(self, model: nn.Module) -> None:
         """Undo `apply`: drop the parameters and the hook (the model is the base again)."""
+        self.hooks.remove(model)
         for m in self.adapted(model).values():
-            for key in [k for k, h in m._forward_hooks.items() if h is add_svd_delta]:
-                del m._forward_hooks[key]
-                m._forward_hooks_with_kwargs.pop(key, None)
-                m._forward_hooks_always_called.pop(key, None)
             for name in (A, E, B):
                 del m._parameters[name]
             del m._buffers[RANKNUM]
@@ -318,7 +333,7 @@ class AdaLoRA(PeftMethod):
         total = self.total_step if self.total_step is not None else total_steps
         if self.total_step is None:
             self.check_phases(total, "the run's total steps (train.max_steps)")
-        self._total_seen = total
+        self.allocation.total_seen = total
         return total
 
     def budget_schedule(self, step: int, total: int, n_matrices: int) -> tuple[int, bool]:
@@ -340,20 +355,20 @@ class AdaLoRA(PeftMethod):
         if step < final:
             if self._gradients_finite(modules):  # else the optimizer skipped the step too (fp16 GradScaler)
                 self._update_ipt(modules)
-            self.budget, mask = self.budget_schedule(step, total, len(modules))
-            if mask and self._exp_avg_ipt:
-                self._mask_to_budget(modules, self.budget)
+            self.allocation.budget, mask = self.budget_schedule(step, total, len(modules))
+            if mask and self.allocation.exp_avg_ipt:
+                self._mask_to_budget(modules, self.allocation.budget)
         elif step == final:  # the final allocation (forced mask), then the EMAs are dropped
-            self.budget = self.budget_schedule(step, total, len(modules))[0]
-            self._mask_to_budget(modules, self.budget)
-            self._exp_avg_ipt, self._exp_avg_unc = {}, {}
-        elif self._rank_pattern is None:
+            self.allocation.budget = self.budget_schedule(step, total, len(modules))[0]
+            self._mask_to_budget(modules, self.allocation.budget)
+            self.allocation.exp_avg_ipt, self.allocation.exp_avg_unc = {}, {}
+        elif self.allocation.rank_pattern is None:
             raise RuntimeError(
                 f"adalora.after_step: step {step} is past the final allocation (step {final}) but no rank pattern "
                 "was allocated; resume from a checkpoint with its trainer state"
             )
         else:
-            self.budget = self.target_r * len(modules)
+            self.allocation.budget = self.target_r * len(modules)
             self._apply_pattern(modules)
 
     def _gradients_finite(self, modules: dict[str, LoRALinear]) -> bool:
@@ -379,14 +394,14 @@ class AdaLoRA(PeftMethod):
 
     def _update_one(self, name: str, p: torch.Tensor) -> None:
         ipt = (p * p.grad).abs().detach()
-        avg = self._exp_avg_ipt.get(name, torch.zeros_like(p))
-        unc = self._exp_avg_unc.get(name, torch.zeros_like(p))
+        avg = self.allocation.exp_avg_ipt.get(name, torch.zeros_like(p))
+        unc = self.allocation.exp_avg_unc.get(name, torch.zeros_like(p))
         avg = self.beta1 * avg + (1 - self.beta1) * ipt
-        self._exp_avg_ipt[name] = avg
-        self._exp_avg_unc[name] = self.beta2 * unc + (1 - self.beta2) * (ipt - avg).abs()
+        self.allocation.exp_avg_ipt[name] = avg
+        self.allocation.exp_avg_unc[name] = self.beta2 * unc + (1 - self.beta2) * (ipt - avg).abs()
 
     def _score(self, name: str) -> torch.Tensor:
-        return self._exp_avg_ipt[name] * self._exp_avg_unc[name]
+        return self.allocation.exp_avg_ipt[name] * self.allocation.exp_avg_unc[name]
 
     def triplet_scores(self, modules: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
         """S_i = s(λ_i) + (mean_j s(A_ij) + mean_j s(B_ji)) [r] per module (PEFT's mask_to_budget)."""
@@ -400,29 +415,29 @@ class AdaLoRA(PeftMethod):
 
     def _mask_to_budget(self, modules: dict[str, LoRALinear], budget: int) -> None:
         """Zero λ_i of every triplet scoring <= the k-th smallest score, k = b0 - budget."""
-        if not self._exp_avg_ipt:
+        if not self.allocation.exp_avg_ipt:
             raise RuntimeError("adalora.after_step: no importance scores yet to allocate the budget from")
         scores = self.triplet_scores(modules)
         k = self.init_r * len(modules) - budget
         if k <= 0:  # nothing to prune (target_r == init_r); PEFT's kthvalue fails here
-            self._rank_pattern = {n: [True] * self.init_r for n in modules}
+            self.allocation.rank_pattern = {n: [True] * self.init_r for n in modules}
         else:
             device = next(iter(scores.values())).device
             threshold = torch.kthvalue(torch.cat([s.to(device) for s in scores.values()]), k=k)[0].item()
-            self._rank_pattern = {n: (~(s <= threshold)).tolist() for n, s in scores.items()}
+            self.allocation.rank_pattern = {n: (~(s <= threshold)).tolist() for n, s in scores.items()}
         self._apply_pattern(modules)
 
     def _apply_pattern(self, modules: dict[str, LoRALinear]) -> None:
         with torch.no_grad():
             for mname, m in modules.items():
-                keep = torch.tensor(self._rank_pattern[mname], device=m.adalora_e.device)  # [r]
+                keep = torch.tensor(self.allocation.rank_pattern[mname], device=m.adalora_e.device)  # [r]
                 m.adalora_e.masked_fill_(~keep[:, None], 0.0)
 
     def mask(self, model: nn.Module, rank_pattern: dict[str, list[bool]]) -> None:
         """Set the rank pattern ({module name: [kept] * init_r}) and zero the pruned λ_i (PEFT's
         mask_using_rank_pattern)."""
         modules = self.adapted(model)
-        self._rank_pattern = self._checked_pattern(rank_pattern, modules, "adalora.mask")
+        self.allocation.rank_pattern = self._checked_pattern(rank_pattern, modules, "adalora.mask")
         self._apply_pattern(modules)
 
     def _checked_pattern(self, pattern: dict, modules: dict, source: str) -> dict[str, list[bool]]:
@@ -442,11 +457,11 @@ class AdaLoRA(PeftMethod):
 
     def trainer_state(self) -> dict:
         return {
-            "exp_avg_ipt": {n: t.detach().cpu().clone() for n, t in self._exp_avg_ipt.items()},
-            "exp_avg_unc": {n: t.detach().cpu().clone() for n, t in self._exp_avg_unc.items()},
+            "exp_avg_ipt": {n: t.detach().cpu().clone() for n, t in self.allocation.exp_avg_ipt.items()},
+            "exp_avg_unc": {n: t.detach().cpu().clone() for n, t in self.allocation.exp_avg_unc.items()},
             "rank_pattern": self.rank_pattern,
-            "budget": self.budget,
-            "total_step": self._total_seen,
+            "budget": self.allocation.budget,
+            "total_step": self.allocation.total_seen,
         }
 
     def load_trainer_state(self, model: nn.Module, state: dict) -> None:
@@ -458,11 +473,11 @@ class AdaLoRA(PeftMethod):
         for key in ("exp_avg_ipt", "exp_avg_unc"):
             emas.append(self._checked_emas(state[key], params, key))
         pattern = state["rank_pattern"]
-        self._rank_pattern = (
+        self.allocation.rank_pattern = (
             None if pattern is None else self._checked_pattern(pattern, modules, "adalora trainer state")
         )
-        self._exp_avg_ipt, self._exp_avg_unc = emas
-        self.budget, self._total_seen = state["budget"], state["total_step"]
+        self.allocation.exp_avg_ipt, self.allocation.exp_avg_unc = emas
+        self.allocation.budget, self.allocation.total_seen = state["budget"], state["total_step"]
 
     def _checked_emas(self, emas: dict, params: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
         out = {}
@@ -482,7 +497,7 @@ class AdaLoRA(PeftMethod):
         """PEFT's adapter_config.json. total_step: the configured T, else the run's (the last T that
         after_step saw), else the smallest valid one (tinit + tfinal + 1: PEFT needs a value; it is
         only read when training)."""
-        total = self.total_step or self._total_seen or self.tinit + self.tfinal + 1
+        total = self.total_step or self.allocation.total_seen or self.tinit + self.tfinal + 1
         pattern = self.rank_pattern
         return {
             "peft_type": "ADALORA",
@@ -524,8 +539,8 @@ class AdaLoRA(PeftMethod):
         for name, t in tensors.items():
             module, peft_name = self._split(name, PEFT_NAMES, "adalora.to_peft")
             t = t.detach()
-            if self._rank_pattern is not None:
-                keep = torch.tensor(self._rank_pattern[module], device=t.device)  # [init_r]
+            if self.allocation.rank_pattern is not None:
+                keep = torch.tensor(self.allocation.rank_pattern[module], device=t.device)  # [init_r]
                 t = t[:, keep] if peft_name == "lora_B" else t[keep]
             out[PEFT_PREFIX + f"{module}.{peft_name}"] = t.contiguous()
         return out
@@ -554,7 +569,7 @@ class AdaLoRA(PeftMethod):
             pattern[module] = self._positions(module, group, given.get(module), source)
             out.update(self._padded(module, group, pattern[module]))
         pruned = rank_pattern is not None or any(not all(v) for v in pattern.values())
-        self._rank_pattern = pattern if pruned else None
+        self.allocation.rank_pattern = pattern if pruned else None
         return out
 
     def _positions(self, module: str, group: dict, given: list[bool] | None, source: str) -> list[bool]:

@@ -150,7 +150,7 @@ class BottleneckAdapters(PeftMethod):
         raise NotImplementedError
 
     def _hook(self, site: str, sublayer: nn.Module, adapter: Bottleneck):
-        return sublayer.register_forward_hook(SerialHook(adapter))
+        return self.hooks.forward(sublayer, SerialHook(adapter))
 
     def apply(self, model: nn.Module) -> None:
         config = model.config.get_text_config()
@@ -219,4 +219,4 @@ class ParallelAdapter(BottleneckAdapters):
         return [s for s in SITES if s in self.where]
 
     def _hook(self, site: str, sublayer: nn.Module, adapter: Bottleneck):
-        return sublayer.register_forward_hook(ParallelHook(adapter, self.scale), with_kwargs=True)
+        return self.hooks.forward(sublayer, ParallelHook(adapter, self.scale), with_kwargs=True)

@@ -9,9 +9,12 @@ that adds its parameters to a loaded model instance, names them, and saves/loads
 
 The frozen base is whatever `qtrain.model.load_model` built (NF4 LoRALinear layers; rank 0 where
 LoRA is not used). Methods change the model INSTANCE only: parameters registered on our own
-modules (LoRALinear), children added to a decoder layer instance, forward hooks; never attributes
-of transformers classes. Parameter names are stable (they do not move existing modules), so methods
-compose (LoRA + another) and PEFT's key names can be produced by a fixed mapping.
+modules (LoRALinear), children added to a decoder layer instance, forward hooks (registered through
+`self.hooks`, a `qtrain.methods.hooks.ModuleHooks`, and removed by handle); never attributes of
+transformers classes. Hyperparameters are the dataclass's fields; what a method learns or registers
+while it runs (hooks, AdaLoRA's allocation) is a plain attribute, never a field. Parameter names
+are stable (they do not move existing modules), so methods compose (LoRA + another) and PEFT's key
+names can be produced by a fixed mapping.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
+
+from qtrain.methods.hooks import ModuleHooks
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -41,6 +46,14 @@ class PeftMethod:
     def owns(self, param_name: str) -> bool:
         """Whether the model parameter called `param_name` belongs to this method."""
         raise NotImplementedError
+
+    @property
+    def hooks(self) -> ModuleHooks:
+        """The forward hooks this method put on models, kept to be removed by handle
+        (`qtrain.methods.hooks`). Runtime state, not a config field: made on first use."""
+        if getattr(self, "_hooks", None) is None:
+            self._hooks = ModuleHooks()
+        return self._hooks
 
     def expected_trainable(self, config: PretrainedConfig) -> int:
         """The paper's count of trainable parameters for a model of `config` (checked by tests)."""

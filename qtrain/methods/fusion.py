@@ -253,7 +253,7 @@ class AdapterFusion(PeftMethod):
             )
             pf.load_state_dict(view, tensors, source=str(weights))
         for layer in layers:
-            layer.mlp.register_forward_hook(FusionHook(getattr(layer, ADAPTERS_CHILD), getattr(layer, FUSION_CHILD)))
+            self.hooks.forward(layer.mlp, FusionHook(getattr(layer, ADAPTERS_CHILD), getattr(layer, FUSION_CHILD)))
 
     def owns(self, param_name: str) -> bool:
         return f".{FUSION_CHILD}." in param_name

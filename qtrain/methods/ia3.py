@@ -131,20 +131,15 @@ class IA3(PeftMethod):
             size = m.in_features if ff else m.out_features
             m.register_parameter(PARAM, nn.Parameter(torch.ones(size, device=_device(m), dtype=torch.float32)))
             if ff:
-                m.register_forward_pre_hook(scale_input, with_kwargs=True)
+                self.hooks.forward_pre(m, scale_input, with_kwargs=True)
             else:
-                m.register_forward_hook(scale_output)
+                self.hooks.forward(m, scale_output)
 
     def remove(self, model: nn.Module) -> None:
         """Undo `apply`: drop the vectors and their hooks (the model is the base again)."""
+        self.hooks.remove(model)
         for m in model.modules():
             if isinstance(m, LoRALinear) and PARAM in m._parameters:
-                flags = (m._forward_hooks_with_kwargs, m._forward_pre_hooks_with_kwargs, m._forward_hooks_always_called)
-                for hooks in (m._forward_pre_hooks, m._forward_hooks):
-                    for key in [k for k, h in hooks.items() if h in (scale_input, scale_output)]:
-                        del hooks[key]
-                        for flag in flags:
-                            flag.pop(key, None)
                 del m._parameters[PARAM]
 
     def owns(self, param_name: str) -> bool:

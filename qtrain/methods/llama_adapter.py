@@ -207,19 +207,13 @@ class LlamaAdapter(PeftMethod):
         for layer in self._targets(model):
             device = next(layer.parameters()).device
             layer.add_module(CHILD, AdaptionPrompt(self.adapter_len, hidden, device))
-            layer.self_attn.register_forward_hook(AdaptionHook(getattr(layer, CHILD)), with_kwargs=True)
+            self.hooks.forward(layer.self_attn, AdaptionHook(getattr(layer, CHILD)), with_kwargs=True)
 
     def remove(self, model: nn.Module) -> None:
         """Undo `apply`: drop the prompts, gates and hooks (the model is the base again)."""
+        self.hooks.remove(model)
         for layer in decoder_layers(model):
-            if CHILD not in layer._modules:
-                continue
-            attn = layer.self_attn
-            for key in [k for k, h in attn._forward_hooks.items() if isinstance(h, AdaptionHook)]:
-                del attn._forward_hooks[key]
-                attn._forward_hooks_with_kwargs.pop(key, None)
-                attn._forward_hooks_always_called.pop(key, None)
-            del layer._modules[CHILD]
+            layer._modules.pop(CHILD, None)
 
     def owns(self, param_name: str) -> bool:
         module, _, attr = param_name.rpartition(".")

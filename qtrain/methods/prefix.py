@@ -226,18 +226,6 @@ def _cache_keyword(attn: nn.Module) -> str:
     raise ValueError(f"prefix tuning: {type(attn).__name__}.forward takes no cache argument")
 
 
-def _remove_hooks(module: nn.Module, match) -> None:
-    flags = (
-        module._forward_hooks_with_kwargs,
-        module._forward_pre_hooks_with_kwargs,
-        module._forward_hooks_always_called,
-    )
-    for key in [key for key, hook in module._forward_pre_hooks.items() if match(hook)]:
-        del module._forward_pre_hooks[key]
-        for flag in flags:
-            flag.pop(key, None)
-
-
 @dataclass
 class _Prefix(PeftMethod):
     """What prefix tuning and P-tuning v2 share: the encoder, the hooks, PEFT's format."""
@@ -263,20 +251,17 @@ class _Prefix(PeftMethod):
         device = decoder.embed_tokens.weight.device
         encoder = PrefixEncoder(self.num_virtual_tokens, dims, self._hidden(dims["token_dim"]), device)
         decoder.add_module(MODULE, encoder)
-        decoder.register_forward_pre_hook(shift_positions, with_kwargs=True)
+        self.hooks.forward_pre(decoder, shift_positions, with_kwargs=True)
         for i, layer in enumerate(decoder_layers(model)):
             hook = functools.partial(prepend_prefix, encoder=encoder, layer=i, cache_kw=_cache_keyword(layer.self_attn))
-            layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+            self.hooks.forward_pre(layer.self_attn, hook, with_kwargs=True)
         self._embedding = next(n for n, p in model.named_parameters() if p is encoder.embedding.weight)
         self._dims = dims
 
     def remove(self, model: nn.Module) -> None:
         """Undo `apply` (the model is the base again)."""
-        decoder = model.get_decoder()
-        _remove_hooks(decoder, lambda h: h is shift_positions)
-        for layer in decoder_layers(model):
-            _remove_hooks(layer.self_attn, lambda h: isinstance(h, functools.partial) and h.func is prepend_prefix)
-        decoder._modules.pop(MODULE, None)
+        self.hooks.remove(model)
+        model.get_decoder()._modules.pop(MODULE, None)
 
     def owns(self, param_name: str) -> bool:
         return f".{MODULE}." in f".{param_name}"

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qtrain.methods.hooks import ModuleHooks
+
 ATTR = "_virtual_tokens"  # the decoder's VirtualTokens
 CACHE_NAMES = ("cache", "past_key_values")  # transformers >= 5.24 / older
 
@@ -233,7 +235,7 @@ class VirtualTokens:
         self.override: torch.Tensor | None = None
         self._pending: Layout | None = None  # pre-hook -> forward hook
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its prefill's Layout
-        self._handles: list = []
+        self._hooks = ModuleHooks()
         self._arg_names: list[str] = []
 
     @staticmethod
@@ -245,15 +247,12 @@ class VirtualTokens:
             raise ValueError(f"{self.placement.method}: the decoder already takes virtual tokens (applied twice, or "
                              "with another prompt method: prompt_tuning and p_tuning do not combine)")
         self._arg_names = list(inspect.signature(decoder.forward).parameters)
-        self._handles = [
-            decoder.register_forward_pre_hook(self.pre_hook, with_kwargs=True),
-            decoder.register_forward_hook(self.post_hook, with_kwargs=True),
-        ]
+        self._hooks.forward_pre(decoder, self.pre_hook, with_kwargs=True)
+        self._hooks.forward(decoder, self.post_hook, with_kwargs=True)
         decoder.__dict__[ATTR] = self
 
     def detach(self, decoder: nn.Module) -> None:
-        for handle in self._handles:
-            handle.remove()
+        self._hooks.remove(decoder)
         decoder.__dict__.pop(ATTR, None)
 
     @staticmethod

@@ -365,3 +365,31 @@ def test_is_target_agrees_with_peft(options):
     spec = PeftLoRASpec(**selection, layers_pattern=[pattern] if isinstance(pattern, str) else pattern)
     for name in NAMES:
         assert is_target(name, spec) == bool(check_target_module_exists(config, name)), name
+
+
+def test_nf4_format_is_read_through_properties():
+    """Other modules read the NF4 base's format through LoRALinear's read-only properties, which agree
+    with the NF4Tensor it dequantizes from."""
+    lin = linear()
+    m = LoRALinear.from_linear(lin, rank=4, quantize_base=True)
+    w = m.nf4_weight
+    assert m.has_nf4
+    assert (m.nf4_shape, m.nf4_dtype, m.nf4_blocksize) == (torch.Size((OUT, IN)), torch.float32, w.blocksize)
+    assert (m.nf4_absmax_offset, m.nf4_absmax_blocksize) == (w.absmax_offset, w.absmax_blocksize)
+    assert m.nf4_blocksize == 64 and m.nf4_absmax_blocksize == 256 and m.nf4_absmax_offset != 0.0
+    for name in ("has_nf4", "nf4_shape", "nf4_dtype", "nf4_blocksize", "nf4_absmax_offset", "nf4_absmax_blocksize"):
+        with pytest.raises(AttributeError):
+            setattr(m, name, None)
+
+
+@pytest.mark.parametrize("how", ["frozen16", "meta"])
+def test_no_nf4_base_has_no_nf4_format(how):
+    if how == "meta":
+        with torch.device("meta"):
+            lin = nn.Linear(IN, OUT)
+        m = LoRALinear.from_linear(lin, rank=4, quantize_base=True)  # the weight comes later (load_model)
+    else:
+        m = LoRALinear.from_linear(linear(), rank=4, quantize_base=False)
+    assert not m.has_nf4
+    with pytest.raises(RuntimeError, match="no NF4 weight loaded"):
+        m.nf4_shape  # noqa: B018 - the property raises
