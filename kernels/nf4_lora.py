@@ -21,6 +21,7 @@ from qtrain.kernels import backend as policy
 from qtrain.kernels.backend import (  # noqa: F401 - re-exported: the names callers and tests use here
     BACKENDS,
     MIN_TRITON,
+    _in_triton_package,
     is_triton_error,
     run_triton_or_fall_back,
     triton_available,

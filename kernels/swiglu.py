@@ -180,7 +180,7 @@ def _use_triton(gate: torch.Tensor, up: torch.Tensor) -> bool:
         return False
     if is_interpreting():  # tests: CPU tensors run the kernels in the interpreter
         return gate.device.type == up.device.type == "cpu"
-    return up.is_cuda and policy.resolve_backend("swiglu", "auto", gate) == "triton"
+    return up.device == gate.device and policy.resolve_backend("swiglu", "auto", gate) == "triton"
 
 
 @functools.cache
