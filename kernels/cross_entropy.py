@@ -28,17 +28,13 @@ platforms); the Triton launchers then raise.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import warnings
 
 import torch
 import torch.nn.functional as F
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU-only platforms without triton: the reference path only
-    triton = tl = None
+from qtrain.kernels import backend as policy
+from qtrain.kernels._triton import _jit, is_interpreting, tl, triton  # noqa: F401 - tl: the kernels' globals
+from qtrain.kernels.backend import BACKENDS, triton_available  # noqa: F401 - re-exported
 
 __all__ = [
     "CrossEntropyFunction",
@@ -47,13 +43,6 @@ __all__ = [
     "cross_entropy_fwd_bwd",
     "cross_entropy_reference",
 ]
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def _jit(fn):
-    return fn if triton is None else triton.jit(fn)
-
 
 def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Ground truth: the SUM over non-ignored rows of `logsumexp(z_i) - z_i[y_i]`, in fp32."""
@@ -112,11 +101,6 @@ def _cross_entropy_kernel(
 # values on 32 warps spills ~450 bytes per thread, 16384 on 16 or 32 warps 8-80 bytes, 8192 on 16
 # warps none (82-118 registers); 4096 and less on 8 warps none.
 _MAX_BLOCK_V = 8192
-
-
-def is_interpreting() -> bool:
-    """Whether this module's kernel was built for the Triton interpreter (TRITON_INTERPRET=1, CPU tensors)."""
-    return triton is not None and not isinstance(_cross_entropy_kernel, triton.runtime.JITFunction)
 
 
 def _launch(logits, labels, ignore_index, grad_scale, write_grad, block_v) -> torch.Tensor:
@@ -198,12 +182,6 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 
 @functools.cache
-def triton_available() -> bool:
-    """Whether triton is installed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-@functools.cache
 def triton_self_check(device: torch.device) -> bool:
     """Run the kernel once on small odd-shaped bf16 logits (several vocab blocks, an ignored row) and
     compare loss and gradient with the reference; on an error or a mismatch warn and return False.
@@ -229,13 +207,9 @@ def triton_self_check(device: torch.device) -> bool:
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The concrete backend: "auto" -> "triton" for CUDA tensors when triton is installed and the
-    kernel passes `triton_self_check` on that GPU, "torch" otherwise (CPU included)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"cross_entropy: backend {backend!r} is not one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    return "triton" if x.is_cuda and triton_available() and triton_self_check(x.device) else "torch"
+    """The concrete backend, by the one policy of `qtrain.kernels.backend`: "auto" -> "triton" on CUDA
+    sm_80+ with triton >= its floor once `triton_self_check` passed on that GPU, else "torch"."""
+    return policy.resolve_backend("cross_entropy", backend, x)
 
 
 def cross_entropy(

@@ -37,6 +37,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from qtrain.kernels import backend as policy
+from qtrain.kernels.backend import BACKENDS  # noqa: F401 - re-exported
 
 
 def linear_cross_entropy_reference(
@@ -171,23 +173,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return g_hidden, g_weight, None, None, None, None
 
 
-BACKENDS = ("auto", "torch", "triton")
-
-
 def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
-    """The concrete backend ("torch" or "triton") that `backend` means for `hidden`.
-
-    "auto" takes triton for CUDA inputs when triton is installed and the cross-entropy kernel passes
-    its self-check on that GPU (`qtrain.kernels.cross_entropy.triton_self_check`), torch otherwise."""
-    if backend not in BACKENDS:
-        raise ValueError(f"linear_cross_entropy: backend {backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        if not hidden.is_cuda:
-            return "torch"
-        from qtrain.kernels.cross_entropy import resolve_backend as resolve_ce_backend  # lazy: imports triton
-
-        return resolve_ce_backend("auto", hidden)
-    return backend
+    """The concrete backend ("torch" or "triton") that `backend` means for `hidden`, by the one policy
+    of `qtrain.kernels.backend`: "auto" takes triton on CUDA sm_80+ with triton >= its floor once the
+    cross-entropy kernel passed its self-check there (`qtrain.kernels.cross_entropy.triton_self_check`)."""
+    return policy.resolve_backend("linear_cross_entropy", backend, hidden)
 
 
 def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size) -> None:

@@ -1,7 +1,7 @@
 """NF4 dequantization in Triton: `W = code[idx] * absmax[block]`, bit-identical to bitsandbytes.
 
 Anatomy: `nf4_dequantize_reference` (PyTorch, the ground truth) -> `@triton.jit` helpers shared with
-the fused NF4+LoRA kernels (`_absmax`, `_nf4_levels`, `_dequant_tile`, `_round_to`) and with the
+the fused NF4+LoRA kernels (`_absmax`, `_nf4_levels`, `_dequant_tile`; `_round_to` from `_triton.py`) and with the
 GEMV kernel (`_pair_levels`) -> `_nf4_dequant_kernel` -> the launcher `nf4_dequantize_triton`.
 Needs triton >= 3.4 (`tl.gather`, used by the fused kernels' tiles).
 
@@ -12,7 +12,7 @@ levels with ONE 8-byte load from the 256-entry pair table (`nf4_pair_table`), ap
 per block, and computes int64 offsets (a weight may pass 2^31 elements). It writes into an optional
 `out=` buffer (nf4_matmul's reusable per-device buffer).
 
-Layout (see qtrain/nf4.py): `packed` is uint8 [ceil(n/2)] over the flattened weight, the FIRST
+Layout (see kernels/nf4.py): `packed` is uint8 [ceil(n/2)] over the flattened weight, the FIRST
 element of a pair in the HIGH nibble; one absmax per BLOCKSIZE (64) consecutive elements of the
 flattened weight. Double-quantized, absmax[b] = absmax_code[absmax_u8[b]] * absmax_scale[b // 256]
 + absmax_offset, in fp32, a multiply then an add (two roundings): launches pass
@@ -35,11 +35,10 @@ except ImportError as exc:  # pragma: no cover - exercised only on installs with
         "qtrain.kernels.nf4_dequant needs triton (`pip install triton`, Linux); use backend='torch' without it"
     ) from exc
 
-import functools
-
 import torch
 
-from qtrain.nf4 import NF4Tensor, dequantize_nf4, nf4_code
+from qtrain.kernels._triton import _round_to, is_interpreting
+from qtrain.kernels.nf4 import NF4Tensor, dequantize_nf4, nf4_pair_table
 
 # Elements per program of the standalone dequant kernel, in whole NF4 blocks (16 blocks of 64: 512
 # bytes in, 1024 values out, 16 absmax). Memory-bound. Not tuned: no GPU measured yet.
@@ -47,7 +46,7 @@ _DEQUANT_ELEMENTS = 1024
 
 
 def nf4_dequantize_reference(nf4: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Ground truth: `qtrain.nf4.dequantize_nf4` (bit-identical to bitsandbytes `dequantize_4bit`)."""
+    """Ground truth: `qtrain.kernels.nf4.dequantize_nf4` (bit-identical to bitsandbytes `dequantize_4bit`)."""
     return dequantize_nf4(nf4, dtype)
 
 
@@ -130,41 +129,7 @@ def _dequant_tile(
     return w
 
 
-@triton.jit
-def _round_to(x, DTYPE: tl.constexpr):
-    """fp32 `x` rounded to DTYPE, to nearest even. bf16 goes through integer ops: the Triton
-    interpreter's fp32->bf16 cast truncates, and these ops give the same bits as the GPU's cvt.rn
-    and torch's `.to(torch.bfloat16)` (finite values; the weights are)."""
-    if DTYPE == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        u = u + (0x7FFF + ((u >> 16) & 1))
-        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
-
-
 # ---- the standalone dequantization kernel ---------------------------------------------------------
-
-
-def nf4_pair_table(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 256-entry byte -> (high-nibble level, low-nibble level) table, int64 [256]: entry b holds
-    code[b >> 4] in its low 32 bits and code[b & 15] in its high 32 bits (fp32 bit patterns, i.e. the
-    [256, 2] fp32 table viewed as int64), so a kernel gets both levels of a byte with ONE 8-byte load.
-
-    Built once per (dtype, device) from the NF4 code book (bitsandbytes' `quant_map` for nf4 is always
-    these 16 values). Only fp32 levels are exact: dequantization multiplies the fp32 level by the fp32
-    absmax and rounds once, as bitsandbytes does, so `dtype` must be fp32 (it names the level dtype).
-    """
-    return _pair_table(dtype, torch.device(device))
-
-
-@functools.cache
-def _pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if dtype != torch.float32:
-        raise ValueError(f"the pair table holds fp32 levels (bit-exact dequantization), got {dtype}")
-    code = nf4_code()
-    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # [256, 2]: byte -> (hi, lo)
-    return pairs.contiguous().view(torch.int64).view(256).to(device)  # little-endian: hi in the low word
 
 
 @triton.jit
@@ -201,11 +166,6 @@ def _nf4_dequant_kernel(
 
 
 # ---- launcher ------------------------------------------------------------------------------------
-
-
-def is_interpreting() -> bool:
-    """Whether this module's kernels were built for the Triton interpreter (CPU tensors)."""
-    return not isinstance(_nf4_dequant_kernel, triton.runtime.JITFunction)
 
 
 def check_device(t: torch.Tensor, what: str) -> None:

@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from qtrain.kernels.nf4_lora import triton_available
+from qtrain.kernels.backend import triton_available
 
-from qtrain.nf4 import NF4Tensor
+from qtrain.kernels.nf4 import NF4Tensor
 
 __all__ = [
     "DEFAULT_CROSSOVER",
@@ -182,7 +182,7 @@ def gemv_max_m(N: int, K: int, device: torch.device | str) -> int:
 def _interpreting() -> bool:
     if not triton_available():
         return False
-    from qtrain.kernels.nf4_dequant import is_interpreting  # lazy: imports triton
+    from qtrain.kernels._triton import is_interpreting  # lazy: imports triton
 
     return is_interpreting()
 
@@ -290,7 +290,7 @@ def _cuda_measure(device: torch.device, dtype: torch.dtype, rank: int, rep_ms: f
     without gradients) of one NF4+LoRA projection with `triton.testing.do_bench`."""
     from triton.testing import do_bench
 
-    from qtrain.nf4 import quantize_nf4
+    from qtrain.kernels.nf4 import quantize_nf4
 
     weights: dict[tuple[int, int], tuple] = {}
 

@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
-import importlib.util
-import traceback
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from qtrain.kernels import backend as policy
+from qtrain.kernels.backend import (  # noqa: F401 - re-exported: the names callers and tests use here
+    BACKENDS,
+    MIN_TRITON,
+    _in_triton_package,
+    is_triton_error,
+    run_triton_or_fall_back,
+    triton_available,
+    triton_error_hint,
+    triton_version,
+)
+from qtrain.kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
-from qtrain.nf4 import NF4Tensor, dequantize_nf4
-
-BACKENDS = ("auto", "torch", "triton")
-# triton 3.3.x aborts the process compiling `tl.gather` on 1-D tensors (triton#6958): no Python
-# exception to catch, so "auto" never picks Triton below this version (pyproject.toml's floor too).
-MIN_TRITON = (3, 4)
 
 
 def nf4_lora_reference(
@@ -133,99 +135,11 @@ def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
 # ---- dispatch --------------------------------------------------------------------------------------
 
 
-@functools.cache
-def triton_available() -> bool:
-    """Whether triton is installed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-@functools.cache
-def triton_version() -> tuple[int, ...]:
-    """The installed triton's (major, minor), read from its metadata without importing it; () if unknown."""
-    try:
-        parts = importlib.metadata.version("triton").split(".")[:2]
-        return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
-    except importlib.metadata.PackageNotFoundError:
-        return ()
-
-
-# Devices ("cuda:0", ...) on which a Triton kernel failed to compile or launch under backend="auto":
-# "auto" uses the torch backend there for the rest of the process.
-_TRITON_FAILED: dict[str, str] = {}
-
-
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The concrete backend ("torch" or "triton") that `backend` means for input `x`.
-
-    "auto" takes triton for CUDA inputs on Ampere or newer (the Triton configs and bf16 tensor
-    cores assume sm_80+) when triton >= MIN_TRITON is installed, the kernels pass a self-check on
-    this GPU (once per device and process) and no Triton kernel has failed on it, and the torch
-    backend otherwise (CPU included).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    if str(x.device) in _TRITON_FAILED:
-        return "torch"
-    return "triton" if _auto_may_use_triton(x) else "torch"
-
-
-def _auto_may_use_triton(x: torch.Tensor) -> bool:
-    if not (x.is_cuda and triton_available() and triton_version() >= MIN_TRITON):
-        return False
-    return torch.cuda.get_device_capability(x.device) >= (8, 0) and triton_self_check(x.device)
-
-
-def is_triton_error(exc: BaseException) -> bool:
-    """Whether `exc` comes from triton compiling or launching a kernel (CompilationError,
-    OutOfResources, PTXASError, an MLIR pass failure...): an exception type defined in triton, or
-    any exception raised from inside triton's package. Errors raised by qtrain's own argument
-    checks or by torch are not: those are the caller's to see, an out-of-memory error above all
-    (raised by an allocation inside triton's code, it is still the trainer's to handle)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return False
-    if type(exc).__module__.split(".")[0] == "triton":
-        return True
-    frames = traceback.extract_tb(exc.__traceback__)
-    return bool(frames) and _in_triton_package(frames[-1].filename)
-
-
-def _in_triton_package(filename: str) -> bool:
-    spec = importlib.util.find_spec("triton") if triton_available() else None
-    roots = list(spec.submodule_search_locations or []) if spec is not None else []
-    return any(filename.startswith(root) for root in roots)
-
-
-def triton_error_hint(exc: BaseException) -> str:
-    """One line for the user: what failed and what to do."""
-    version = ".".join(map(str, triton_version())) or "?"
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
-    return (
-        f"Triton {version} could not compile or run qtrain's NF4 kernels ({type(exc).__name__}: {first}); "
-        f"use backend 'torch' (model.backend: torch), or triton >= {'.'.join(map(str, MIN_TRITON))}"
-    )
-
-
-def run_triton_or_fall_back(
-    triton_call: Callable[[], torch.Tensor], torch_call: Callable[[], torch.Tensor], fall_back: bool, device
-) -> torch.Tensor:
-    """`triton_call()`, or on a Triton compile/launch error: with `fall_back` (backend "auto") warn
-    once, use the torch backend on `device` for the rest of the process and return `torch_call()`;
-    without it (backend "triton" asked for by name) raise RuntimeError with a one-line hint."""
-    key = str(device)
-    if fall_back and key in _TRITON_FAILED:
-        return torch_call()
-    try:
-        return triton_call()
-    except Exception as exc:
-        if not is_triton_error(exc):
-            raise
-        if not fall_back:
-            raise RuntimeError(triton_error_hint(exc)) from exc
-        _TRITON_FAILED[key] = repr(exc)
-        warnings.warn(f"qtrain: {triton_error_hint(exc)}. Using the torch backend on {key} from now on", stacklevel=2)
-    return torch_call()
+    """The concrete backend ("torch" or "triton") that `backend` means for input `x`: the one policy
+    of `qtrain.kernels.backend` for op "nf4_lora" ("auto": triton on CUDA sm_80+ with triton >=
+    MIN_TRITON once `triton_self_check` passed there and no Triton kernel failed there, else torch)."""
+    return policy.resolve_backend("nf4_lora", backend, x)
 
 
 # (path, M) the self-check runs: the fused kernel's tiled (odd M) and split-K small-M launches, the
@@ -269,8 +183,6 @@ def triton_self_check(device: torch.device) -> bool:
 
 def _self_check_run(fn, device: torch.device, dtype: torch.dtype, m: int) -> list[torch.Tensor]:
     """[Y, dX, dA, dB, dbias] of `fn` on an [m, 192] x [80, 192] layer, bf16 activations, fp32 adapter."""
-    from qtrain.nf4 import quantize_nf4
-
     g = torch.Generator(device="cpu").manual_seed(m)
     x = torch.randn(m, 192, generator=g).to(device, dtype)  # [M, K]
     w = quantize_nf4(torch.randn(80, 192, generator=g).to(device, dtype))  # [N, K]

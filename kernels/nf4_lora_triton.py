@@ -60,10 +60,12 @@ except ImportError as exc:  # pragma: no cover - exercised only on installs with
 
 import torch
 import torch.nn.functional as F
-from qtrain.kernels.nf4_dequant import _dequant_tile, _round_to, check_device, is_interpreting, nf4_args
-from qtrain.kernels.nf4_lora import autocast_off, compute_dtype, nf4_lora_reference, run_triton_or_fall_back
+from qtrain.kernels._triton import _round_to, is_interpreting
+from qtrain.kernels.backend import run_triton_or_fall_back
+from qtrain.kernels.nf4_dequant import _dequant_tile, check_device, nf4_args
+from qtrain.kernels.nf4_lora import autocast_off, compute_dtype, nf4_lora_reference
 
-from qtrain.nf4 import NF4Tensor, dequantize_nf4
+from qtrain.kernels.nf4 import NF4Tensor, dequantize_nf4
 
 __all__ = [
     "NF4LoRAFunction",

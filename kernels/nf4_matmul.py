@@ -21,7 +21,7 @@ share of dX is returned as H's gradient (autograd applies the mask).
 
 The one buffer is safe because every user runs on the current stream in order: a layer's GEMM
 has been enqueued before the next dequantization overwrites the buffer. On CPU without the Triton
-interpreter the dequantization is `qtrain.nf4.dequantize_nf4` (so this path runs in plain torch);
+interpreter the dequantization is `qtrain.kernels.nf4.dequantize_nf4` (so this path runs in plain torch);
 on CUDA, or under TRITON_INTERPRET=1, the Triton kernel.
 
 Shapes: X [M, K], W [N, K] (NF4), A [r, K], B [N, r], bias [N], Y [M, N].
@@ -33,9 +33,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from qtrain.kernels.nf4_lora import compute_dtype, run_triton_or_fall_back, triton_available
+from qtrain.kernels.backend import run_triton_or_fall_back, triton_available
+from qtrain.kernels.nf4_lora import compute_dtype
 
-from qtrain.nf4 import NF4Tensor, dequantize_nf4
+from qtrain.kernels.nf4 import NF4Tensor, dequantize_nf4
 
 __all__ = [
     "NF4DequantLoRAFunction",
@@ -79,7 +80,7 @@ def _use_triton(weight: NF4Tensor) -> bool:
     """Whether the Triton dequant kernel can run on `weight`: CUDA, or CPU under the interpreter."""
     if not triton_available():
         return False
-    from qtrain.kernels.nf4_dequant import is_interpreting  # lazy: imports triton
+    from qtrain.kernels._triton import is_interpreting  # lazy: imports triton
 
     return weight.device.type == "cuda" or is_interpreting()
 

@@ -38,14 +38,11 @@ in backward), correct but slower.
 
 from __future__ import annotations  # kernel annotations stay strings: this module imports without triton
 
-import torch
+import functools
 
-try:
-    import triton
-    import triton.language as tl
-    from qtrain.kernels.nf4_dequant import _round_to  # exact fp32 -> bf16 rounding, also in the interpreter
-except ImportError:  # pragma: no cover - platforms without triton: the reference path only
-    triton = tl = _round_to = None
+import torch
+from qtrain.kernels import backend as policy
+from qtrain.kernels._triton import _jit, _round_to, is_interpreting, tl, triton  # noqa: F401 - the kernels' globals
 
 __all__ = ["MAX_HIDDEN", "RMSNormFunction", "rms_norm", "rms_norm_bwd", "rms_norm_fwd", "rms_norm_reference"]
 
@@ -63,14 +60,6 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
     x32 = x.to(torch.promote_types(x.dtype, torch.float32))
     variance = x32.pow(2).mean(-1, keepdim=True)  # [..., 1]
     return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
-
-
-def _jit(fn):
-    """`triton.jit`, or the plain function where triton is missing (never called then)."""
-    return fn if triton is None else triton.jit(fn)
-
-
-# ---- kernels ---------------------------------------------------------------------------------------
 
 
 @_jit
@@ -128,11 +117,6 @@ def _rms_norm_bwd_kernel(
 
 
 # ---- launchers -------------------------------------------------------------------------------------
-
-
-def is_interpreting() -> bool:
-    """Whether this module's kernels were built for the Triton interpreter (CPU tensors)."""
-    return triton is not None and not isinstance(_rms_norm_fwd_kernel, triton.runtime.JITFunction)
 
 
 def _row_config(N: int) -> tuple[int, int]:
@@ -231,7 +215,25 @@ class RMSNormFunction(torch.autograd.Function):
 def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if triton is None or x.dtype not in _DTYPES or weight.dtype not in _DTYPES or x.shape[-1] > MAX_HIDDEN:
         return False
-    return x.is_cuda if not is_interpreting() else x.device.type == "cpu"
+    if is_interpreting():  # tests: CPU tensors run the kernels in the interpreter
+        return x.device.type == "cpu"
+    return policy.resolve_backend("rms_norm", "auto", x) == "triton"
+
+
+@functools.cache
+def triton_self_check(device: torch.device) -> bool:
+    """The kernels against the reference once on `device`, as training calls them (bf16 rows of an odd
+    width, an fp32 weight, dX and dW): the guard `qtrain.kernels.backend` runs before "auto" uses them."""
+
+    def run(backend: str) -> list[torch.Tensor]:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(5, 72, generator=g).to(device, torch.bfloat16).requires_grad_()  # [M, N]
+        w = (1 + 0.1 * torch.randn(72, generator=g)).to(device).requires_grad_()  # [N] fp32
+        y = (RMSNormFunction.apply if backend == "triton" else rms_norm_reference)(x, w, 1e-6)
+        y.float().square().sum().backward()
+        return [y.detach(), x.grad, w.grad]
+
+    return policy.compare_with_torch("RMSNorm", device, run, rtol=2e-2, atol=2e-2)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

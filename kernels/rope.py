@@ -42,25 +42,14 @@ inverse frequencies); `apply_rope` refuses cos/sin that require a gradient.
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
+from qtrain.kernels import backend as policy
+from qtrain.kernels._triton import _jit, is_interpreting, tl, triton  # noqa: F401 - the kernels' globals
+from qtrain.kernels.backend import BACKENDS, triton_available  # noqa: F401 - re-exported
 from torch.autograd.graph import increment_version
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU-only platforms without triton: the reference path only
-    triton = tl = None
-
 __all__ = ["RoPEFunction", "apply_rope", "rope_", "rope_reference"]
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def _jit(fn):
-    return fn if triton is None else triton.jit(fn)
-
 
 # ---- reference --------------------------------------------------------------------------------------
 
@@ -141,11 +130,6 @@ def _rope_kernel(
 # ---- launcher ---------------------------------------------------------------------------------------
 
 _MAX_TILE = 4096  # elements per half-tile [BLOCK_H, BLOCK_HALF] (Llama d=128: 32 heads x 64 per iteration)
-
-
-def is_interpreting() -> bool:
-    """Whether this module's kernel was built for the Triton interpreter (TRITON_INTERPRET=1, CPU tensors)."""
-    return triton is not None and not isinstance(_rope_kernel, triton.runtime.JITFunction)
 
 
 def _heads_first(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
@@ -259,19 +243,26 @@ class RoPEFunction(torch.autograd.Function):
 # ---- dispatch ---------------------------------------------------------------------------------------
 
 
-@functools.cache
-def triton_available() -> bool:
-    """Whether triton is installed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The concrete backend: "auto" -> "triton" for CUDA tensors when triton is installed, else "torch"."""
-    if backend not in BACKENDS:
-        raise ValueError(f"rope: backend {backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if x.is_cuda and triton_available() else "torch"
-    return backend
+    """The concrete backend, by the one policy of `qtrain.kernels.backend`: "auto" -> "triton" on CUDA
+    sm_80+ with triton >= its floor once `triton_self_check` passed on that GPU, else "torch"."""
+    return policy.resolve_backend("rope", backend, x)
+
+
+@functools.cache
+def triton_self_check(device: torch.device) -> bool:
+    """The kernel against the reference once on `device`, as attention calls it (bf16 q and GQA k,
+    per-row cos/sin, both gradients): the guard `qtrain.kernels.backend` runs before "auto" uses it."""
+
+    def run(backend: str) -> list[torch.Tensor]:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q0, k0 = (torch.randn(s, generator=g).to(device, torch.bfloat16).requires_grad_() for s in ((2, 4, 5, 18), (2, 2, 5, 18)))
+        theta = torch.rand(2, 5, 9, generator=g).mul(6).repeat(1, 1, 2).to(device)  # [B, S, d], equal halves
+        q, k = apply_rope(q0 * 1, k0 * 1, theta.cos(), theta.sin(), backend=backend)
+        (q.float().square().sum() + k.float().sum()).backward()
+        return [q.detach(), k.detach(), q0.grad, k0.grad]
+
+    return policy.compare_with_torch("RoPE", device, run, rtol=2e-2, atol=2e-2)
 
 
 def _bump_version(x: torch.Tensor) -> None:

@@ -30,15 +30,12 @@ GPU lent); compile-only (ptxas, sm_80/sm_90): 32-44 registers per thread, no spi
 
 from __future__ import annotations  # kernel annotations stay strings: this module imports without triton
 
+import functools
+
 import torch
 import torch.nn.functional as F
-
-try:
-    import triton
-    import triton.language as tl
-    from qtrain.kernels.nf4_dequant import _round_to  # exact fp32 -> bf16 rounding, also in the interpreter
-except ImportError:  # pragma: no cover - platforms without triton: the reference path only
-    triton = tl = _round_to = None
+from qtrain.kernels import backend as policy
+from qtrain.kernels._triton import _jit, _round_to, is_interpreting, tl, triton  # noqa: F401 - the kernels' globals
 
 __all__ = ["SwiGLUFunction", "swiglu", "swiglu_bwd", "swiglu_fwd", "swiglu_reference"]
 
@@ -53,11 +50,6 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     wide = torch.promote_types(torch.promote_types(gate.dtype, up.dtype), torch.float32)
     act = F.silu(gate.to(wide)).to(gate.dtype)  # LlamaMLP.act_fn(gate_proj(x)), in the model dtype
     return (act.to(wide) * up.to(wide)).to(torch.promote_types(gate.dtype, up.dtype))
-
-
-def _jit(fn):
-    """`triton.jit`, or the plain function where triton is missing (never called then)."""
-    return fn if triton is None else triton.jit(fn)
 
 
 # ---- kernels ---------------------------------------------------------------------------------------
@@ -102,11 +94,6 @@ def _swiglu_bwd_kernel(
 
 
 # ---- launchers -------------------------------------------------------------------------------------
-
-
-def is_interpreting() -> bool:
-    """Whether this module's kernels were built for the Triton interpreter (CPU tensors)."""
-    return triton is not None and not isinstance(_swiglu_fwd_kernel, triton.runtime.JITFunction)
 
 
 def _as_rows(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -191,7 +178,24 @@ class SwiGLUFunction(torch.autograd.Function):
 def _use_triton(gate: torch.Tensor, up: torch.Tensor) -> bool:
     if triton is None or gate.dtype not in _DTYPES or up.dtype not in _DTYPES or gate.shape != up.shape:
         return False
-    return gate.is_cuda and up.is_cuda if not is_interpreting() else gate.device.type == up.device.type == "cpu"
+    if is_interpreting():  # tests: CPU tensors run the kernels in the interpreter
+        return gate.device.type == up.device.type == "cpu"
+    return up.device == gate.device and policy.resolve_backend("swiglu", "auto", gate) == "triton"
+
+
+@functools.cache
+def triton_self_check(device: torch.device) -> bool:
+    """The kernels against the reference once on `device`, as training calls them (bf16, an odd width,
+    both gradients): the guard `qtrain.kernels.backend` runs before "auto" uses them."""
+
+    def run(backend: str) -> list[torch.Tensor]:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        gate, up = (torch.randn(5, 72, generator=g).to(device, torch.bfloat16).requires_grad_() for _ in range(2))
+        h = (SwiGLUFunction.apply if backend == "triton" else swiglu_reference)(gate, up)  # [M, N]
+        h.float().square().sum().backward()
+        return [h.detach(), gate.grad, up.grad]
+
+    return policy.compare_with_torch("SwiGLU", device, run, rtol=2e-2, atol=2e-2)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ from qtrain.estimate import estimate, suggestions, workload_for
 from qtrain.evaluate import exact_match, generate
 from qtrain.fused import apply_fused_ops
 from qtrain.kernels.linear_cross_entropy import linear_cross_entropy
-from qtrain.kernels.nf4_lora import resolve_backend, triton_available
+from qtrain.kernels.nf4_lora import resolve_backend
 from qtrain.lora import LoRALinear, LoRASpec
 from qtrain.memory import OffloadActivations, peak_memory_bytes
 from qtrain.memprof import MemoryProfiler
@@ -248,9 +248,7 @@ def check_memory(cfg: Config, path: str, spec: LoRASpec, device: torch.device, c
         config = resolve_config(path)
     except (OSError, ValueError):  # no config.json to read: loading will say why
         return
-    backend = cfg.model.backend
-    if backend == "auto":
-        backend = "triton" if triton_available() and torch.cuda.get_device_capability(device) >= (8, 0) else "torch"
+    backend = resolve_backend(cfg.model.backend, torch.empty(0, device=device))  # what training will run
     w = workload_for(cfg, "cuda", backend)
     need = estimate(config, spec, w).device_total
     free, total = torch.cuda.mem_get_info(device)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed (CPU-only platforms)")
+import qtrain.kernels.backend as policy
 import qtrain.kernels.nf4_lora as nfl
 import triton.language as tl
 from qtrain.kernels.nf4_lora import nf4_lora, nf4_lora_reference, nf4_lora_torch
@@ -379,8 +380,8 @@ def _fail_kernel(*args, **kwargs):
 @pytest.fixture
 def auto_picks_triton(triton_device, monkeypatch):
     """backend="auto" takes Triton on this device (as on a GPU that passed its self-check)."""
-    monkeypatch.setattr(nfl, "_auto_may_use_triton", lambda x: True)
-    monkeypatch.setattr(nfl, "_TRITON_FAILED", {})
+    monkeypatch.setattr(policy, "_auto_may_use_triton", lambda op, x: True)
+    monkeypatch.setattr(policy, "_TRITON_FAILED", {})
     return triton_device
 
 
@@ -427,7 +428,7 @@ def test_errors_that_are_not_triton_errors_propagate(auto_picks_triton, monkeypa
     x, w, a, b, _ = _inputs(17, 64, 33, 3, torch.float32, auto_picks_triton)  # M=17: the fused path
     with pytest.raises(ZeroDivisionError):
         nf4_lora(x, w, a, b, SCALE, backend="auto")
-    assert not nfl._TRITON_FAILED
+    assert not policy._TRITON_FAILED
 
 
 @pytest.mark.parametrize("M", [5, 600], ids=["gemv-M5", "dequant-M600"])
