@@ -54,21 +54,20 @@ def fusable(linears: list[nn.Module]) -> str | None:
     """Why these projections cannot share one NF4 weight (None: they can). Checked once, at swap time."""
     if not all(type(m) is LoRALinear for m in linears):
         return "not all projections are qtrain LoRALinear layers"
-    if not all(m.quantize_base and m._nf4_meta for m in linears):
+    if not all(m.quantize_base and m.has_nf4 for m in linears):
         return "the base is not NF4-quantized (quantize=False): stock projections"
     first = linears[0]
-    meta = first._nf4_meta
     for m in linears:
-        if m.in_features != first.in_features or len(m._nf4_meta["shape"]) != 2:
+        if m.in_features != first.in_features or len(m.nf4_shape) != 2:
             return "the projections read inputs of different widths"
-        if m._nf4_meta["dtype"] != meta["dtype"] or m._nf4_meta["blocksize"] != meta["blocksize"]:
+        if m.nf4_dtype != first.nf4_dtype or m.nf4_blocksize != first.nf4_blocksize:
             return "the NF4 weights differ in dtype or blocksize"
         if not torch.equal(m.nf4_code, first.nf4_code) or not m.nf4_packed.is_contiguous():
             return "the NF4 weights use different code tables"
         numel = m.in_features * m.out_features
-        if numel % meta["blocksize"] or numel % 2:
+        if numel % first.nf4_blocksize or numel % 2:
             return (
-                f"{m.out_features} x {m.in_features} weights split NF4 blocks of {meta['blocksize']}: "
+                f"{m.out_features} x {m.in_features} weights split NF4 blocks of {first.nf4_blocksize}: "
                 "the quantization blocks would straddle projections"
             )
     return None
@@ -115,17 +114,16 @@ def fused_weight(linears: list[LoRALinear], absmax: torch.Tensor | None) -> NF4T
     if codes is None or absmax is None or absmax.device != codes.device:
         return None
     first = linears[0]
-    meta = first._nf4_meta
     rows = sum(m.out_features for m in linears)
-    if absmax.numel() * meta["blocksize"] != rows * first.in_features:
+    if absmax.numel() * first.nf4_blocksize != rows * first.in_features:
         return None
     return NF4Tensor(
         packed=codes,
         absmax=absmax,
         shape=torch.Size((rows, first.in_features)),
-        dtype=meta["dtype"],
+        dtype=first.nf4_dtype,
         code=first.nf4_code,
-        blocksize=meta["blocksize"],
+        blocksize=first.nf4_blocksize,
     )
 
 
