@@ -68,21 +68,27 @@ def triton_version() -> tuple[int, ...]:
 
 def resolve_backend(op: str, backend: str, x: torch.Tensor) -> str:
     """The concrete backend ("torch" or "triton") that `backend` means for op `op` on input `x`."""
+    return resolve_on_device(op, backend, x.device)
+
+
+def resolve_on_device(op: str, backend: str, device: torch.device | str) -> str:
+    """`resolve_backend` for inputs on `device`, before any exist (the memory pre-flight asks so)."""
+    device = torch.device(device)
     if op not in OPS:
         raise KeyError(f"unknown kernel op {op!r}; known: {sorted(OPS)}")
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend {backend!r} is not one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if str(x.device) in _TRITON_FAILED:
+    if str(device) in _TRITON_FAILED:
         return "torch"
-    return "triton" if _auto_may_use_triton(op, x) else "torch"
+    return "triton" if _auto_may_use_triton(op, device) else "torch"
 
 
-def _auto_may_use_triton(op: str, x: torch.Tensor) -> bool:
-    if not (x.is_cuda and triton_available() and triton_version() >= MIN_TRITON):
+def _auto_may_use_triton(op: str, device: torch.device) -> bool:
+    if not (device.type == "cuda" and triton_available() and triton_version() >= MIN_TRITON):
         return False
-    return torch.cuda.get_device_capability(x.device) >= MIN_CAPABILITY and self_check(op, x.device)
+    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY and self_check(op, device)
 
 
 def self_check(op: str, device: torch.device) -> bool:

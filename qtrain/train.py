@@ -49,7 +49,7 @@ from qtrain.estimate import estimate, suggestions, workload_for
 from qtrain.evaluate import exact_match, generate
 from qtrain.fused import apply_fused_ops
 from qtrain.kernels.linear_cross_entropy import linear_cross_entropy
-from qtrain.kernels.nf4_lora import resolve_backend
+from qtrain.kernels.backend import resolve_on_device
 from qtrain.lora import LoRALinear, LoRASpec
 from qtrain.memory import OffloadActivations, peak_memory_bytes
 from qtrain.memprof import MemoryProfiler
@@ -248,7 +248,7 @@ def check_memory(cfg: Config, path: str, spec: LoRASpec, device: torch.device, c
         config = resolve_config(path)
     except (OSError, ValueError):  # no config.json to read: loading will say why
         return
-    backend = resolve_backend(cfg.model.backend, torch.empty(0, device=device))  # what training will run
+    backend = resolve_on_device("nf4_lora", cfg.model.backend, device)  # what training will run, self-check included
     w = workload_for(cfg, "cuda", backend)
     need = estimate(config, spec, w).device_total
     free, total = torch.cuda.mem_get_info(device)
@@ -606,7 +606,7 @@ def _memory_report(cfg, profiler, loaded, spec, device, shapes, report_dir: Path
     samples = profiler.samples()
     profiler.detach()
     b, s, packed, padded = max(shapes, key=lambda shape: shape[0] * shape[1])
-    backend = resolve_backend(cfg.model.backend, torch.empty(0, device=device))
+    backend = resolve_on_device("nf4_lora", cfg.model.backend, device)
     w = workload_for(cfg, device.type, backend)
     w = replace(w, batch_size=b, seq_len=s, attention_mask=padded or (packed and "varlen" not in w.fused))  # varlen: no mask
     est = estimate(loaded.config, spec, w)

@@ -101,3 +101,23 @@ def test_self_check_rejects_wrong_numbers(monkeypatch, triton_device):
     monkeypatch.setattr(rms_norm, "RMSNormFunction", OffByHalf)
     with pytest.warns(UserWarning, match="disagrees with torch"):
         assert rms_norm.triton_self_check.__wrapped__(torch.device(triton_device)) is False
+
+
+def test_the_memory_preflight_runs_the_self_check(monkeypatch):
+    """The recipe's pre-flight estimates with the backend training will run: the policy's, self-check
+    included (it once re-decided "auto" from the GPU's capability alone)."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from qtrain import train as recipe
+    from qtrain.config import load_config
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (23 * 2**30, 24 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(policy, "self_check", lambda op, device: asked.append((op, str(device))) or False)
+    monkeypatch.setattr(policy, "triton_available", lambda: True)
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "llama-3.1-8b.yaml")
+    recipe.check_memory(cfg, "meta-llama/Llama-3.1-8B-Instruct", cfg.lora, torch.device("cuda"), Console(record=True))
+    assert asked == [("nf4_lora", "cuda")]
