@@ -120,16 +120,7 @@ class FusedAttention(FusedGroups, nn.Module):
     def attend(self, hidden_states, position_embeddings, attention_mask, cache, kwargs: dict):
         """The stock attention forward: projections, RoPE, cache, attention function, o_proj; for a packed
         batch (`PackedBatches` passed cu_seq_lens_q) variable-length attention instead of the function."""
-        input_shape = hidden_states.shape[:-1]
-        heads = (*input_shape, -1, self.head_dim)
-        q, k, v, own = self._qkv(hidden_states)
-        cos, sin = position_embeddings
-        if self.fuse_rope and own:
-            q, k = (t.transpose(1, 2) for t in rotate_own(q, k, cos, sin, heads))
-            v = v.view(heads).transpose(1, 2)
-        else:
-            q, k, v = (t.view(heads).transpose(1, 2) for t in (q, k, v))  # [B, H|KV, S, d]
-            q, k = self.rotary(q, k, cos, sin)
+        q, k, v = self._rotated_qkv(hidden_states, position_embeddings)
         if self._varlen_call(cache, kwargs):
             return self.o_proj(self._attend_varlen(q, k, v, kwargs)), None
         if is_placeholder(attention_mask):
@@ -139,11 +130,30 @@ class FusedAttention(FusedGroups, nn.Module):
                 "apply_fused_ops?); set kernels.varlen=false"
             )
         if cache is not None:
+            cos, sin = position_embeddings
             k, v = self._update_cache(cache, k, v, cos, sin, kwargs)
         if not self.new_cache_api:
             kwargs.pop("cache_position", None)  # a named argument of the stock forward there
+        out, weights = self._attention_function(q, k, v, attention_mask, kwargs)
+        out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()  # [B, S, H * d]
+        return self.o_proj(out), weights
+
+    def _rotated_qkv(self, hidden_states, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v) [B, H|KV, S, d], RoPE applied to q and k: in place on this call's own tensors."""
+        heads = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q, k, v, own = self._qkv(hidden_states)
+        cos, sin = position_embeddings
+        if self.fuse_rope and own:
+            q, k = (t.transpose(1, 2) for t in rotate_own(q, k, cos, sin, heads))
+            return q, k, v.view(heads).transpose(1, 2)
+        q, k, v = (t.view(heads).transpose(1, 2) for t in (q, k, v))  # [B, H|KV, S, d]
+        q, k = self.rotary(q, k, cos, sin)
+        return q, k, v
+
+    def _attention_function(self, q, k, v, attention_mask, kwargs: dict):
+        """transformers' attention function of `config._attn_implementation`: (out [B, S, H, d], weights)."""
         interface = _attention_interface(self.config._attn_implementation, self.eager)
-        out, weights = interface(
+        return interface(
             self,
             q,
             k,
@@ -154,8 +164,6 @@ class FusedAttention(FusedGroups, nn.Module):
             **self.window_kwargs(),
             **kwargs,
         )
-        out = out.reshape(*input_shape, -1).contiguous()  # [B, S, H * d]
-        return self.o_proj(out), weights
 
     def _varlen_call(self, cache, kwargs: dict) -> bool:
         """Whether this call runs variable-length attention: `PackedBatches` passed the examples'
