@@ -66,6 +66,23 @@ def triton_version() -> tuple[int, ...]:
         return ()
 
 
+def device_capability(device: torch.device | str) -> tuple[int, int]:
+    """The CUDA compute capability of `device`; (0, 0) for any other device."""
+    device = torch.device(device)
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+@functools.cache
+def interpreting() -> bool:
+    """Whether Triton kernels run in its interpreter (TRITON_INTERPRET=1: CPU tensors); False without
+    triton. Imports triton only when it is installed: `qtrain.kernels._triton.is_interpreting`."""
+    if not triton_available():
+        return False
+    from qtrain.kernels._triton import is_interpreting
+
+    return is_interpreting()
+
+
 def resolve_backend(op: str, backend: str, x: torch.Tensor) -> str:
     """The concrete backend ("torch" or "triton") that `backend` means for op `op` on input `x`."""
     return resolve_on_device(op, backend, x.device)
@@ -88,7 +105,7 @@ def resolve_on_device(op: str, backend: str, device: torch.device | str) -> str:
 def _auto_may_use_triton(op: str, device: torch.device) -> bool:
     if not (device.type == "cuda" and triton_available() and triton_version() >= MIN_TRITON):
         return False
-    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY and self_check(op, device)
+    return device_capability(device) >= MIN_CAPABILITY and self_check(op, device)
 
 
 def self_check(op: str, device: torch.device) -> bool:

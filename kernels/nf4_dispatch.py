@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from qtrain.kernels.backend import triton_available
+from qtrain.kernels.backend import MIN_CAPABILITY, device_capability, interpreting, triton_available
 
 from qtrain.kernels.nf4 import NF4Tensor
 
@@ -159,17 +159,13 @@ def save_tuning(device: torch.device | str, results: dict[tuple[int, int], dict]
 # ---- the choice ------------------------------------------------------------------------------------
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
-
-
 def crossover(N: int, K: int, device: torch.device | str) -> int:
     """The M from which the dequant path runs for an [N, K] weight on `device` (measured, else default)."""
     device = torch.device(device)
     measured = load_tuning(device).get((N, K))
     if measured is not None:
         return measured["crossover"]
-    return DEFAULT_CROSSOVER.get(_capability(device), FALLBACK_CROSSOVER)
+    return DEFAULT_CROSSOVER.get(device_capability(device), FALLBACK_CROSSOVER)
 
 
 def gemv_max_m(N: int, K: int, device: torch.device | str) -> int:
@@ -178,19 +174,10 @@ def gemv_max_m(N: int, K: int, device: torch.device | str) -> int:
     return measured["gemv_max_m"] if measured is not None else GEMV_MAX_M
 
 
-@functools.cache
-def _interpreting() -> bool:
-    if not triton_available():
-        return False
-    from qtrain.kernels._triton import is_interpreting  # lazy: imports triton
-
-    return is_interpreting()
-
-
 def _triton_runs_on(device: torch.device) -> bool:
     if device.type == "cuda":
-        return triton_available() and _capability(device) >= (8, 0)
-    return device.type == "cpu" and _interpreting()
+        return triton_available() and device_capability(device) >= MIN_CAPABILITY
+    return device.type == "cpu" and interpreting()
 
 
 def choose_path(M: int, N: int, K: int, device: torch.device | str) -> str:

@@ -61,7 +61,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on installs with
 import torch
 import torch.nn.functional as F
 from qtrain.kernels._triton import _round_to, is_interpreting
-from qtrain.kernels.backend import run_triton_or_fall_back
+from qtrain.kernels.backend import device_capability, run_triton_or_fall_back
 from qtrain.kernels.nf4_dequant import _dequant_tile, check_device, nf4_args
 from qtrain.kernels.nf4_lora import autocast_off, compute_dtype, nf4_lora_reference
 
@@ -398,10 +398,6 @@ def _common_constexprs(weight: NF4Tensor, dtype: torch.dtype, rank: int) -> dict
     }
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
-
-
 @functools.cache
 def _autotuned_fwd(capability: tuple[int, int]):
     shapes = _FWD_COMMON + (_FWD_BIG_SMEM if _big_smem(capability) else [])
@@ -491,7 +487,7 @@ def nf4_lora_fwd(
         return _fwd_small_m(x, ptrs, offset, xa, lora_b, bias, y, rank, scale, flags, config, split_k)
     if path not in ("auto", "tiled"):
         raise ValueError(f"path must be 'auto', 'tiled' or 'small_m', got {path!r}")
-    kernel, meta = _tiled_launch(_nf4_lora_fwd_kernel, _autotuned_fwd(_capability(x.device)), config, M, "BLOCK_N", N)
+    kernel, meta = _tiled_launch(_nf4_lora_fwd_kernel, _autotuned_fwd(device_capability(x.device)), config, M, "BLOCK_N", N)
     kernel(
         x, *ptrs, xa, lora_b, bias, y,
         M, N, K, rank, m_bucket(M), offset, float(scale),
@@ -547,7 +543,7 @@ def nf4_lora_bwd_dx(
     ptrs, offset = nf4_args(weight)
     consts = _common_constexprs(weight, grad_y.dtype, max(rank, 1))
     kernel, meta = _tiled_launch(
-        _nf4_lora_bwd_kernel, _autotuned_bwd(_capability(grad_y.device)), config, M, "BLOCK_K", K
+        _nf4_lora_bwd_kernel, _autotuned_bwd(device_capability(grad_y.device)), config, M, "BLOCK_K", K
     )
     kernel(
         grad_y, *ptrs, dyb, lora_a, dx,

@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from qtrain.kernels.backend import run_triton_or_fall_back, triton_available
+from qtrain.kernels.backend import interpreting, run_triton_or_fall_back, triton_available
 from qtrain.kernels.nf4_lora import compute_dtype
 
 from qtrain.kernels.nf4 import NF4Tensor, dequantize_nf4
@@ -78,11 +78,7 @@ def buffer_numels() -> dict[tuple[str, torch.dtype], int]:
 
 def _use_triton(weight: NF4Tensor) -> bool:
     """Whether the Triton dequant kernel can run on `weight`: CUDA, or CPU under the interpreter."""
-    if not triton_available():
-        return False
-    from qtrain.kernels._triton import is_interpreting  # lazy: imports triton
-
-    return weight.device.type == "cuda" or is_interpreting()
+    return (weight.device.type == "cuda" and triton_available()) or interpreting()
 
 
 def dequantize_into(weight: NF4Tensor, dtype: torch.dtype, fall_back: bool | None = None) -> torch.Tensor:

@@ -53,7 +53,7 @@ def test_default_thresholds_by_capability(monkeypatch):
     assert d.DEFAULT_CROSSOVER == {(9, 0): 256, (8, 9): 600, (8, 6): 512, (8, 0): 256}
     monkeypatch.setattr(d, "_triton_runs_on", lambda device: True)
     for capability, expected in [((9, 0), 256), ((8, 9), 600), ((8, 6), 512), ((8, 0), 256), ((12, 0), 512)]:
-        monkeypatch.setattr(d, "_capability", lambda device, c=capability: c)
+        monkeypatch.setattr(d, "device_capability", lambda device, c=capability: c)
         monkeypatch.setattr(d, "device_name", lambda device, c=capability: f"GPU sm_{c[0]}{c[1]}")
         assert d.crossover(4096, 4096, "cpu") == expected
         assert [d.choose_path(m, 4096, 4096, "cpu") for m in (1, 16, 17, expected - 1, expected, 80_000)] == [
@@ -63,7 +63,7 @@ def test_default_thresholds_by_capability(monkeypatch):
 
 def test_plain_cpu_takes_the_dequant_path(monkeypatch):
     d = _dispatch()
-    monkeypatch.setattr(d, "_interpreting", lambda: False)
+    monkeypatch.setattr(d, "interpreting", lambda: False)
     assert {d.choose_path(m, 80, 192, "cpu") for m in (1, 16, 100, 5000)} == {"dequant"}
 
 
