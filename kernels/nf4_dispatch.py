@@ -18,7 +18,6 @@ Shapes: X [M, K], W [N, K] (NF4), Y [M, N].
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import json
 import os
