@@ -184,8 +184,7 @@ def train_step(
         (scaler.scale(loss) if scaler else loss).backward()
         loss_total += loss.item()
         tokens += n_tokens(batch)
-    regs = [r for r in (m.regularization(model) for m in methods) if r is not None]
-    reg = sum(regs) if regs else None
+    reg = regularization(model, methods)
     if reg is not None:
         (scaler.scale(reg) if scaler else reg).backward()
     if not math.isfinite(loss_total + (reg.item() if reg is not None else 0.0)):  # the adapter keeps its last good values
@@ -207,6 +206,12 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     phase("end")
     return loss_total, tokens
+
+
+def regularization(model, methods: Sequence[PeftMethod]) -> torch.Tensor | None:
+    """The sum of the methods' regularisers for this step (None when no method has one)."""
+    regs = [r for r in (m.regularization(model) for m in methods) if r is not None]
+    return sum(regs) if regs else None
 
 
 @torch.no_grad()
