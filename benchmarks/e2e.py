@@ -19,8 +19,8 @@ Stacks (one model architecture from `qtrain.presets`, the same weights, data and
   a bitsandbytes `Linear4bit` (NF4, double quant, bf16 compute), SDPA attention, PEFT LoRA, the
   model's own forward and loss (full [B, S, V] logits, upcast to fp32 by transformers' loss).
 - `qtrain`: `qtrain.synthetic.random_model` (what `qtrain.model.load_model` gives for a checkpoint:
-  NF4 base, LoRA, backend "auto": the Triton NF4 kernels on sm80+), `apply_fused_ops(model,
-  FusedOps(enabled=--kernels))` (fused q/k/v and gate/up, Triton RMSNorm/RoPE/SwiGLU) and
+  NF4 base, LoRA, backend "auto": the Triton NF4 kernels on sm80+), `qtrain.builder.finish_model`
+  with `FusedOps(enabled=--kernels)`, as training builds it (fused q/k/v and gate/up, Triton RMSNorm/RoPE/SwiGLU) and
   `qtrain.train.train_step` with its chunked lm_head + cross-entropy on `FusedOps.loss_backend`.
 - `liger` (when `liger_kernel` imports; else skipped with a note): the baseline with
   `liger_kernel.transformers.apply_liger_kernel_to_llama(model=...)` (or `_to_mistral`, `_to_qwen2`:
@@ -348,14 +348,16 @@ def qtrain_step(stack: Stack, batch: dict, offload) -> tuple[float, int]:
 def build_qtrain(name: str, config, device, dtype, optimizer_name: str, kernels: str = "auto") -> Stack:
     from qtrain.kernels.nf4_lora import resolve_backend
 
-    from qtrain.fused import FusedOps, apply_fused_ops
+    from qtrain.builder import ModelPlan, finish_model
+    from qtrain.fused import FusedOps
     from qtrain.lora import LoRASpec
     from qtrain.model import enable_checkpointing
     from qtrain.synthetic import random_model
 
-    model = random_model(config, LoRASpec(**LORA), dtype, device, quantize=True, backend="auto", seed=SEED)
+    spec = LoRASpec(**LORA)
+    model = random_model(config, spec, dtype, device, quantize=True, backend="auto", seed=SEED)
     ops = FusedOps(enabled=kernels)
-    swapped = apply_fused_ops(model, ops)
+    swapped = finish_model(model, ModelPlan(True, spec, []), ops)  # LoRA trainable, the fused modules: as training
     enable_checkpointing(model)
     model.config.use_cache = False
     model.train()

@@ -121,21 +121,17 @@ def workload(seq: int, device: torch.device, methods) -> object:
 
 def measure_peak(config, spec, methods, w, device: torch.device) -> tuple[int, float]:
     """(peak bytes, seconds per step) of the second of two training steps on a random model."""
-    from qtrain.fused import FusedOps, apply_fused_ops
+    from qtrain.builder import ModelPlan, finish_model
+    from qtrain.fused import FusedOps
     from qtrain.memprof import MemoryProfiler, peak_sample
-    from qtrain.methods import mark_trainable
-    from qtrain.methods.base import LoRAParameters
     from qtrain.model import enable_checkpointing
     from qtrain.optim import build_optimizer, param_groups
     from qtrain.synthetic import random_model
     from qtrain.train import train_step
 
     model = random_model(config, spec, w.dtype, device, backend="auto" if device.type == "cuda" else "torch")
-    for method in methods:
-        method.apply(model)
-    mark_trainable(model, [*methods, LoRAParameters()] if spec.rank else list(methods))
     ops = FusedOps()  # qtrain's defaults: the fused modules on CUDA, stock modules on CPU
-    apply_fused_ops(model, ops)
+    finish_model(model, ModelPlan(bool(spec.rank), spec, list(methods)), ops)  # methods, trainable, fused: as training
     enable_checkpointing(model)
     model.config.use_cache = False
     model.train()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from qtrain.builder import ModelPlan, attach_methods
 from qtrain.fused import GATE_UP, QKV
 from qtrain.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_workspace_bytes
 from qtrain.kernels.nf4_dispatch import DEFAULT_CROSSOVER, GEMV_MAX_M
@@ -123,12 +124,12 @@ class Estimate:
 
 
 def meta_model(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> nn.Module:
-    """The training model without memory: skeleton + adapters on the meta device."""
+    """The training model without memory: skeleton + adapters on the meta device, the methods attached
+    as `qtrain.builder.build_model` attaches them (the fused modules are counted from `w.fused`)."""
     model = build_skeleton(config, w.dtype)
     with torch.device("meta"):
         swap_linears(model, spec, quantize_base=w.quantize, backend="torch")
-        for method in w.methods:
-            method.apply(model)
+        attach_methods(model, ModelPlan(spec.rank > 0, spec, list(w.methods)))
     return model
 
 

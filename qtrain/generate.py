@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qtrain.adapter import ADAPTER_CONFIG, TRAINING_INFO, load_adapter_weights, read_adapter_config, read_training_info
-from qtrain.config import DTYPES
+from qtrain.adapter import ADAPTER_CONFIG, TRAINING_INFO, read_adapter_config, read_training_info
+from qtrain.builder import build_model, kernels_from_info, plan_model
+from qtrain.config import DTYPES, Config, LoRAConfig, ModelConfig
 from qtrain.data import FORMATS, PROMPT_FORMATS, format_prompt
 from qtrain.device import pick_device
-from qtrain.fused import FusedOps, apply_fused_ops
-from qtrain.methods.io import load_method, read_methods
+from qtrain.methods import PeftMethod
+from qtrain.methods.io import read_methods
 
 TEMPLATES = ("auto", "alpaca", "chat", "none")  # `none`: the prompt as is
 
@@ -109,7 +110,7 @@ def load_for_inference(
     adapter's weights, to compare with. `info`: adapter, base, model_dir, device, dtype,
     quantized, data_format (None when not recorded), base_only.
     """
-    from qtrain.model import load_model, load_tokenizer
+    from qtrain.model import load_tokenizer
 
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
@@ -117,7 +118,8 @@ def load_for_inference(
     info = read_training_info(adapter_dir)
     methods = read_methods(info)  # the non-LoRA methods of the run, if any
     has_lora = (adapter_dir / ADAPTER_CONFIG).exists() or not methods
-    spec = read_adapter_config(adapter_dir) if has_lora else None  # names adapter_config.json when it is missing
+    if has_lora:
+        read_adapter_config(adapter_dir)  # names adapter_config.json when it is missing, before the base is looked for
     model_dir, base_name = resolve_base(adapter_dir, base)
     torch_device = pick_device(device)
     if dtype is not None:
@@ -136,22 +138,11 @@ def load_for_inference(
         )
 
     tokenizer = load_tokenizer(model_dir)  # a missing or broken tokenizer is found before the weights load
-    loaded = load_model(
-        str(model_dir),
-        None if base_only else spec,
-        compute_dtype=compute_dtype,
-        device=torch_device,
-        quantize=quantized,
-        backend=backend,
-    )
-    model = loaded.model
-    if not base_only:
-        if has_lora:
-            load_adapter_weights(model, adapter_dir)
-        for method in methods:
-            method.apply(model)
-            load_method(model, method, adapter_dir)
-    apply_fused_ops(model, FusedOps())  # the fused Triton modules on CUDA (Llama family), as in training
+    if base_only:  # the same base (NF4 or not, dtype, kernels), no method
+        has_lora, methods = False, []
+    cfg = run_config(info, adapter_dir, str(model_dir), has_lora, methods, quantized, backend)
+    built = build_model(cfg, str(model_dir), torch_device, plan_model(cfg), adapter_dir, compute_dtype)
+    loaded, model = built.loaded, built.model
     model.eval()
     return (
         model,
@@ -166,6 +157,23 @@ def load_for_inference(
             "data_format": data_format,
             "base_only": base_only,
         },
+    )
+
+
+def run_config(
+    info: dict, adapter_dir: Path, model_dir: str, has_lora: bool, methods: list[PeftMethod], quantized: bool, backend: str
+) -> Config:
+    """The training config's equivalent for `build_model`, from the adapter: its methods (LoRA starting
+    from the adapter's weights), NF4 or not, the NF4 backend asked for, and the kernels settings the
+    run trained with (qtrain.json's `kernels`; the defaults for adapters that record none). The compute
+    dtype is passed to `build_model` beside it: an adapter may record any floating-point dtype."""
+    names = (["lora"] if has_lora else []) + [m.name for m in methods]
+    return Config(
+        model=ModelConfig(name_or_path=model_dir, quantize=quantized, backend=backend),
+        method=names,
+        lora=LoRAConfig(init_from=str(adapter_dir) if has_lora else None),
+        kernels=kernels_from_info(info, adapter_dir / TRAINING_INFO),
+        **{m.name: m for m in methods},
     )
 
 

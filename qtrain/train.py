@@ -1,11 +1,20 @@
-"""The training recipe: read it top to bottom.
+"""The training recipe: read it top to bottom. `train` runs the phases of a `Recipe`, in order, over
+one `TrainState` (the step and the counters a checkpoint keeps):
 
-    config → [folder: lock, resume or fresh] → tokenizer + data → model (NF4 base + LoRA) → optimizer → [resume] → score before
-           → loop (step, log, eval, checkpoint) → adapter → score after → summary
+    setup_folder    lock, resume or fresh (a resumed finished run: its result), seed
+    setup_data      tokenizer + data rows (before the weights: a bad row fails fast)
+    setup_model     `qtrain.builder.build_model`: NF4 base + LoRA, the other methods, fused modules
+    setup_batches   batches; open_folder: the run's first files
+    setup_optimizer optimizer, schedule, precision
+    resume          adapter, optimizer, schedule, scaler, data position, RNG, counters
+    score_before    exact match before training
+    train_loop      one `train_one_step` per step (step, log, eval, checkpoint), final eval + checkpoint
+    finish          adapter, score after, summary
 
 Stops cleanly: Ctrl-C or SIGTERM saves a checkpoint and raises Interrupted; a NaN/inf loss raises
 FloatingPointError before the update (the last checkpoint stays the last good one); CUDA OOM
-raises OutOfMemory with what was running and settings to try; a full disk raises StorageError.
+raises OutOfMemory with what was running and settings to try (`qtrain.advice`); a full disk raises
+StorageError.
 
 The run holds its output folder's lock from start to end, refuses a folder that holds another run
 (unless resuming it, or moving it aside with `overwrite`), and writes nothing into it before the
@@ -15,7 +24,6 @@ model, tokenizer and data have loaded.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import math
@@ -26,14 +34,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from qtrain.adapter import load_adapter_weights, read_adapter_config, save_adapter
+from qtrain.adapter import load_adapter_weights, save_adapter
+from qtrain.advice import check_memory, oom_advice
+from qtrain.builder import build_model, model_path, plan_model, recorded_kernels
 from qtrain.config import DTYPES, Config, to_dict
 from qtrain.data import (
     IGNORE_INDEX,
@@ -45,26 +55,27 @@ from qtrain.data import (
     write_skipped_rows,
 )
 from qtrain.device import pick_device
-from qtrain.estimate import estimate, suggestions, workload_for
+from qtrain.estimate import estimate, workload_for
 from qtrain.evaluate import exact_match, generate
-from qtrain.fused import apply_fused_ops
-from qtrain.kernels.linear_cross_entropy import linear_cross_entropy
 from qtrain.kernels.backend import resolve_on_device
+from qtrain.kernels.linear_cross_entropy import linear_cross_entropy
 from qtrain.lora import LoRALinear, LoRASpec
 from qtrain.memory import OffloadActivations, peak_memory_bytes
 from qtrain.memprof import MemoryProfiler
-from qtrain.methods import PeftMethod, mark_trainable
-from qtrain.methods.base import LoRAParameters
+from qtrain.methods import PeftMethod
 from qtrain.methods.io import load_method
 from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
-from qtrain.model import check_tokenizer, enable_checkpointing, load_model
+from qtrain.model import check_tokenizer, enable_checkpointing
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
-from qtrain.presets import resolve_config
 from qtrain.progress import TrainProgress
 from qtrain.resume import last_good_checkpoint, resolve_resume, save_checkpoint, set_rng_state
 from qtrain.rundir import RunLock, atomic_write_text, check_fresh, move_aside
 from qtrain.threads import ThreadGovernor
-from qtrain.tiny import ensure_tiny_model
+
+__all__ = [  # the recipe, one step, and what tests and benchmarks import from here
+    "Interrupted", "OutOfMemory", "Recipe", "RunOptions", "StorageError", "TrainState", "causal_lm_loss_sum",
+    "check_memory", "eval_loss", "loss_sum", "model_path", "oom_advice", "pick_device", "train", "train_step",
+]  # fmt: skip
 
 GiB = 2**30
 
@@ -92,14 +103,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-
-
-def model_path(cfg: Config, output_dir: Path) -> str:
-    """The checkpoint to load: the configured one, or the tiny model built (once, atomically) in
-    output_dir/base; a base built from other model.tiny settings is refused."""
-    if cfg.model.name_or_path is not None:
-        return cfg.model.name_or_path
-    return str(ensure_tiny_model(output_dir / "base", **dataclasses.asdict(cfg.model.tiny)))
 
 
 # ---- one step ----
@@ -181,8 +184,7 @@ def train_step(
         (scaler.scale(loss) if scaler else loss).backward()
         loss_total += loss.item()
         tokens += n_tokens(batch)
-    regs = [r for r in (m.regularization(model) for m in methods) if r is not None]
-    reg = sum(regs) if regs else None
+    reg = regularization(model, methods)
     if reg is not None:
         (scaler.scale(reg) if scaler else reg).backward()
     if not math.isfinite(loss_total + (reg.item() if reg is not None else 0.0)):  # the adapter keeps its last good values
@@ -206,6 +208,12 @@ def train_step(
     return loss_total, tokens
 
 
+def regularization(model, methods: Sequence[PeftMethod]) -> torch.Tensor | None:
+    """The sum of the methods' regularisers for this step (None when no method has one)."""
+    regs = [r for r in (m.regularization(model) for m in methods) if r is not None]
+    return sum(regs) if regs else None
+
+
 @torch.no_grad()
 def eval_loss(model, examples: list, batch_size: int, pad_id: int, device, autocast=None, loss_chunk: int | None = None) -> float:
     """Mean next-token loss over the eval examples' target tokens."""
@@ -223,47 +231,48 @@ def eval_loss(model, examples: list, batch_size: int, pad_id: int, device, autoc
     return total / max(count, 1)
 
 
-def oom_advice(cfg: Config, step: int, batch_shape: tuple[int, int], device: torch.device, config, spec: LoRASpec) -> str:
-    """What was running when CUDA ran out of memory, and settings that need less, with the
-    estimated GPU memory each needs."""
-    b, s = batch_shape
-    peak = peak_memory_bytes(device) / GiB
-    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    w = replace(workload_for(cfg, "cuda"), batch_size=b, seq_len=s)
-    tips = suggestions(config, spec, w, cfg.train.grad_accum, budget=total)
-    of = f" of {total / GiB:.1f} GiB" if total else ""
-    return (
-        f"CUDA out of memory at step {step}: micro-batch {b} x {s} tokens (train.batch_size={b}, "
-        f"data.max_length={cfg.data.max_length}, packing={cfg.data.packing}); peak {peak:.1f} GiB{of}. "
-        "Try, in this order: " + "; ".join(f"{text} (est. {need / GiB:.1f} GiB)" for text, need in tips)
-    )
+# ---- the recipe: `train` runs the phases of a `Recipe` over a `TrainState` ----
 
 
-def check_memory(cfg: Config, path: str, spec: LoRASpec, device: torch.device, console: Console) -> None:
-    """Before loading: the estimated peak against the GPU's free memory; when it will not fit, say
-    so with the settings that would (training still starts: paged memory can absorb some excess)."""
-    if device.type != "cuda":
-        return
-    try:
-        config = resolve_config(path)
-    except (OSError, ValueError):  # no config.json to read: loading will say why
-        return
-    backend = resolve_on_device("nf4_lora", cfg.model.backend, device)  # what training will run, self-check included
-    w = workload_for(cfg, "cuda", backend)
-    need = estimate(config, spec, w).device_total
-    free, total = torch.cuda.mem_get_info(device)
-    if need <= free:
-        console.print(f"[bold]memory[/] estimated {need / GiB:.1f} GiB of the {free / GiB:.1f} GiB free")
-        return
-    console.print(
-        f"[yellow]memory: this run needs about {need / GiB:.1f} GiB but {free / GiB:.1f} GiB of {total / GiB:.1f} GiB "
-        "is free; it will likely run out of memory. Settings that need less (estimated GPU total):[/]"
-    )
-    for text, n in suggestions(config, spec, w, cfg.train.grad_accum, budget=free):
-        console.print(f"  {text}: {n / GiB:.1f} GiB" + (" [green](fits)[/]" if n <= free else ""))
+@dataclass
+class TrainState:
+    """What the loop advances and a checkpoint keeps: the step and the trainer counters (saved as the
+    checkpoint's "trainer" dict, with the keys and values it always had), and where the run can go
+    back to when a step diverges."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    exact_match_before: float | None = None  # scored once per run, before its first step
+    resumed_from: Path | None = None  # the checkpoint this session started from
+    last_checkpoint: Path | None = None
+
+    def trainer(self) -> dict:
+        """The checkpoint's "trainer" dict (exact_match_before only once scored)."""
+        out = {"losses": self.losses, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds, "run_id": self.run_id}
+        if self.exact_match_before is not None:
+            out["exact_match_before"] = self.exact_match_before
+        return out
+
+    @classmethod
+    def resumed(cls, ckpt: Path, state: dict, meta: dict) -> TrainState:
+        """The state a checkpoint saved; run_id "" for a checkpoint from before run ids."""
+        t = state["trainer"]
+        run_id = t.get("run_id") or meta.get("run_id") or ""
+        return cls(state["step"], t["losses"], t["tokens_seen"], t["train_seconds"], run_id, t.get("exact_match_before"), ckpt, ckpt)
 
 
-# ---- the recipe ----
+@dataclass
+class RunOptions:
+    """`train`'s options beside the config (see `train`)."""
+
+    should_stop: Callable[[int], bool] | None = None
+    profile_memory: int = 0
+    report_dir: Path | None = None
+    profile_only: bool = False
+    overwrite: bool = False
 
 
 def train(
@@ -284,240 +293,333 @@ def train(
     out = Path(cfg.output_dir)
     device = pick_device(cfg.device)
     optimizer_name = resolve_optimizer(cfg.train.optimizer, device)  # fails before the model loads
+    recipe = Recipe(cfg, console, device, optimizer_name, RunOptions(should_stop, profile_memory, report_dir, profile_only, overwrite))
     with RunLock(out, say=lambda text: console.print(f"[yellow]{text}[/]")), _resource_errors(out):
-        return _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory, report_dir, profile_only, overwrite)
+        return recipe.run()
 
 
-def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory, report_dir, profile_only, overwrite) -> dict:
-    """The recipe, in a locked output folder (see `train`)."""
-    # 0. the folder: resume its run, or start a fresh one where no run is (a resumed finished run: done)
-    resumed = resolve_resume(cfg.checkpoint.resume, out, say=lambda text: console.print(f"[yellow]{text}[/]")) if cfg.checkpoint.resume else None
-    if resumed and resumed[1]["step"] >= cfg.train.max_steps and (out / "result.json").exists():
-        return _already_finished(cfg, out, resumed, console)
-    foreign_resume = resumed and resumed[0].parent.parent.resolve() != out.resolve()
-    move = check_fresh(out, overwrite) if not resumed or foreign_resume else []
-    dtype = DTYPES[cfg.model.dtype]
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
-    threads = ThreadGovernor(cfg.train.threads)  # adaptive by default: a core fewer per core of other work
+class Recipe:
+    """One run, phase by phase (`run` lists them); each phase sets the attributes the later ones read.
+    The recipe holds the output folder's lock while it runs (see `train`)."""
 
-    # 1. tokenizer and data first: a missing tokenizer or a bad row is reported before the weights load
-    path = model_path(cfg, out)
-    tokenizer = check_tokenizer(path)
-    train_data, eval_data = load_data(cfg.data, tokenizer)
+    def __init__(self, cfg: Config, console: Console, device: torch.device, optimizer_name: str, options: RunOptions):
+        self.cfg, self.console, self.device, self.optimizer_name, self.options = cfg, console, device, optimizer_name, options
+        self.out = Path(cfg.output_dir)
+        self.state = TrainState()
+        self.start = 0  # the step this session starts after
+        self.memory_report: Path | None = None
 
-    # 2. model: NF4 base, LoRA adapters on the targets
-    use_lora = "lora" in cfg.methods()
-    spec: LoRASpec = read_adapter_config(cfg.lora.init_from) if cfg.lora.init_from else cfg.lora
-    if not use_lora:
-        spec = LoRASpec(rank=0)  # every linear NF4, no adapter
-    # the other PEFT methods, new objects from their config sections: what training adds to a method
-    # (its hooks, AdaLoRA's EMAs and rank pattern) lives on these, never on `cfg`
-    methods = [replace(getattr(cfg, name)) for name in cfg.methods() if name != "lora"]
-    check_memory(cfg, path, spec, device, console)
-    t0 = time.perf_counter()
-    loaded = load_model(path, spec, compute_dtype=dtype, device=device, quantize=cfg.model.quantize, backend=cfg.model.backend)
-    model = loaded.model
-    if cfg.lora.init_from:
-        load_adapter_weights(model, cfg.lora.init_from)
-    for method in methods:
-        method.apply(model)
-    mark_trainable(model, [LoRAParameters(), *methods] if use_lora else methods)
-    fused = apply_fused_ops(model, cfg.kernels)  # fused Triton modules (Llama family; CUDA unless kernels.enabled=on)
-    loss_backend = cfg.kernels.loss_backend(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    n_total = sum(p.numel() for p in model.parameters()) + sum(
-        m.nf4_shape.numel() for m in model.modules() if isinstance(m, LoRALinear) and m.has_nf4
-    )
-    console.print(
-        f"[bold]model[/] {path} ({loaded.config.model_type}, {'NF4' if cfg.model.quantize else cfg.model.dtype} base) "
-        f"loaded in {time.perf_counter() - t0:.1f}s on {device}{f' ({threads.describe()})' if device.type == 'cpu' else ''}; "
-        f"{describe_methods(cfg, spec, loaded.targets)}; "
-        f"trainable {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)"
-    )
-    if fused:
-        console.print(f"[bold]kernels[/] {len(fused)} fused modules, loss {loss_backend}" + (f"; kept: {', '.join(sorted(fused.skipped))}" if fused.skipped else ""))
+    def run(self) -> dict:
+        """The phases in order; a resumed run that had finished returns its result at once."""
+        finished = self.setup_folder()
+        if finished is not None:
+            return finished
+        self.setup_data()
+        self.setup_model()
+        self.setup_batches()
+        self.open_folder()
+        self.setup_optimizer()
+        self.resume()
+        self.score_before()
+        profiled = self.train_loop()
+        return profiled if profiled is not None else self.finish()
 
-    # 3. data: batches
-    mode = "pack" if cfg.data.packing else "group" if cfg.data.group_by_length else "pad"
-    data = Batches(train_data.examples, cfg.train.batch_size, tokenizer.pad_token_id, cfg.data.seed, mode, cfg.data.max_length)
-    eval_examples = eval_data.examples[: cfg.eval.max_rows] if eval_data else []
-    eval_rendered = eval_data.rendered[: cfg.eval.max_rows] if eval_data else []
-    console.print(
-        f"[bold]data[/] {len(train_data.examples)} train rows ({train_data.source}, {train_data.format}), "
-        f"{len(eval_examples)} eval rows, {describe_batches(mode, len(data.plan()), cfg.train.batch_size, cfg.data.max_length)}"
-    )
-    for ds in (train_data, eval_data) if eval_data else (train_data,):
-        if ds.skipped:
-            console.print(f"[yellow]skipped {len(ds.skipped)} malformed rows[/] of {ds.source} (data.bad_rows=skip); first: {ds.skipped[0]}")
-        if ds.too_long:
-            console.print(f"[yellow]dropped {ds.too_long} rows[/] of {ds.source}: the prompt fills data.max_length={cfg.data.max_length}")
-    # model, tokenizer and data are valid: only now does the run write into its folder
-    if move:
-        console.print(f"[yellow]output_dir:[/] the previous run moved to {move_aside(out, move)} (--overwrite)")
-    write_json(out / "config.json", to_dict(cfg))
-    if not profile_only and write_skipped_rows([train_data, eval_data], out / "skipped_rows.jsonl"):
-        console.print(f"[yellow]skipped rows recorded in[/] {out / 'skipped_rows.jsonl'}")
+    # -- 0. the folder: resume its run, or start a fresh one where no run is
 
-    # 4. optimizer, schedule, precision
-    groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.lora_plus_ratio)
-    optimizer = build_optimizer(optimizer_name, groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.schedule)
-    )
-    use_autocast = cfg.train.autocast and dtype != torch.float32
-    autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else None
-    scaler = torch.amp.GradScaler(device.type) if use_autocast and dtype == torch.float16 else None
-    offload = OffloadActivations() if cfg.train.offload_activations else None
-    if cfg.train.gradient_checkpointing:
-        enable_checkpointing(model)
-    model.config.use_cache = False
+    def setup_folder(self) -> dict | None:
+        """Find the checkpoint to resume (a finished run's result: nothing to do) or check that the
+        folder is free; seed the RNGs and start the thread governor."""
+        cfg, out, console = self.cfg, self.out, self.console
+        say = lambda text: console.print(f"[yellow]{text}[/]")  # noqa: E731
+        self.resumed = resolve_resume(cfg.checkpoint.resume, out, say=say) if cfg.checkpoint.resume else None
+        if self.resumed and self.resumed[1]["step"] >= cfg.train.max_steps and (out / "result.json").exists():
+            return _already_finished(cfg, out, self.resumed, console)
+        foreign_resume = self.resumed and self.resumed[0].parent.parent.resolve() != out.resolve()
+        self.move = check_fresh(out, self.options.overwrite) if not self.resumed or foreign_resume else []
+        self.dtype = DTYPES[cfg.model.dtype]
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
+        self.threads = ThreadGovernor(cfg.train.threads)  # adaptive by default: a core fewer per core of other work
+        return None
 
-    # 5. resume: adapter, optimizer, schedule, scaler, data position, RNG, counters
-    start, trainer = 0, {"losses": [], "tokens_seen": 0, "train_seconds": 0.0, "run_id": uuid.uuid4().hex}
-    ckpt = None
-    if resumed:
-        ckpt, state, meta = resumed
-        if use_lora:
-            load_adapter_weights(model, ckpt / "adapter")
-        for method in methods:
-            load_method(model, method, ckpt / "adapter", resume=True)
-            method.load_trainer_state(model, state.get("methods", {}).get(method.name, {}))
-        _load_optimizer_state(optimizer, scheduler, state, ckpt)
-        if scaler and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        data.load_state_dict(state["data"])
+    # -- 1. tokenizer and data first: a missing tokenizer or a bad row is reported before the weights load
+
+    def setup_data(self) -> None:
+        self.path = model_path(self.cfg, self.out)
+        self.tokenizer = check_tokenizer(self.path)
+        self.train_data, self.eval_data = load_data(self.cfg.data, self.tokenizer)
+
+    # -- 2. model: NF4 base, LoRA adapters on the targets, the other methods, the fused modules
+
+    def setup_model(self) -> None:
+        cfg, device, console = self.cfg, self.device, self.console
+        self.plan = plan_model(cfg)
+        check_memory(cfg, self.path, self.plan.spec, device, console)
+        t0 = time.perf_counter()
+        self.built = build_model(cfg, self.path, device, self.plan)
+        model, loaded, fused = self.built.model, self.built.loaded, self.built.fused
+        self.model = model
+        self.loss_backend = cfg.kernels.loss_backend(device)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.n_trainable = n_trainable = sum(p.numel() for p in self.trainable)
+        n_total = sum(p.numel() for p in model.parameters()) + sum(
+            m.nf4_shape.numel() for m in model.modules() if isinstance(m, LoRALinear) and m.has_nf4
+        )
+        threads = f" ({self.threads.describe()})" if device.type == "cpu" else ""
+        console.print(
+            f"[bold]model[/] {self.path} ({loaded.config.model_type}, {'NF4' if cfg.model.quantize else cfg.model.dtype} base) "
+            f"loaded in {time.perf_counter() - t0:.1f}s on {device}{threads}; "
+            f"{describe_methods(cfg, self.plan.spec, loaded.targets)}; "
+            f"trainable {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)"
+        )
+        if fused:
+            console.print(f"[bold]kernels[/] {len(fused)} fused modules, loss {self.loss_backend}" + (f"; kept: {', '.join(sorted(fused.skipped))}" if fused.skipped else ""))
+
+    # -- 3. data: batches; then, model, tokenizer and data valid, the run's first files
+
+    def setup_batches(self) -> None:
+        cfg, train_data, eval_data = self.cfg, self.train_data, self.eval_data
+        mode = "pack" if cfg.data.packing else "group" if cfg.data.group_by_length else "pad"
+        self.data = Batches(train_data.examples, cfg.train.batch_size, self.tokenizer.pad_token_id, cfg.data.seed, mode, cfg.data.max_length)
+        self.eval_examples = eval_data.examples[: cfg.eval.max_rows] if eval_data else []
+        self.eval_rendered = eval_data.rendered[: cfg.eval.max_rows] if eval_data else []
+        self.console.print(
+            f"[bold]data[/] {len(train_data.examples)} train rows ({train_data.source}, {train_data.format}), "
+            f"{len(self.eval_examples)} eval rows, {describe_batches(mode, len(self.data.plan()), cfg.train.batch_size, cfg.data.max_length)}"
+        )
+        for ds in (train_data, eval_data) if eval_data else (train_data,):
+            if ds.skipped:
+                self.console.print(f"[yellow]skipped {len(ds.skipped)} malformed rows[/] of {ds.source} (data.bad_rows=skip); first: {ds.skipped[0]}")
+            if ds.too_long:
+                self.console.print(f"[yellow]dropped {ds.too_long} rows[/] of {ds.source}: the prompt fills data.max_length={cfg.data.max_length}")
+
+    def open_folder(self) -> None:
+        """Only now does the run write into its folder: a previous run moved aside (--overwrite),
+        config.json, the skipped rows."""
+        out, console = self.out, self.console
+        if self.move:
+            console.print(f"[yellow]output_dir:[/] the previous run moved to {move_aside(out, self.move)} (--overwrite)")
+        write_json(out / "config.json", to_dict(self.cfg))
+        if not self.options.profile_only and write_skipped_rows([self.train_data, self.eval_data], out / "skipped_rows.jsonl"):
+            console.print(f"[yellow]skipped rows recorded in[/] {out / 'skipped_rows.jsonl'}")
+
+    # -- 4. optimizer, schedule, precision
+
+    def setup_optimizer(self) -> None:
+        t, dtype, device = self.cfg.train, self.dtype, self.device
+        groups = param_groups(self.model, t.lr, t.weight_decay, t.lora_plus_ratio)
+        self.optimizer = build_optimizer(self.optimizer_name, groups)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.schedule))
+        use_autocast = t.autocast and dtype != torch.float32
+        self.autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else None
+        self.scaler = torch.amp.GradScaler(device.type) if use_autocast and dtype == torch.float16 else None
+        self.offload = OffloadActivations() if t.offload_activations else None
+        if t.gradient_checkpointing:
+            enable_checkpointing(self.model)
+        self.model.config.use_cache = False
+
+    # -- 5. resume: adapter, optimizer, schedule, scaler, data position, RNG, counters
+
+    def resume(self) -> None:
+        if not self.resumed:
+            return
+        ckpt, state, meta = self.resumed
+        if self.plan.use_lora:
+            load_adapter_weights(self.model, ckpt / "adapter")
+        for method in self.plan.methods:
+            load_method(self.model, method, ckpt / "adapter", resume=True)
+            method.load_trainer_state(self.model, state.get("methods", {}).get(method.name, {}))
+        _load_optimizer_state(self.optimizer, self.scheduler, state, ckpt)
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
-        start, trainer = state["step"], state["trainer"]
-        trainer["run_id"] = trainer.get("run_id") or meta.get("run_id") or ""  # "": a checkpoint from before run ids
-        _warn_config_changes(console, meta["config"], to_dict(cfg), start)
-        console.print(f"[bold]resumed[/] from {ckpt} at step {start}")
-    run_id = trainer["run_id"]
+        self.state = TrainState.resumed(ckpt, state, meta)
+        self.start = self.state.step
+        _warn_config_changes(self.console, meta["config"], to_dict(self.cfg), self.start)
+        self.console.print(f"[bold]resumed[/] from {ckpt} at step {self.start}")
 
-    def save(step: int) -> Path:
-        _check_finite(model, step, out, run_id, ckpt)  # a diverged adapter is never saved as a checkpoint
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None,
-            "data": data.state_dict(),
-            "trainer": trainer,
-            "methods": {m.name: m.trainer_state() for m in methods},
+    # -- 6. score before
+
+    def score_before(self) -> None:
+        cfg, state = self.cfg, self.state
+        self.can_score = cfg.eval.exact_match and any(r.answer is not None for r in self.eval_rendered)
+        self.threads.tick()
+        if self.can_score and state.exact_match_before is None:
+            state.exact_match_before = exact_match(self.model, self.tokenizer, self.eval_rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+            self.console.print(f"[bold]exact match before[/] {state.exact_match_before:.1%}")
+
+    # -- 7. train (the first `profile_memory` steps measured)
+
+    def train_loop(self) -> dict | None:
+        """Steps start+1 .. train.max_steps, then the final eval and checkpoint. Returns the profile's
+        result when a profile_only run ends after its measured steps, else None."""
+        cfg, profile_memory = self.cfg, self.options.profile_memory
+        self.profiler, self.profiled_shapes = None, []
+        if profile_memory:
+            self.profiler = MemoryProfiler(self.model, self.optimizer, self.device)
+            if self.offload:
+                self.offload.keep = self.profiler.saved  # what stays on the GPU is still counted
+        self.model.train()
+        self.logger = MetricsLogger(self.out, cfg.log, to_dict(cfg), resume_step=self.start if cfg.checkpoint.resume else None)
+        self.stop = _StopOnSignals()
+        self.state.last_checkpoint = self.state.resumed_from
+        self.t_start, self.tokens_here, self.seconds_before = time.perf_counter(), 0, self.state.train_seconds
+        try:
+            self.progress = TrainProgress(self.console, cfg.train.max_steps, self.start, self.device.type, cfg.train.log_every, cfg.log.progress_seconds)
+            with self.logger, self.stop, self.progress:
+                for step in range(self.start + 1, cfg.train.max_steps + 1):
+                    if self.train_one_step(step):
+                        return {"steps": step - self.start, "memory_report": str(self.memory_report)}
+                self.eval_metrics = self.final_eval()
+                if self.state.step > self.start:
+                    self.state.last_checkpoint = self.save(self.state.step)
+        finally:
+            self.model.config.use_cache = True
+        return None
+
+    def train_one_step(self, step: int) -> bool:
+        """One optimizer step with its log, eval, checkpoint and stop request. True: a profile_only
+        run has measured its steps and ends here."""
+        self.state.step = step
+        self.threads.tick()
+        micro = [next(self.data) for _ in range(self.cfg.train.grad_accum)]
+        measure = self.profiler is not None and step - self.start <= self.options.profile_memory
+        loss, n_tok = self.run_step(step, micro, measure)
+        if measure and self.record_profile(step, micro):
+            return True
+        self.scheduler.step()
+        elapsed = self.log_step(step, loss, n_tok)
+        self.after_step(step, elapsed)
+        return False
+
+    def run_step(self, step: int, micro: list[dict], measure: bool) -> tuple[float, int]:
+        """`train_step` with the run's settings; a NaN/inf loss or CUDA running out of memory becomes
+        an error that says what to do."""
+        cfg, profiler = self.cfg, self.profiler
+        try:
+            with profiler.step(step) if measure else contextlib.nullcontext():
+                return train_step(
+                    self.model, micro, self.optimizer, self.trainable, cfg.train.max_grad_norm, self.device, self.autocast, self.scaler, self.offload,
+                    on_phase=profiler.phase if measure else None, loss_chunk=cfg.train.loss_chunk_tokens,
+                    methods=self.plan.methods, step=step, total_steps=cfg.train.max_steps, loss_backend=self.loss_backend,
+                )  # fmt: skip
+        except FloatingPointError as e:
+            raise FloatingPointError(f"step {step}: {e}; stopped before the update ({_last_good(self.out, self.state.run_id, self.state.resumed_from)}") from None
+        except torch.OutOfMemoryError:
+            self.optimizer.zero_grad(set_to_none=True)
+            shape = max((tuple(b["input_ids"].shape) for b in micro), key=lambda s: s[0] * s[1])
+            raise OutOfMemory(oom_advice(cfg, step, shape, self.device, self.built.loaded.config, self.plan.spec)) from None
+
+    def record_profile(self, step: int, micro: list[dict]) -> bool:
+        """The measured micro-batches' shapes; after the last measured step, the report. True when
+        the run ends there (profile_only)."""
+        self.profiled_shapes += [(*b["input_ids"].shape, "position_ids" in b, "attention_mask" in b and not b["attention_mask"].all()) for b in micro]
+        if step - self.start == self.options.profile_memory or step == self.cfg.train.max_steps:
+            where = self.options.report_dir or self.out / "memory"
+            self.memory_report = _memory_report(self.cfg, self.profiler, self.built.loaded, self.plan.spec, self.device, self.profiled_shapes, where, self.progress.console)
+            self.profiler = None
+            if self.options.profile_only:
+                return True
+            if self.offload:
+                self.offload.keep = None
+        return False
+
+    def log_step(self, step: int, loss: float, n_tok: int) -> float:
+        """Count the step, log its record and show it; returns the seconds since this session began."""
+        state = self.state
+        self.tokens_here += n_tok
+        state.tokens_seen += n_tok
+        state.losses.append(loss)
+        elapsed = time.perf_counter() - self.t_start
+        record = {
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": self.tokens_here / elapsed,
+            "peak_mem_gib": peak_memory_bytes(self.device) / GiB,
         }
-        loss = trainer["losses"][-1] if trainer["losses"] else None
-        return save_checkpoint(out, step, write_adapter, state, to_dict(cfg), cfg.checkpoint.keep_last, run_id, loss)
+        self.logger.log(step, record)
+        self.progress.update(step, loss, record["lr"], record["tokens_per_s"], record["peak_mem_gib"])
+        if step % self.cfg.train.log_every == 0:
+            self.logger.flush()
+        return elapsed
 
-    def write_adapter(target: Path) -> Path:
-        info = {"data_format": train_data.format}
-        return save_adapter(model, spec, loaded.targets, path, target, dtype, cfg.model.quantize, extra_info=info, methods=methods)
+    def after_step(self, step: int, elapsed: float) -> None:
+        """The periodic eval and checkpoint; a stop request (Ctrl-C, SIGTERM, should_stop) saves and raises Interrupted."""
+        cfg = self.cfg
+        if self.eval_examples and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
+            self.evaluate(step, self.progress.console)
+        self.state.train_seconds = self.seconds_before + elapsed
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
+            self.state.last_checkpoint = self.save(step)
+        if self.stop.requested or (self.options.should_stop and self.options.should_stop(step)):
+            raise Interrupted(step, self.save(step))
 
-    # 6. score before
-    can_score = cfg.eval.exact_match and any(r.answer is not None for r in eval_rendered)
-    threads.tick()
-    if can_score and "exact_match_before" not in trainer:
-        trainer["exact_match_before"] = exact_match(model, tokenizer, eval_rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        console.print(f"[bold]exact match before[/] {trainer['exact_match_before']:.1%}")
+    def final_eval(self) -> dict:
+        """The eval metrics at the last step; a run resumed at its end (killed before the adapter was
+        written) logs nothing twice: the ones already logged."""
+        step = self.state.step
+        if step == self.start:
+            return {k: v for r in read_metrics(self.out / "metrics.jsonl") if r.get("step") == step for k, v in r.items() if k.startswith("eval_")}
+        if self.eval_examples:
+            return self.evaluate(step, self.console)
+        return {}
 
-    # 7. train (the first `profile_memory` steps measured)
-    profiler, profiled_shapes, memory_report = None, [], None
-    if profile_memory:
-        profiler = MemoryProfiler(model, optimizer, device)
-        if offload:
-            offload.keep = profiler.saved  # what stays on the GPU is still counted
-    model.train()
-    logger = MetricsLogger(out, cfg.log, to_dict(cfg), resume_step=start if cfg.checkpoint.resume else None)
-    stop = _StopOnSignals()
-    last_checkpoint: Path | None = ckpt
-    t_start, tokens_here, seconds_before = time.perf_counter(), 0, trainer["train_seconds"]
-    step = start
-    try:
-        progress = TrainProgress(console, cfg.train.max_steps, start, device.type, cfg.train.log_every, cfg.log.progress_seconds)
-        with logger, stop, progress:
-            for step in range(start + 1, cfg.train.max_steps + 1):
-                threads.tick()
-                micro = [next(data) for _ in range(cfg.train.grad_accum)]
-                measure = profiler is not None and step - start <= profile_memory
-                try:
-                    with profiler.step(step) if measure else contextlib.nullcontext():
-                        loss, n_tok = train_step(
-                            model, micro, optimizer, trainable, cfg.train.max_grad_norm, device, autocast, scaler, offload,
-                            on_phase=profiler.phase if measure else None, loss_chunk=cfg.train.loss_chunk_tokens,
-                            methods=methods, step=step, total_steps=cfg.train.max_steps, loss_backend=loss_backend,
-                        )  # fmt: skip
-                except FloatingPointError as e:
-                    raise FloatingPointError(f"step {step}: {e}; stopped before the update ({_last_good(out, run_id, ckpt)}") from None
-                except torch.OutOfMemoryError:
-                    optimizer.zero_grad(set_to_none=True)
-                    shape = max((tuple(b["input_ids"].shape) for b in micro), key=lambda s: s[0] * s[1])
-                    raise OutOfMemory(oom_advice(cfg, step, shape, device, loaded.config, spec)) from None
-                if measure:
-                    profiled_shapes += [(*b["input_ids"].shape, "position_ids" in b, "attention_mask" in b and not b["attention_mask"].all()) for b in micro]
-                    if step - start == profile_memory or step == cfg.train.max_steps:
-                        where = report_dir or out / "memory"
-                        memory_report = _memory_report(cfg, profiler, loaded, spec, device, profiled_shapes, where, progress.console)
-                        profiler = None
-                        if profile_only:
-                            return {"steps": step - start, "memory_report": str(memory_report)}
-                        if offload:
-                            offload.keep = None
-                scheduler.step()
-                tokens_here += n_tok
-                trainer["tokens_seen"] += n_tok
-                trainer["losses"].append(loss)
-                elapsed = time.perf_counter() - t_start
-                record = {
-                    "loss": loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": tokens_here / elapsed,
-                    "peak_mem_gib": peak_memory_bytes(device) / GiB,
-                }
-                logger.log(step, record)
-                progress.update(step, loss, record["lr"], record["tokens_per_s"], record["peak_mem_gib"])
-                if step % cfg.train.log_every == 0:
-                    logger.flush()
-                if eval_examples and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
-                    _evaluate(cfg, model, tokenizer, eval_examples, train_data.format, device, autocast, logger, step, progress.console)
-                trainer["train_seconds"] = seconds_before + elapsed
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
-                    last_checkpoint = save(step)
-                if stop.requested or (should_stop and should_stop(step)):
-                    raise Interrupted(step, save(step))
-            eval_metrics = {}
-            if step == start:  # resumed at the end (killed before the adapter was written): finish, log nothing twice
-                eval_metrics = {k: v for r in read_metrics(out / "metrics.jsonl") if r.get("step") == step for k, v in r.items() if k.startswith("eval_")}
-            elif eval_examples:
-                eval_metrics = _evaluate(cfg, model, tokenizer, eval_examples, train_data.format, device, autocast, logger, step, console)
-            if step > start:
-                last_checkpoint = save(step)
-    finally:
-        model.config.use_cache = True
+    def evaluate(self, step: int, console: Console) -> dict:
+        return _evaluate(self.cfg, self.model, self.tokenizer, self.eval_examples, self.train_data.format, self.device, self.autocast, self.logger, step, console)
 
-    # 8. adapter (PEFT format), score after, summary
-    adapter_dir = write_adapter(out / "adapter")
-    losses = trainer["losses"]
-    first, last = _mean(losses[: cfg.train.log_every]), _mean(losses[-cfg.train.log_every :])
-    result = {
-        "steps": len(losses),
-        "loss_first": first,
-        "loss_last": last,
-        **eval_metrics,
-        "trainable_params": n_trainable,
-        "tokens_seen": trainer["tokens_seen"],
-        "train_seconds": trainer["train_seconds"],
-        "peak_mem_bytes": peak_memory_bytes(device),
-        "adapter": str(adapter_dir),
-        "checkpoint": str(last_checkpoint),
-    }
-    if can_score:
-        result["exact_match_before"] = trainer["exact_match_before"]
-        result["exact_match_after"] = exact_match(model, tokenizer, eval_rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    if memory_report:
-        result["memory_report"] = str(memory_report)
-    if cfg.log.plot:
-        result["loss_plot"] = str(plot_loss(read_metrics(out / "metrics.jsonl"), out / "loss.png"))
-    write_json(out / "result.json", result)
-    console.print(summary_table(result))
-    return result
+    def save(self, step: int) -> Path:
+        """Checkpoint `step` (adapter + trainer_state.pt); a diverged adapter is never saved."""
+        state = self.state
+        _check_finite(self.model, step, self.out, state.run_id, state.resumed_from)
+        trainer_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "data": self.data.state_dict(),
+            "trainer": state.trainer(),
+            "methods": {m.name: m.trainer_state() for m in self.plan.methods},
+        }
+        loss = state.losses[-1] if state.losses else None
+        return save_checkpoint(self.out, step, self.write_adapter, trainer_state, to_dict(self.cfg), self.cfg.checkpoint.keep_last, state.run_id, loss)
+
+    def write_adapter(self, target: Path) -> Path:
+        """The adapter in PEFT's format, with qtrain.json: how the base was held, the data format and
+        (when not the defaults) the kernels settings, which `qtrain generate` builds with."""
+        info = {"data_format": self.train_data.format} | recorded_kernels(self.cfg.kernels)
+        return save_adapter(
+            self.model, self.plan.spec, self.built.loaded.targets, self.path, target, self.dtype, self.cfg.model.quantize,
+            extra_info=info, methods=self.plan.methods,
+        )  # fmt: skip
+
+    # -- 8. adapter (PEFT format), score after, summary
+
+    def finish(self) -> dict:
+        cfg, state = self.cfg, self.state
+        adapter_dir = self.write_adapter(self.out / "adapter")
+        losses = state.losses
+        first, last = _mean(losses[: cfg.train.log_every]), _mean(losses[-cfg.train.log_every :])
+        result = {
+            "steps": len(losses),
+            "loss_first": first,
+            "loss_last": last,
+            **self.eval_metrics,
+            "trainable_params": self.n_trainable,
+            "tokens_seen": state.tokens_seen,
+            "train_seconds": state.train_seconds,
+            "peak_mem_bytes": peak_memory_bytes(self.device),
+            "adapter": str(adapter_dir),
+            "checkpoint": str(state.last_checkpoint),
+        }
+        if self.can_score:
+            result["exact_match_before"] = state.exact_match_before
+            result["exact_match_after"] = exact_match(self.model, self.tokenizer, self.eval_rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        if self.memory_report:
+            result["memory_report"] = str(self.memory_report)
+        if cfg.log.plot:
+            result["loss_plot"] = str(plot_loss(read_metrics(self.out / "metrics.jsonl"), self.out / "loss.png"))
+        write_json(self.out / "result.json", result)
+        self.console.print(summary_table(result))
+        return result
 
 
 def write_json(path: Path, data: dict) -> None:
