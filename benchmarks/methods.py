@@ -124,7 +124,7 @@ def measure_peak(config, spec, methods, w, device: torch.device) -> tuple[int, f
     from qtrain.fused import FusedOps, apply_fused_ops
     from qtrain.memprof import MemoryProfiler, peak_sample
     from qtrain.methods import mark_trainable
-    from qtrain.methods.base import LoRAParameters
+    from qtrain.methods.lora import LoRA
     from qtrain.model import enable_checkpointing
     from qtrain.optim import build_optimizer, param_groups
     from qtrain.synthetic import random_model
@@ -133,7 +133,7 @@ def measure_peak(config, spec, methods, w, device: torch.device) -> tuple[int, f
     model = random_model(config, spec, w.dtype, device, backend="auto" if device.type == "cuda" else "torch")
     for method in methods:
         method.apply(model)
-    mark_trainable(model, [*methods, LoRAParameters()] if spec.rank else list(methods))
+    mark_trainable(model, [*methods, LoRA()] if spec.rank else list(methods))
     ops = FusedOps()  # qtrain's defaults: the fused modules on CUDA, stock modules on CPU
     apply_fused_ops(model, ops)
     enable_checkpointing(model)

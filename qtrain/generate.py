@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qtrain.adapter import ADAPTER_CONFIG, TRAINING_INFO, load_adapter_weights, read_adapter_config, read_training_info
+from qtrain.adapter import ADAPTER_CONFIG, TRAINING_INFO, read_training_info
 from qtrain.config import DTYPES
 from qtrain.data import FORMATS, PROMPT_FORMATS, format_prompt
 from qtrain.device import pick_device
@@ -115,9 +115,7 @@ def load_for_inference(
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
     info = read_training_info(adapter_dir)
-    methods = read_methods(info)  # the non-LoRA methods of the run, if any
-    has_lora = (adapter_dir / ADAPTER_CONFIG).exists() or not methods
-    spec = read_adapter_config(adapter_dir) if has_lora else None  # names adapter_config.json when it is missing
+    methods = read_methods(info, adapter_dir)  # LoRA (root adapter_config.json, named when missing), then the others
     model_dir, base_name = resolve_base(adapter_dir, base)
     torch_device = pick_device(device)
     if dtype is not None:
@@ -138,7 +136,7 @@ def load_for_inference(
     tokenizer = load_tokenizer(model_dir)  # a missing or broken tokenizer is found before the weights load
     loaded = load_model(
         str(model_dir),
-        None if base_only else spec,
+        None,
         compute_dtype=compute_dtype,
         device=torch_device,
         quantize=quantized,
@@ -146,8 +144,6 @@ def load_for_inference(
     )
     model = loaded.model
     if not base_only:
-        if has_lora:
-            load_adapter_weights(model, adapter_dir)
         for method in methods:
             method.apply(model)
             load_method(model, method, adapter_dir)

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from qtrain.adapter import load_adapter_weights, read_adapter_config, save_adapter
 from qtrain.config import DTYPES, Config, to_dict
 from qtrain.data import (
     IGNORE_INDEX,
@@ -50,12 +49,11 @@ from qtrain.evaluate import exact_match, generate
 from qtrain.fused import apply_fused_ops
 from qtrain.kernels.linear_cross_entropy import linear_cross_entropy
 from qtrain.kernels.backend import resolve_on_device
-from qtrain.lora import LoRALinear, LoRASpec
+from qtrain.lora import LoRALinear
 from qtrain.memory import OffloadActivations, peak_memory_bytes
 from qtrain.memprof import MemoryProfiler
 from qtrain.methods import PeftMethod, mark_trainable
-from qtrain.methods.base import LoRAParameters
-from qtrain.methods.io import load_method
+from qtrain.methods.io import load_method, save_methods
 from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
 from qtrain.model import check_tokenizer, enable_checkpointing, load_model
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
@@ -223,14 +221,14 @@ def eval_loss(model, examples: list, batch_size: int, pad_id: int, device, autoc
     return total / max(count, 1)
 
 
-def oom_advice(cfg: Config, step: int, batch_shape: tuple[int, int], device: torch.device, config, spec: LoRASpec) -> str:
+def oom_advice(cfg: Config, step: int, batch_shape: tuple[int, int], device: torch.device, config) -> str:
     """What was running when CUDA ran out of memory, and settings that need less, with the
     estimated GPU memory each needs."""
     b, s = batch_shape
     peak = peak_memory_bytes(device) / GiB
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     w = replace(workload_for(cfg, "cuda"), batch_size=b, seq_len=s)
-    tips = suggestions(config, spec, w, cfg.train.grad_accum, budget=total)
+    tips = suggestions(config, None, w, cfg.train.grad_accum, budget=total)
     of = f" of {total / GiB:.1f} GiB" if total else ""
     return (
         f"CUDA out of memory at step {step}: micro-batch {b} x {s} tokens (train.batch_size={b}, "
@@ -239,7 +237,7 @@ def oom_advice(cfg: Config, step: int, batch_shape: tuple[int, int], device: tor
     )
 
 
-def check_memory(cfg: Config, path: str, spec: LoRASpec, device: torch.device, console: Console) -> None:
+def check_memory(cfg: Config, path: str, device: torch.device, console: Console) -> None:
     """Before loading: the estimated peak against the GPU's free memory; when it will not fit, say
     so with the settings that would (training still starts: paged memory can absorb some excess)."""
     if device.type != "cuda":
@@ -250,7 +248,7 @@ def check_memory(cfg: Config, path: str, spec: LoRASpec, device: torch.device, c
         return
     backend = resolve_on_device("nf4_lora", cfg.model.backend, device)  # what training will run, self-check included
     w = workload_for(cfg, "cuda", backend)
-    need = estimate(config, spec, w).device_total
+    need = estimate(config, None, w).device_total
     free, total = torch.cuda.mem_get_info(device)
     if need <= free:
         console.print(f"[bold]memory[/] estimated {need / GiB:.1f} GiB of the {free / GiB:.1f} GiB free")
@@ -259,7 +257,7 @@ def check_memory(cfg: Config, path: str, spec: LoRASpec, device: torch.device, c
         f"[yellow]memory: this run needs about {need / GiB:.1f} GiB but {free / GiB:.1f} GiB of {total / GiB:.1f} GiB "
         "is free; it will likely run out of memory. Settings that need less (estimated GPU total):[/]"
     )
-    for text, n in suggestions(config, spec, w, cfg.train.grad_accum, budget=free):
+    for text, n in suggestions(config, None, w, cfg.train.grad_accum, budget=free):
         console.print(f"  {text}: {n / GiB:.1f} GiB" + (" [green](fits)[/]" if n <= free else ""))
 
 
@@ -305,23 +303,18 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
     tokenizer = check_tokenizer(path)
     train_data, eval_data = load_data(cfg.data, tokenizer)
 
-    # 2. model: NF4 base, LoRA adapters on the targets
-    use_lora = "lora" in cfg.methods()
-    spec: LoRASpec = read_adapter_config(cfg.lora.init_from) if cfg.lora.init_from else cfg.lora
-    if not use_lora:
-        spec = LoRASpec(rank=0)  # every linear NF4, no adapter
-    # the other PEFT methods, new objects from their config sections: what training adds to a method
-    # (its hooks, AdaLoRA's EMAs and rank pattern) lives on these, never on `cfg`
-    methods = [replace(getattr(cfg, name)) for name in cfg.methods() if name != "lora"]
-    check_memory(cfg, path, spec, device, console)
+    # 2. model: NF4 base, then the PEFT methods (LoRA too), new objects from their config sections: what
+    # training adds to a method (its hooks, AdaLoRA's EMAs and rank pattern) lives on these, never on `cfg`
+    methods = cfg.method_objects()
+    check_memory(cfg, path, device, console)
     t0 = time.perf_counter()
-    loaded = load_model(path, spec, compute_dtype=dtype, device=device, quantize=cfg.model.quantize, backend=cfg.model.backend)
+    loaded = load_model(path, None, compute_dtype=dtype, device=device, quantize=cfg.model.quantize, backend=cfg.model.backend)
     model = loaded.model
-    if cfg.lora.init_from:
-        load_adapter_weights(model, cfg.lora.init_from)
     for method in methods:
         method.apply(model)
-    mark_trainable(model, [LoRAParameters(), *methods] if use_lora else methods)
+        if method.init_dir():  # lora.init_from: start from a saved adapter
+            load_method(model, method, method.init_dir())
+    mark_trainable(model, methods)
     fused = apply_fused_ops(model, cfg.kernels)  # fused Triton modules (Llama family; CUDA unless kernels.enabled=on)
     loss_backend = cfg.kernels.loss_backend(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -332,7 +325,7 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
     console.print(
         f"[bold]model[/] {path} ({loaded.config.model_type}, {'NF4' if cfg.model.quantize else cfg.model.dtype} base) "
         f"loaded in {time.perf_counter() - t0:.1f}s on {device}{f' ({threads.describe()})' if device.type == 'cpu' else ''}; "
-        f"{describe_methods(cfg, spec, loaded.targets)}; "
+        f"{describe_methods(methods)}; "
         f"trainable {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)"
     )
     if fused:
@@ -360,7 +353,7 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
         console.print(f"[yellow]skipped rows recorded in[/] {out / 'skipped_rows.jsonl'}")
 
     # 4. optimizer, schedule, precision
-    groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.lora_plus_ratio)
+    groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.lora_plus_ratio, methods)
     optimizer = build_optimizer(optimizer_name, groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.schedule)
@@ -378,8 +371,6 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
     ckpt = None
     if resumed:
         ckpt, state, meta = resumed
-        if use_lora:
-            load_adapter_weights(model, ckpt / "adapter")
         for method in methods:
             load_method(model, method, ckpt / "adapter", resume=True)
             method.load_trainer_state(model, state.get("methods", {}).get(method.name, {}))
@@ -409,7 +400,7 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
 
     def write_adapter(target: Path) -> Path:
         info = {"data_format": train_data.format}
-        return save_adapter(model, spec, loaded.targets, path, target, dtype, cfg.model.quantize, extra_info=info, methods=methods)
+        return save_methods(model, methods, path, target, dtype, cfg.model.quantize, extra_info=info)
 
     # 6. score before
     can_score = cfg.eval.exact_match and any(r.answer is not None for r in eval_rendered)
@@ -449,12 +440,12 @@ def _run(cfg, console, out, device, optimizer_name, should_stop, profile_memory,
                 except torch.OutOfMemoryError:
                     optimizer.zero_grad(set_to_none=True)
                     shape = max((tuple(b["input_ids"].shape) for b in micro), key=lambda s: s[0] * s[1])
-                    raise OutOfMemory(oom_advice(cfg, step, shape, device, loaded.config, spec)) from None
+                    raise OutOfMemory(oom_advice(cfg, step, shape, device, loaded.config)) from None
                 if measure:
                     profiled_shapes += [(*b["input_ids"].shape, "position_ids" in b, "attention_mask" in b and not b["attention_mask"].all()) for b in micro]
                     if step - start == profile_memory or step == cfg.train.max_steps:
                         where = report_dir or out / "memory"
-                        memory_report = _memory_report(cfg, profiler, loaded, spec, device, profiled_shapes, where, progress.console)
+                        memory_report = _memory_report(cfg, profiler, loaded, methods, device, profiled_shapes, where, progress.console)
                         profiler = None
                         if profile_only:
                             return {"steps": step - start, "memory_report": str(memory_report)}
@@ -592,13 +583,12 @@ def _resource_errors(out: Path):
         raise StorageError(f"no space left on {where}; {resume}") from None
 
 
-def describe_methods(cfg: Config, spec: LoRASpec, targets: list[str]) -> str:
+def describe_methods(methods: Sequence[PeftMethod]) -> str:
     """"LoRA r=16 on 28 linears + bitfit", for the console."""
-    parts = [f"LoRA r={spec.rank} on {len(targets)} linears" if name == "lora" else name for name in cfg.methods()]
-    return " + ".join(parts)
+    return " + ".join(m.describe() for m in methods)
 
 
-def _memory_report(cfg, profiler, loaded, spec, device, shapes, report_dir: Path, console: Console) -> Path:
+def _memory_report(cfg, profiler, loaded, methods, device, shapes, report_dir: Path, console: Console) -> Path:
     """Stop measuring; write the report into `report_dir`: the measurement beside the estimate for
     the largest micro-batch the measured steps ran."""
     from qtrain.memreport import fmt_bytes, summary_lines, write_report
@@ -609,14 +599,14 @@ def _memory_report(cfg, profiler, loaded, spec, device, shapes, report_dir: Path
     backend = resolve_on_device("nf4_lora", cfg.model.backend, device)
     w = workload_for(cfg, device.type, backend)
     w = replace(w, batch_size=b, seq_len=s, attention_mask=padded or (packed and "varlen" not in w.fused))  # varlen: no mask
-    est = estimate(loaded.config, spec, w)
+    est = estimate(loaded.config, None, w)
     info = {
         "title": f"qtrain memory: {cfg.model.name_or_path or 'tiny ' + cfg.model.tiny.arch}",
         "model": str(cfg.model.name_or_path or loaded.model_dir),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": cfg.model.dtype,
         "micro-batch": f"{b} x {s} tokens",
-        "method": describe_methods(cfg, spec, loaded.targets),
+        "method": describe_methods(methods),
         "gradient checkpointing": cfg.train.gradient_checkpointing,
         "offload activations": cfg.train.offload_activations,
         "optimizer": w.optimizer,

@@ -303,6 +303,11 @@ class AdaLoRA(PeftMethod):
             del m.adalora_scaling, m.adalora_dropout
         self._reset_state()
 
+    def low_rank_width(self, linear: nn.Module) -> int:
+        """init_r where this method put its P·Λ·Q (it saves what a LoRA of that rank saves)."""
+        a = getattr(linear, A, None)
+        return a.shape[0] if a is not None else 0
+
     def owns(self, param_name: str) -> bool:
         module, _, attr = param_name.rpartition(".")
         if attr not in PEFT_NAMES or module.endswith("lm_head"):
