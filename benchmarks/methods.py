@@ -94,10 +94,11 @@ def run_config(names: list[str], overrides: list[str], fusion_dirs: list[str]):
 
 def count_trainable(config, spec, methods) -> int:
     """Trainable parameters on a meta model of `config` (nothing allocated)."""
-    from qtrain.estimate import Workload, adapter_params, meta_model
+    from qtrain.estimate import Workload, adapter_params, meta_model, with_lora
 
-    model = meta_model(config, spec, Workload(methods=methods, device="cpu"))
-    return sum(p.numel() for p in adapter_params(model, methods))
+    w = with_lora(Workload(methods=methods, device="cpu"), spec)  # LoRA (when spec has a rank) among the methods
+    model = meta_model(config, None, w)
+    return sum(p.numel() for p in adapter_params(model, w.methods))
 
 
 def workload(seq: int, device: torch.device, methods) -> object:
