@@ -178,11 +178,9 @@ class Config:
                 raise ConfigError(f"method: unknown method {name!r}{hint} (known: {', '.join(known)})")
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"method: {self.method!r}; give one method or a list without repeats")
-        if "adapter_fusion" in names and not self.adapter_fusion.adapters:
-            raise ConfigError("adapter_fusion.adapters: list the stage-1 adapter dirs to fuse (runs trained with method: pfeiffer)")
-        if "adalora" in names and self.adalora.total_step is None:
+        for name in names:
             try:
-                self.adalora.check_phases(self.train.max_steps, "train.max_steps")
+                self.method_sections[name].check_run(self.train.max_steps)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         if self.lora.init_from and "lora" not in names:

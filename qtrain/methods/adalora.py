@@ -205,6 +205,11 @@ class AdaLoRA(PeftMethod):
                 )
             self.check_phases(self.total_step, "adalora.total_step")
 
+    def check_run(self, train_steps: int) -> None:
+        """Without total_step, the phases are those of train.max_steps."""
+        if self.total_step is None:
+            self.check_phases(train_steps, "train.max_steps")
+
     def check_phases(self, total: int, what: str) -> None:
         if self.tinit >= total - self.tfinal:
             raise ValueError(

@@ -60,6 +60,10 @@ class PeftMethod:
         """The paper's count of trainable parameters for a model of `config` (checked by tests)."""
         raise NotImplementedError
 
+    def check_run(self, train_steps: int) -> None:
+        """Checks of this method's settings against the run's (`train.max_steps`), when the run uses
+        it: a ValueError naming the config key. Its own fields are checked when it is made."""
+
     # ---- training-loop hooks (most methods need none) ----
 
     def regularization(self, model: nn.Module) -> torch.Tensor | None:
