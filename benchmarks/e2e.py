@@ -348,16 +348,17 @@ def qtrain_step(stack: Stack, batch: dict, offload) -> tuple[float, int]:
 def build_qtrain(name: str, config, device, dtype, optimizer_name: str, kernels: str = "auto") -> Stack:
     from qtrain.kernels.nf4_lora import resolve_backend
 
-    from qtrain.builder import ModelPlan, finish_model
+    from qtrain.builder import finish_model
     from qtrain.fused import FusedOps
     from qtrain.lora import LoRASpec
+    from qtrain.methods.lora import LoRA
     from qtrain.model import enable_checkpointing
     from qtrain.synthetic import random_model
 
     spec = LoRASpec(**LORA)
     model = random_model(config, spec, dtype, device, quantize=True, backend="auto", seed=SEED)
     ops = FusedOps(enabled=kernels)
-    swapped = finish_model(model, ModelPlan(True, spec, []), ops)  # LoRA trainable, the fused modules: as training
+    swapped = finish_model(model, [], ops, present=[LoRA()])  # random_model's LoRA trainable, the fused modules: as training
     enable_checkpointing(model)
     model.config.use_cache = False
     model.train()

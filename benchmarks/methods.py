@@ -94,10 +94,11 @@ def run_config(names: list[str], overrides: list[str], fusion_dirs: list[str]):
 
 def count_trainable(config, spec, methods) -> int:
     """Trainable parameters on a meta model of `config` (nothing allocated)."""
-    from qtrain.estimate import Workload, adapter_params, meta_model
+    from qtrain.estimate import Workload, adapter_params, meta_model, with_lora
 
-    model = meta_model(config, spec, Workload(methods=methods, device="cpu"))
-    return sum(p.numel() for p in adapter_params(model, methods))
+    w = with_lora(Workload(methods=methods, device="cpu"), spec)  # LoRA (when spec has a rank) among the methods
+    model = meta_model(config, None, w)
+    return sum(p.numel() for p in adapter_params(model, w.methods))
 
 
 def workload(seq: int, device: torch.device, methods) -> object:
@@ -121,9 +122,10 @@ def workload(seq: int, device: torch.device, methods) -> object:
 
 def measure_peak(config, spec, methods, w, device: torch.device) -> tuple[int, float]:
     """(peak bytes, seconds per step) of the second of two training steps on a random model."""
-    from qtrain.builder import ModelPlan, finish_model
+    from qtrain.builder import finish_model
     from qtrain.fused import FusedOps
     from qtrain.memprof import MemoryProfiler, peak_sample
+    from qtrain.methods.lora import LoRA
     from qtrain.model import enable_checkpointing
     from qtrain.optim import build_optimizer, param_groups
     from qtrain.synthetic import random_model
@@ -131,7 +133,8 @@ def measure_peak(config, spec, methods, w, device: torch.device) -> tuple[int, f
 
     model = random_model(config, spec, w.dtype, device, backend="auto" if device.type == "cuda" else "torch")
     ops = FusedOps()  # qtrain's defaults: the fused modules on CUDA, stock modules on CPU
-    finish_model(model, ModelPlan(bool(spec.rank), spec, list(methods)), ops)  # methods, trainable, fused: as training
+    lora = [LoRA()] if spec.rank else []  # random_model built it: trained, not applied again
+    finish_model(model, list(methods), ops, present=lora)  # methods, trainable, fused: as training
     enable_checkpointing(model)
     model.config.use_cache = False
     model.train()

@@ -5,7 +5,9 @@
                                 base_model.model.<module>.lora_B.weight [out, r]
                                 base_model.model.<module>.lora_magnitude_vector [out]   (DoRA, "use_dora": true)
 
-`peft.PeftModel.from_pretrained(base, dir)` loads what we save, and we load what PEFT saves.
+`peft.PeftModel.from_pretrained(base, dir)` loads what we save, and we load what PEFT saves. The
+method that trains, saves and loads them is `qtrain.methods.lora.LoRA` (through `qtrain.methods.io`,
+as every method); this module holds the format: config, key names, checks, and the merge.
 """
 
 from __future__ import annotations
@@ -82,6 +84,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+_MODEL_KINDS = {"lora_a": "lora_a.weight", "lora_b": "lora_b.weight", "lora_magnitude": "lora_magnitude"}
+
+
+def peft_key(param_name: str) -> str:
+    """PEFT's key of a LoRA parameter: '<m>.lora_a.weight' → 'base_model.model.<m>.lora_A.weight',
+    '<m>.lora_magnitude' → 'base_model.model.<m>.lora_magnitude_vector'."""
+    module, _, kind = param_name.removesuffix(".weight").rpartition(".")
+    return f"{PEFT_PREFIX}{module}." + (DORA_KEY if kind == "lora_magnitude" else f"{_KEY_SUFFIX[kind]}.weight")
+
+
+def model_key(key: str, path: Path) -> str:
+    """The model's parameter name of a PEFT LoRA key (the inverse of `peft_key`, PEFT's variants too)."""
+    name, which = _parse_key(key, path)
+    return f"{name}.{_MODEL_KINDS[which]}"
+
+
 def save_adapter(
     model: nn.Module,
     spec: LoRASpec,
@@ -93,35 +111,15 @@ def save_adapter(
     extra_info: dict | None = None,
     methods: list | None = None,
 ) -> Path:
-    """Write the adapter atomically: into a temp dir beside `out_dir`, then rename over it.
+    """`qtrain.methods.io.save_methods` for a model whose LoRA is described by `spec` and the names of
+    its adapted modules `targets` (`spec.rank == 0`: no LoRA), beside the other `methods`."""
+    from qtrain.methods.io import save_methods
+    from qtrain.methods.lora import LoRA
 
-    A local `base_model` directory is recorded by its absolute path (`base_model_reference`).
-    `base_dtype`/`quantized` record how the frozen base was held during training, so that
-    `merge_adapter` can rebuild exactly that base; `extra_info` (e.g. the data format, which
-    `qtrain generate` renders prompts with) joins them in qtrain.json. `methods`: the run's other
-    PEFT methods (qtrain.methods), each written into its own subfolder (see qtrain.methods.io);
-    with `spec.rank == 0` the run has no LoRA and no LoRA files are written."""
-    from qtrain.methods.io import save_method
-
-    methods = methods or []
-    base_model = base_model_reference(base_model)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    if spec.rank:
-        save_file(adapter_state_dict(model), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(spec, targets, base_model), indent=2) + "\n")
-    for method in methods:
-        save_method(model, method, tmp, base_model)
-    if base_dtype is not None or methods:
-        info = {"quantized": quantized, "base_model_name_or_path": base_model}
-        if base_dtype is not None:
-            info["base_dtype"] = str(base_dtype).removeprefix("torch.")
-        if methods:
-            info["methods"] = [m.config_dict() for m in methods]
-        (tmp / TRAINING_INFO).write_text(json.dumps(info | (extra_info or {})) + "\n")
-    replace_dir(tmp, out_dir)
-    return out_dir
+    lora = [LoRA.from_spec(spec)] if spec.rank else []
+    for method in lora:
+        method._targets = list(targets)
+    return save_methods(model, [*lora, *(methods or [])], base_model, out_dir, base_dtype, quantized, extra_info)
 
 
 def base_model_reference(name_or_path: str) -> str:
@@ -238,7 +236,12 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found")
-    tensors = read_adapter_file(path)
+    load_lora_tensors(model, read_adapter_file(path), path)
+
+
+def load_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy PEFT-named LoRA tensors (read from `path`) into the model's adapters: every adapter gets
+    its A, B (and DoRA magnitude), every tensor has a place, with its shape."""
     modules = lora_modules(model)
     seen = set()
     for key, value in tensors.items():
@@ -314,9 +317,9 @@ def merge_adapter(
         raise ValueError(f"base_weights={base_weights!r}; choose 'nf4' or 'original'")
     out_dir = Path(out_dir)
     check_merge_out(out_dir, force)
-    methods = [m.get("method") for m in read_training_info(adapter_dir).get("methods", [])]
-    if methods:
-        raise ValueError(f"{adapter_dir}: merging supports LoRA (and DoRA) adapters; this one also holds {', '.join(methods)}")
+    kept = unmergeable(read_training_info(adapter_dir))
+    if kept:
+        raise ValueError(f"{adapter_dir}: merging supports LoRA (and DoRA) adapters; this one also holds {', '.join(kept)}")
     model_dir = resolve_model_dir(base)
     config = read_config(model_dir)
     ckpt = SafetensorsCheckpoint(model_dir)
@@ -345,6 +348,15 @@ def merge_adapter(
         raise
     install_merge(tmp, out_dir)
     return out_dir
+
+
+def unmergeable(info: dict) -> list[str]:
+    """The methods an adapter's qtrain.json records that `merge_adapter` cannot fold into the base
+    (a method's `mergeable`; one this qtrain does not know cannot be merged either)."""
+    from qtrain.methods import METHODS
+
+    names = [m.get("method") for m in info.get("methods", [])]
+    return [n for n in names if not getattr(METHODS.get(n), "mergeable", False)]
 
 
 MERGE_MARKER = ".qtrain-merge"  # JSON {base, adapter, dtype, base_weights}: this folder is a merge's output

@@ -14,21 +14,20 @@ from rich.console import Console
 from qtrain.config import Config
 from qtrain.estimate import estimate, suggestions, workload_for
 from qtrain.kernels.backend import resolve_on_device
-from qtrain.lora import LoRASpec
 from qtrain.memory import peak_memory_bytes
 from qtrain.presets import resolve_config
 
 GiB = 2**30
 
 
-def oom_advice(cfg: Config, step: int, batch_shape: tuple[int, int], device: torch.device, config, spec: LoRASpec) -> str:
+def oom_advice(cfg: Config, step: int, batch_shape: tuple[int, int], device: torch.device, config) -> str:
     """What was running when CUDA ran out of memory, and settings that need less, with the
     estimated GPU memory each needs."""
     b, s = batch_shape
     peak = peak_memory_bytes(device) / GiB
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     w = replace(workload_for(cfg, "cuda"), batch_size=b, seq_len=s)
-    tips = suggestions(config, spec, w, cfg.train.grad_accum, budget=total)
+    tips = suggestions(config, None, w, cfg.train.grad_accum, budget=total)
     of = f" of {total / GiB:.1f} GiB" if total else ""
     return (
         f"CUDA out of memory at step {step}: micro-batch {b} x {s} tokens (train.batch_size={b}, "
@@ -37,7 +36,7 @@ def oom_advice(cfg: Config, step: int, batch_shape: tuple[int, int], device: tor
     )
 
 
-def check_memory(cfg: Config, path: str, spec: LoRASpec, device: torch.device, console: Console) -> None:
+def check_memory(cfg: Config, path: str, device: torch.device, console: Console) -> None:
     """Before loading: the estimated peak against the GPU's free memory; when it will not fit, say
     so with the settings that would (training still starts: paged memory can absorb some excess)."""
     if device.type != "cuda":
@@ -48,7 +47,7 @@ def check_memory(cfg: Config, path: str, spec: LoRASpec, device: torch.device, c
         return
     backend = resolve_on_device("nf4_lora", cfg.model.backend, device)  # what training will run, self-check included
     w = workload_for(cfg, "cuda", backend)
-    need = estimate(config, spec, w).device_total
+    need = estimate(config, None, w).device_total
     free, total = torch.cuda.mem_get_info(device)
     if need <= free:
         console.print(f"[bold]memory[/] estimated {need / GiB:.1f} GiB of the {free / GiB:.1f} GiB free")
@@ -57,5 +56,5 @@ def check_memory(cfg: Config, path: str, spec: LoRASpec, device: torch.device, c
         f"[yellow]memory: this run needs about {need / GiB:.1f} GiB but {free / GiB:.1f} GiB of {total / GiB:.1f} GiB "
         "is free; it will likely run out of memory. Settings that need less (estimated GPU total):[/]"
     )
-    for text, n in suggestions(config, spec, w, cfg.train.grad_accum, budget=free):
+    for text, n in suggestions(config, None, w, cfg.train.grad_accum, budget=free):
         console.print(f"  {text}: {n / GiB:.1f} GiB" + (" [green](fits)[/]" if n <= free else ""))

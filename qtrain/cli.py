@@ -79,7 +79,6 @@ def _memory_estimate(args: argparse.Namespace) -> int:
 
     from qtrain.config import load_config
     from qtrain.estimate import GiB, carries_mask, estimate, estimate_table, fmt_gib, max_seq_len, workload_for
-    from qtrain.lora import LoRASpec
     from qtrain.presets import resolve_config
     from qtrain.tiny import tiny_config
 
@@ -97,11 +96,8 @@ def _memory_estimate(args: argparse.Namespace) -> int:
         tiny = cfg.model.tiny
         config = tiny_config(tiny.arch, tiny.hidden_size, tiny.intermediate_size, tiny.num_layers, tiny.num_heads, tiny.num_kv_heads)
         model = "tiny " + tiny.arch
-    spec = LoRASpec(**{f: getattr(cfg.lora, f) for f in ("rank", "alpha", "dropout", "use_rslora", "use_dora", "target_modules", "exclude_modules")})
-    if "lora" not in cfg.methods():
-        spec = LoRASpec(rank=0)  # other methods only: every linear NF4, no LoRA
-    elif args.rank is not None:
-        spec = replace(spec, rank=args.rank, alpha=spec.alpha * args.rank / spec.rank)
+    if args.rank is not None:  # --rank: the lora section's rank, alpha scaled with it (used when the run has LoRA)
+        cfg.lora.rank, cfg.lora.alpha = args.rank, cfg.lora.alpha * args.rank / cfg.lora.rank
     w = workload_for(cfg, args.device)
     flags = {
         "seq_len": args.seq,
@@ -112,13 +108,13 @@ def _memory_estimate(args: argparse.Namespace) -> int:
     }
     w = replace(w, **{k: v for k, v in flags.items() if v is not None})
     w = replace(w, attention_mask=carries_mask(cfg.data.packing, w.batch_size, w.fused))
-    est = estimate(config, spec, w)
-    fits = {b: max_seq_len(config, spec, w, b * GiB) for b in args.budgets}
+    est = estimate(config, None, w)
+    fits = {b: max_seq_len(config, None, w, b * GiB) for b in args.budgets}
     if args.json:
         print(json.dumps({"model": model, **est.to_dict(), "max_seq_len": {f"{b}GiB": n for b, n in fits.items()}}, indent=2))
         return 0
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # files and pipes: no wrapping
-    method = " + ".join(f"LoRA r={spec.rank}" if n == "lora" else n for n in cfg.methods())
+    method = " + ".join(m.describe() for m in w.methods)
     what = f"{model}: {method}, batch {w.batch_size} x {w.seq_len} tokens, {str(w.dtype).removeprefix('torch.')}, "
     what += f"{'NF4' if w.quantize else '16-bit'} base, {w.backend} kernels, checkpointing {'on' if w.gradient_checkpointing else 'off'}"
     what += (", offload on" if w.offload_activations else "") + f", {w.optimizer}, on {w.device}"

@@ -8,6 +8,7 @@ is loaded, with the dotted key, what was given and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -21,22 +22,8 @@ import torch
 import yaml
 
 from qtrain.fused.ops import FusedOps
-from qtrain.lora import LoRASpec
-from qtrain.methods import (
-    IA3,
-    METHODS,
-    AdaLoRA,
-    AdapterFusion,
-    BitFit,
-    Houlsby,
-    LlamaAdapter,
-    ParallelAdapter,
-    Pfeiffer,
-    PrefixTuning,
-    PromptTuning,
-    PTuning,
-    PTuningV2,
-)  # fmt: skip
+from qtrain.methods import METHODS, PeftMethod
+from qtrain.methods.lora import LoRA
 
 
 class ConfigError(ValueError):
@@ -69,11 +56,7 @@ class ModelConfig:
     backend: Literal["auto", "torch", "triton"] = "auto"
 
 
-@dataclass
-class LoRAConfig(LoRASpec):
-    """rank, alpha, dropout, use_rslora, target_modules, exclude_modules: see qtrain.lora.LoRASpec."""
-
-    init_from: str | None = None  # a PEFT LoRA adapter dir to start from; its r/alpha/targets replace the above
+LoRAConfig = LoRA  # the `lora:` section is the method's dataclass, as every method's section
 
 
 @dataclass
@@ -156,19 +139,8 @@ class LogConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: list[str] | str = "lora"  # PEFT method, or a list to compose (e.g. [lora, bitfit]); its settings are the section of that name
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    adalora: AdaLoRA = field(default_factory=AdaLoRA)
-    bitfit: BitFit = field(default_factory=BitFit)
-    ia3: IA3 = field(default_factory=IA3)
-    houlsby: Houlsby = field(default_factory=Houlsby)
-    pfeiffer: Pfeiffer = field(default_factory=Pfeiffer)
-    parallel_adapter: ParallelAdapter = field(default_factory=ParallelAdapter)
-    adapter_fusion: AdapterFusion = field(default_factory=AdapterFusion)
-    prompt_tuning: PromptTuning = field(default_factory=PromptTuning)
-    p_tuning: PTuning = field(default_factory=PTuning)
-    prefix_tuning: PrefixTuning = field(default_factory=PrefixTuning)
-    p_tuning_v2: PTuningV2 = field(default_factory=PTuningV2)
-    llama_adapter: LlamaAdapter = field(default_factory=LlamaAdapter)
+    # one section per registered method (qtrain.methods.METHODS), named after it: cfg.lora, cfg.ia3, ...
+    method_sections: dict[str, PeftMethod] = field(default_factory=lambda: default_sections())
     data: DataConfig = field(default_factory=DataConfig)
     kernels: FusedOps = field(default_factory=FusedOps)  # fused Triton ops (auto: on CUDA); see qtrain.fused
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -178,14 +150,27 @@ class Config:
     output_dir: str = "runs/qtrain"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    def __getattr__(self, name: str) -> PeftMethod:
+        """A method's section by its name (`cfg.lora`), as if it were a field."""
+        sections = self.__dict__.get("method_sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def methods(self) -> list[str]:
         """The `method` key as a list of names."""
         return [self.method] if isinstance(self.method, str) else list(self.method)
 
+    def method_objects(self) -> list[PeftMethod]:
+        """New method objects of this run, in `method` order, from their sections (what training adds
+        to a method, its hooks, AdaLoRA's EMAs, LoRA's targets, lives on these, never on the config);
+        a method that starts from a saved adapter (`lora.init_from`) as that adapter recorded it."""
+        return [_fresh(self.method_sections[name]) for name in self.methods()]
+
     def validate(self) -> None:
         """Checks across keys; runs before anything loads."""
         names = self.methods()
-        known = ["lora", *METHODS]
+        known = list(METHODS)
         for name in names:
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
@@ -193,11 +178,9 @@ class Config:
                 raise ConfigError(f"method: unknown method {name!r}{hint} (known: {', '.join(known)})")
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"method: {self.method!r}; give one method or a list without repeats")
-        if "adapter_fusion" in names and not self.adapter_fusion.adapters:
-            raise ConfigError("adapter_fusion.adapters: list the stage-1 adapter dirs to fuse (runs trained with method: pfeiffer)")
-        if "adalora" in names and self.adalora.total_step is None:
+        for name in names:
             try:
-                self.adalora.check_phases(self.train.max_steps, "train.max_steps")
+                self.method_sections[name].check_run(self.train.max_steps)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         if self.lora.init_from and "lora" not in names:
@@ -265,6 +248,19 @@ class Config:
             )
 
 
+def default_sections() -> dict[str, PeftMethod]:
+    """Every registered method's section with its defaults, in registration order."""
+    return {name: cls() for name, cls in METHODS.items()}
+
+
+def _fresh(section: PeftMethod) -> PeftMethod:
+    """A new method object of a config section (a copy, or the adapter's own when it starts from one)."""
+    start = section.init_dir()
+    if start:
+        return type(section).from_saved(dataclasses.asdict(section), Path(start))
+    return dataclasses.replace(section)
+
+
 def _check(rule: str, ok, values: dict) -> None:
     for key, value in values.items():
         if not ok(value):
@@ -278,20 +274,42 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass `cls` from a plain dict, checking every key and type."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    keys = _keys(cls)
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
+        if key not in keys:
+            close = difflib.get_close_matches(str(key), keys, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-            raise ConfigError(f"{dotted}: unknown key{hint} (allowed: {', '.join(fields)})")
-        kwargs[key] = _convert(hints[key], value, dotted)
-    missing = [f for f in fields.values() if f.name not in kwargs and _required(f)]
+            raise ConfigError(f"{dotted}: unknown key{hint} (allowed: {', '.join(keys)})")
+        kwargs[key] = _convert(keys[key], value, dotted)
+    missing = [f for f in dataclasses.fields(cls) if f.name in keys and f.name not in kwargs and _required(f)]
     if missing:
-        raise ConfigError(f"{prefix}{missing[0].name}: missing; it has no default (keys: {', '.join(fields)})")
-    return cls(**kwargs)
+        raise ConfigError(f"{prefix}{missing[0].name}: missing; it has no default (keys: {', '.join(keys)})")
+    return _make(cls, kwargs)
+
+
+def _keys(cls: type) -> dict[str, Any]:
+    """The keys of section `cls` and their types: its fields; for Config, a section per registered
+    method (named after it, typed by its dataclass) in place of `method_sections`, after `method`."""
+    hints = typing.get_type_hints(cls)
+    keys = {}
+    for f in dataclasses.fields(cls):
+        if cls is Config and f.name == "method_sections":
+            keys |= {name: method_cls for name, method_cls in METHODS.items()}
+        else:
+            keys[f.name] = hints[f.name]
+    return keys
+
+
+def _make(cls: type, kwargs: dict) -> Any:
+    if cls is not Config:
+        return cls(**kwargs)
+    sections = default_sections()
+    for name in list(kwargs):
+        if name in sections:
+            sections[name] = kwargs.pop(name)
+    return Config(**kwargs, method_sections=sections)
 
 
 def _required(f: dataclasses.Field) -> bool:
@@ -362,7 +380,18 @@ def _name(tp: Any) -> str:
 
 
 def to_dict(cfg: Any) -> Any:
-    return dataclasses.asdict(cfg)
+    """A section as plain data; the Config with each method's section under its name, in place of
+    `method_sections` (the layout of the YAML file)."""
+    if not isinstance(cfg, Config):
+        return dataclasses.asdict(cfg)
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "method_sections":
+            out |= {name: dataclasses.asdict(section) for name, section in value.items()}
+        else:
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 def apply_override(data: dict, override: str) -> None:

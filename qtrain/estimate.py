@@ -34,11 +34,12 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from qtrain.builder import ModelPlan, attach_methods
+from qtrain.builder import attach_methods
 from qtrain.fused import GATE_UP, QKV
 from qtrain.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_workspace_bytes
 from qtrain.kernels.nf4_dispatch import DEFAULT_CROSSOVER, GEMV_MAX_M
-from qtrain.lora import LoRALinear, LoRASpec, is_lora_parameter, swap_linears
+from qtrain.lora import LoRALinear, LoRASpec, swap_base_linears
+from qtrain.methods.lora import LoRA
 from qtrain.model import build_skeleton
 from qtrain.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
 
@@ -67,7 +68,7 @@ class Workload:
     autocast: bool = True
     attention_mask: bool = False  # padded or packed batches carry a [B, 1, S, S] mask
     device: str = "cuda"
-    methods: tuple = ()  # PEFT methods beside LoRA (qtrain.methods): their parameters are counted
+    methods: tuple = ()  # the PEFT methods (qtrain.methods, LoRA among them): their parameters and memory facts
     fused: tuple = ()  # what qtrain.fused changes: "qkv", "gate_up" (an fp32 absmax each), "rms_norm", "swiglu", "varlen"
 
     @property
@@ -123,13 +124,22 @@ class Estimate:
 # ---- the model, on meta ----
 
 
-def meta_model(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> nn.Module:
-    """The training model without memory: skeleton + adapters on the meta device, the methods attached
-    as `qtrain.builder.build_model` attaches them (the fused modules are counted from `w.fused`)."""
+def with_lora(w: Workload, spec: LoRASpec | None) -> Workload:
+    """`w` with a LoRA described by its spec first among the methods (the estimate's callers may give
+    LoRA that way, beside `w.methods`); None or rank 0: `w` as it is."""
+    if spec is None or not spec.rank:
+        return w
+    return replace(w, methods=(LoRA.from_spec(spec), *w.methods))
+
+
+def meta_model(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> nn.Module:
+    """The training model without memory: skeleton + every method (copies: the objects of `w` are
+    left as they are) on the meta device, attached as `qtrain.builder.build_model` attaches them (no
+    weights are read; the fused modules are counted from `w.fused`)."""
     model = build_skeleton(config, w.dtype)
     with torch.device("meta"):
-        swap_linears(model, spec, quantize_base=w.quantize, backend="torch")
-        attach_methods(model, ModelPlan(spec.rank > 0, spec, list(w.methods)))
+        swap_base_linears(model, quantize_base=w.quantize, backend="torch")
+        attach_methods(model, [replace(method) for method in with_lora(w, spec).methods], weights=False)
     return model
 
 
@@ -172,8 +182,8 @@ def weight_items(model: nn.Module, w: Workload) -> list[Item]:
 
 
 def adapter_params(model: nn.Module, methods: tuple = ()) -> list[torch.Tensor]:
-    """The trainable tensors: LoRA's A, B (and DoRA's magnitude), and the other methods' parameters."""
-    return [p for n, p in model.named_parameters() if is_lora_parameter(n) or any(m.owns(n) for m in methods)]
+    """The trainable tensors: the methods' parameters (LoRA's A, B and DoRA's magnitude, ...)."""
+    return [p for n, p in model.named_parameters() if any(m.owns(n) for m in methods)]
 
 
 def adamw_temporaries(params, w: Workload) -> int:
@@ -220,7 +230,7 @@ class LayerShape:
     dropout: float = 0.0  # the adapters' LoRA dropout (the largest): > 0 saves each projection's dropped input
 
 
-def layer_shape(model: nn.Module, config: PretrainedConfig) -> LayerShape:
+def layer_shape(model: nn.Module, config: PretrainedConfig, methods: tuple = ()) -> LayerShape:
     c = config.get_text_config()
     layer = model.get_decoder().layers[0]
     projections = {n.rpartition(".")[2]: m for n, m in layer.named_modules() if isinstance(m, LoRALinear)}
@@ -231,30 +241,27 @@ def layer_shape(model: nn.Module, config: PretrainedConfig) -> LayerShape:
         H=c.num_attention_heads,
         K=c.num_key_value_heads,
         d=head,
-        ranks={n: adapter_rank(m) for n, m in projections.items() if adapter_rank(m)},
+        ranks={n: adapter_rank(m, methods) for n, m in projections.items() if adapter_rank(m, methods)},
         dora=any(getattr(m, "use_dora", False) for m in projections.values()),
         dropout=max((m.dropout for m in projections.values() if m.rank), default=0.0),
         in_out={n: (m.in_features, m.out_features) for n, m in projections.items()},
     )
 
 
-def adapter_rank(m: LoRALinear) -> int:
-    """The rank of the low-rank path on a linear: LoRA's, or AdaLoRA's init_r (its P·Λ·Q saves what LoRA's B·A does)."""
-    adalora = getattr(m, "adalora_a", None)
-    return m.rank or (adalora.shape[0] if adalora is not None else 0)
-
-
-INPUT_SIDE = ("prompt_tuning", "p_tuning")  # methods whose parameters act on the decoder's input only
+def adapter_rank(m: LoRALinear, methods: tuple = ()) -> int:
+    """The rank of the low-rank path on a linear: its LoRA adapter's, or the width another method put
+    there (`PeftMethod.low_rank_width`: AdaLoRA's init_r, whose P·Λ·Q saves what LoRA's B·A does)."""
+    return m.rank or max((method.low_rank_width(m) for method in methods), default=0)
 
 
 def virtual_tokens(w: Workload) -> int:
-    """Tokens the prompt methods (prompt tuning, P-tuning) add to every row's decoder input."""
-    return sum(m.num_virtual_tokens for m in w.methods if m.name in INPUT_SIDE)
+    """Tokens the methods add to every row's decoder input (prompt tuning, P-tuning)."""
+    return sum(m.virtual_tokens() for m in w.methods)
 
 
 def prefix_keys(w: Workload) -> int:
-    """Key/value columns the prefix methods (prefix tuning, P-tuning v2) add to every attention."""
-    return sum(m.num_virtual_tokens for m in w.methods if m.name in ("prefix_tuning", "p_tuning_v2"))
+    """Key/value columns the methods add to every attention (prefix tuning, P-tuning v2)."""
+    return sum(m.prefix_keys() for m in w.methods)
 
 
 def layer_saved_bytes(s: LayerShape, w: Workload) -> int:
@@ -271,7 +278,7 @@ def layer_saved_bytes(s: LayerShape, w: Workload) -> int:
     attention = e * (2 * s.H * s.d + 2 * s.K * s.d) + 4 * s.H
     mlp = (2 if "swiglu" in w.fused else 3) * e * s.I
     dora = 4 * sum(s.in_out[n][1] for n in s.ranks) if s.dora else 0  # the fp32 output DoRA rescales
-    methods = sum(method_saved_bytes(m, s, e) for m in w.methods)
+    methods = sum(m.saved_bytes_per_token(s, e) for m in w.methods)
     if s.dropout > 0:  # each adapter saves its own dropped input instead of the shared one
         attn_in = mlp_in = down_in = 0
     return norms + attn_in + mlp_in + attention + mlp + down_in + a * sum(s.ranks.values()) + dora + methods + dropout_saved_bytes(s, w)
@@ -289,24 +296,6 @@ def dropout_saved_bytes(s: LayerShape, w: Workload) -> int:
     h = e if (w.autocast and e < 4) or w.backend == "triton" else 4
     mask = 1 if w.device == "cuda" else e
     return sum((h + mask) * s.in_out[n][0] for n in s.ranks)
-
-
-def method_saved_bytes(method, s: LayerShape, e: int) -> int:
-    """Bytes per token and layer a non-LoRA method adds to what the backward keeps: (IA)3 saves the
-    fp32 activation it scales, and its fp32 gradient joins the layer's backward buffers; a
-    bottleneck adapter its fp32 input and its hidden activations; LLaMA-Adapter its query and
-    attention over the prompt. (AdaLoRA counts as a LoRA of rank init_r: `adapter_rank`; the
-    prompt methods lengthen the rows or the keys: `virtual_tokens`, `prefix_keys`.)"""
-    if method.name == "ia3":
-        ff = set(method.feedforward_modules)
-        targets = s.in_out if method.target_modules == "all-linear" else {n: s.in_out[n] for n in method.target_modules if n in s.in_out}
-        return sum(8 * (io[0] if n in ff else io[1]) for n, io in targets.items())
-    if method.name == "llama_adapter":  # the recomputed RoPE'd query; fp32 softmax over the prompt, its cast for @ V
-        return e * s.H * s.d + (4 + e) * s.H * method.adapter_len
-    sites = {"houlsby": 2, "pfeiffer": 1}.get(method.name) or (len(method.where) if method.name == "parallel_adapter" else 0)
-    if sites:
-        return sites * (4 * s.D + 2 * 4 * method.bottleneck)
-    return 0
 
 
 def autocast_weight_bytes(s: LayerShape, w: Workload) -> int:
@@ -398,18 +387,19 @@ class ModelFacts:
 _FACTS: dict[tuple, ModelFacts] = {}
 
 
-def model_facts(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> ModelFacts:
-    key = (config.to_json_string(use_diff=False), repr(spec), w.dtype, w.quantize, repr(w.methods), w.fused)
+def model_facts(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> ModelFacts:
+    w = with_lora(w, spec)
+    key = (config.to_json_string(use_diff=False), w.dtype, w.quantize, repr(w.methods), w.fused)
     if key not in _FACTS:
-        model = meta_model(config, spec, w)
+        model = meta_model(config, None, w)
         linears = [m for m in model.modules() if isinstance(m, LoRALinear)]
         if len(_FACTS) > 16:
             _FACTS.clear()
         _FACTS[key] = ModelFacts(
-            shape=layer_shape(model, config),
+            shape=layer_shape(model, config, w.methods),
             adapters=tuple(adapter_params(model, w.methods)),
             input_side=sum(
-                _nbytes(p) for n, p in model.named_parameters() if any(m.owns(n) for m in w.methods if m.name in INPUT_SIDE)
+                _nbytes(p) for n, p in model.named_parameters() if any(m.owns(n) for m in w.methods if m.input_side)
             ),
             weights=tuple(weight_items(model, w)),
             largest_linear=max(m.in_features * m.out_features for m in linears),
@@ -420,8 +410,10 @@ def model_facts(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> ModelF
 # ---- the estimate ----
 
 
-def estimate(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> Estimate:
-    facts = model_facts(config, spec, w)
+def estimate(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> Estimate:
+    """The estimate of a training step of `w` (its methods; `spec`: a LoRA beside them, see `with_lora`)."""
+    w = with_lora(w, spec)
+    facts = model_facts(config, None, w)
     c = config.get_text_config()
     s = facts.shape
     L, T, V, e = c.num_hidden_layers, w.tokens, c.vocab_size, torch.finfo(w.dtype).bits // 8
@@ -455,10 +447,12 @@ def estimate(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> Estimate:
         kept = [Item("activations", "checkpointed layer inputs", layer_inputs - host, f"{L} x [{w.batch_size}, {w.seq_len}, {s.D}]{where}")]
     else:
         kept = [Item("activations", "saved layer activations", L * per_layer * T, f"{L} layers x {per_layer / 1024:.1f} KiB/token")]
+    per_layer_kept = [kept[0]]  # what each layer keeps (1/L of it per layer): inputs or saved sets, autocast copies
     kept.append(Item("activations", "rotary tables" + (", attention mask" if mask else ""), rope + mask))
     casts = autocast_weight_bytes(s, w) * L
     if casts:
         kept.append(Item("activations", "autocast copies of the adapters", casts, "half copies of A, B"))
+        per_layer_kept.append(kept[-1])
     final_norm = Item("activations", "final norm input", (4 * s.D + 4) * T, "fp32")
 
     # the loss: lm_head + cross-entropy, on full logits or chunked over tokens
@@ -480,7 +474,6 @@ def estimate(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> Estimate:
     # The virtual-token encoders' gradients come after the whole decoder's backward.
     grads = Item("gradients", "adapter gradients", adapter_bytes)
     layer_grads = adapter_bytes - facts.input_side
-    per_layer_kept = [i for i in kept if i.name in ("checkpointed layer inputs", "saved layer activations", "autocast copies of the adapters")]
     first_layer_is_worse = layer_grads > sum(i.bytes for i in per_layer_kept)
     layer = "first layer's backward" if first_layer_is_worse else "last layer's backward"
     layer_backward = [
@@ -514,7 +507,7 @@ def estimate(config: PretrainedConfig, spec: LoRASpec, w: Workload) -> Estimate:
     )
 
 
-def max_seq_len(config: PretrainedConfig, spec: LoRASpec, w: Workload, budget: int, limit: int = 1 << 20) -> int:
+def max_seq_len(config: PretrainedConfig, spec: LoRASpec | None, w: Workload, budget: int, limit: int = 1 << 20) -> int:
     """The longest seq_len (a multiple of 64) whose estimated device total fits in `budget` bytes; 0 if none."""
     def fits(n: int) -> bool:
         return estimate(config, spec, replace(w, seq_len=n)).device_total <= budget
@@ -543,7 +536,7 @@ def workload_for(cfg, device: str = "cuda", backend: str | None = None) -> Workl
     optimizer = t.optimizer if t.optimizer != "auto" else ("paged_adamw_32bit" if device == "cuda" else "adamw")
     if backend is None:
         backend = cfg.model.backend if cfg.model.backend != "auto" else ("triton" if device == "cuda" else "torch")
-    methods = tuple(getattr(cfg, name) for name in cfg.methods() if name != "lora")
+    methods = tuple(cfg.method_objects())
     fused = fused_groups(cfg.kernels, device, backend, methods)
     return Workload(
         batch_size=t.batch_size,
@@ -577,34 +570,46 @@ def fused_groups(ops, device: str, backend: str, methods: tuple = ()) -> tuple:
     if not ops.on_for(device):
         return ()
     groups = () if device == "cuda" and backend != "triton" else tuple(g for g in ("qkv", "gate_up") if getattr(ops, g))
-    hooks_attention = any(m.name in ("prefix_tuning", "p_tuning_v2", "llama_adapter", "parallel_adapter") for m in methods)
+    hooks_attention = any(m.hooks_attention for m in methods)
     small_ops = tuple(op for op in ("rms_norm", "swiglu") if getattr(ops, op))
     return groups + small_ops + (("varlen",) if ops.varlen and not hooks_attention else ())
 
 
-def suggestions(config: PretrainedConfig, spec: LoRASpec, w: Workload, grad_accum: int = 1, budget: int | None = None) -> list[tuple[str, int]]:
+def suggestions(config: PretrainedConfig, spec: LoRASpec | None, w: Workload, grad_accum: int = 1, budget: int | None = None) -> list[tuple[str, int]]:
     """Config changes that need less memory, in the order to try them (the first ones keep the
-    effective batch and the model's quality), each with the estimated GPU total it leads to."""
-    candidates: list[tuple[str, Workload, LoRASpec]] = []
+    effective batch and the model's quality; the methods' own last: `PeftMethod.lighter`), each with
+    the estimated GPU total it leads to."""
+    w = with_lora(w, spec)
+    candidates: list[tuple[str, Workload]] = []
     if w.batch_size > 1:
         b = w.batch_size // 2
         text = f"train.batch_size={b} train.grad_accum={grad_accum * 2} (same effective batch)"
-        candidates.append((text, replace(w, batch_size=b), spec))
+        candidates.append((text, replace(w, batch_size=b)))
     if not w.gradient_checkpointing:
-        candidates.append(("train.gradient_checkpointing=true", replace(w, gradient_checkpointing=True), spec))
+        candidates.append(("train.gradient_checkpointing=true", replace(w, gradient_checkpointing=True)))
     elif not w.offload_activations:
-        candidates.append(("train.offload_activations=true (activations wait in CPU RAM)", replace(w, offload_activations=True), spec))
+        candidates.append(("train.offload_activations=true (activations wait in CPU RAM)", replace(w, offload_activations=True)))
     if w.loss_chunk == 0:
-        candidates.append(("train.loss_chunk_tokens=null (chunked lm_head + loss)", replace(w, loss_chunk=None), spec))
-    fit = max_seq_len(config, spec, w, budget, limit=w.seq_len) if budget else 0
+        candidates.append(("train.loss_chunk_tokens=null (chunked lm_head + loss)", replace(w, loss_chunk=None)))
+    fit = max_seq_len(config, None, w, budget, limit=w.seq_len) if budget else 0
     shorter = fit if 0 < fit < w.seq_len else w.seq_len // 2
     if shorter >= 64:
-        candidates.append((f"data.max_length={shorter}", replace(w, seq_len=shorter), spec))
+        candidates.append((f"data.max_length={shorter}", replace(w, seq_len=shorter)))
     if w.optimizer != "paged_adamw_8bit" and w.device == "cuda":
-        candidates.append(("train.optimizer=paged_adamw_8bit", replace(w, optimizer="paged_adamw_8bit"), spec))
-    if spec.rank > 8:
-        candidates.append((f"lora.rank={spec.rank // 2}", w, replace(spec, rank=spec.rank // 2)))
-    return [(text, estimate(config, s, wl).device_total) for text, wl, s in candidates]
+        candidates.append(("train.optimizer=paged_adamw_8bit", replace(w, optimizer="paged_adamw_8bit")))
+    candidates += lighter_methods(w)
+    return [(text, estimate(config, None, wl).device_total) for text, wl in candidates]
+
+
+def lighter_methods(w: Workload) -> list[tuple[str, Workload]]:
+    """Each method's own change that needs less memory (`PeftMethod.lighter`), the others unchanged."""
+    out = []
+    for i, method in enumerate(w.methods):
+        change = method.lighter()
+        if change is not None:
+            text, lighter = change
+            out.append((text, replace(w, methods=(*w.methods[:i], lighter, *w.methods[i + 1 :]))))
+    return out
 
 
 def fmt_gib(n: float) -> str:

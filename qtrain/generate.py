@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qtrain.adapter import ADAPTER_CONFIG, TRAINING_INFO, read_adapter_config, read_training_info
-from qtrain.builder import build_model, kernels_from_info, plan_model
-from qtrain.config import DTYPES, Config, LoRAConfig, ModelConfig
+from qtrain.adapter import ADAPTER_CONFIG, TRAINING_INFO, read_training_info
+from qtrain.builder import build_model, kernels_from_info
+from qtrain.config import DTYPES, Config, ModelConfig
 from qtrain.data import FORMATS, PROMPT_FORMATS, format_prompt
 from qtrain.device import pick_device
 from qtrain.methods import PeftMethod
@@ -116,10 +116,7 @@ def load_for_inference(
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
     info = read_training_info(adapter_dir)
-    methods = read_methods(info)  # the non-LoRA methods of the run, if any
-    has_lora = (adapter_dir / ADAPTER_CONFIG).exists() or not methods
-    if has_lora:
-        read_adapter_config(adapter_dir)  # names adapter_config.json when it is missing, before the base is looked for
+    methods = read_methods(info, adapter_dir)  # LoRA (root adapter_config.json, named when missing), then the others
     model_dir, base_name = resolve_base(adapter_dir, base)
     torch_device = pick_device(device)
     if dtype is not None:
@@ -139,9 +136,9 @@ def load_for_inference(
 
     tokenizer = load_tokenizer(model_dir)  # a missing or broken tokenizer is found before the weights load
     if base_only:  # the same base (NF4 or not, dtype, kernels), no method
-        has_lora, methods = False, []
-    cfg = run_config(info, adapter_dir, str(model_dir), has_lora, methods, quantized, backend)
-    built = build_model(cfg, str(model_dir), torch_device, plan_model(cfg), adapter_dir, compute_dtype)
+        methods = []
+    cfg = run_config(info, adapter_dir, str(model_dir), methods, quantized, backend)
+    built = build_model(cfg, str(model_dir), torch_device, methods, adapter_dir, compute_dtype)
     loaded, model = built.loaded, built.model
     model.eval()
     return (
@@ -160,20 +157,16 @@ def load_for_inference(
     )
 
 
-def run_config(
-    info: dict, adapter_dir: Path, model_dir: str, has_lora: bool, methods: list[PeftMethod], quantized: bool, backend: str
-) -> Config:
-    """The training config's equivalent for `build_model`, from the adapter: its methods (LoRA starting
-    from the adapter's weights), NF4 or not, the NF4 backend asked for, and the kernels settings the
-    run trained with (qtrain.json's `kernels`; the defaults for adapters that record none). The compute
-    dtype is passed to `build_model` beside it: an adapter may record any floating-point dtype."""
-    names = (["lora"] if has_lora else []) + [m.name for m in methods]
+def run_config(info: dict, adapter_dir: Path, model_dir: str, methods: list[PeftMethod], quantized: bool, backend: str) -> Config:
+    """The training config's equivalent for `build_model`, from the adapter: its methods (given to
+    `build_model` as objects, with the adapter's weights), NF4 or not, the NF4 backend asked for, and
+    the kernels settings the run trained with (qtrain.json's `kernels`; the defaults for adapters that
+    record none). The compute dtype is passed to `build_model` beside it: an adapter may record any
+    floating-point dtype."""
     return Config(
         model=ModelConfig(name_or_path=model_dir, quantize=quantized, backend=backend),
-        method=names,
-        lora=LoRAConfig(init_from=str(adapter_dir) if has_lora else None),
+        method=[m.name for m in methods],
         kernels=kernels_from_info(info, adapter_dir / TRAINING_INFO),
-        **{m.name: m for m in methods},
     )
 
 

@@ -90,24 +90,57 @@ class LoRALinear(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
         self.in_features, self.out_features = in_features, out_features
-        self.rank, self.alpha, self.dropout = rank, alpha, dropout
-        self.use_rslora, self.quantize_base, self.backend = use_rslora, quantize_base, backend
-        self.scale = lora_scale(alpha, rank, use_rslora) if rank else 0.0
+        self.quantize_base, self.backend = quantize_base, backend
         self.weight: nn.Parameter | None = None  # the frozen base when not quantized
         self._nf4_meta: dict = {}
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self.rank, self.alpha, self.dropout, self.use_rslora, self.scale = 0, alpha, dropout, use_rslora, 0.0
+        self.lora_a = self.lora_b = None
+        self.use_dora = False
         if rank:
-            self.lora_a = nn.Linear(in_features, rank, bias=False, device=device, dtype=adapter_dtype)
-            self.lora_b = nn.Linear(rank, out_features, bias=False, device=device, dtype=adapter_dtype)
-            self.reset_lora_parameters()
-        else:
-            self.lora_a = self.lora_b = None
-        self.use_dora = bool(use_dora and rank)
+            self.add_adapter(rank, alpha, dropout, use_rslora, use_dora, adapter_dtype, device)
+
+    def add_adapter(
+        self,
+        rank: int,
+        alpha: float = 1.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Give this (rank-0) linear a LoRA adapter: A [rank, in] Kaiming-uniform, B [out, rank] zero,
+        DoRA's magnitude ||W||_row when `use_dora` (from the base, once it is loaded).
+
+        A and B are made on `device` (None: the default device, CPU unless a `torch.device` context
+        says otherwise) and then moved to where the base weight lives: the random numbers of A are
+        those of the CPU generator, in the order the adapters are added, wherever the model runs."""
+        if self.rank:
+            raise ValueError(f"this LoRALinear already has an adapter of rank {self.rank}")
+        self.rank, self.alpha, self.dropout, self.use_rslora = rank, alpha, dropout, use_rslora
+        self.scale = lora_scale(alpha, rank, use_rslora)
+        self.lora_a = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_b = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        self.reset_lora_parameters()
+        base = self._base_device()
+        if base is not None:  # the base is loaded: the adapter joins it
+            self.lora_a.to(base)
+            self.lora_b.to(base)
+        self.use_dora = bool(use_dora)
         if self.use_dora:
             # DoRA's magnitude m [out], fp32 whatever the adapter dtype (it moves by small steps around
-            # ||W||); set to ||W||_row when the base weight is set. ||W||^2 [out]: a fp32 buffer, not saved.
-            self.lora_magnitude = nn.Parameter(torch.ones(out_features, device=device, dtype=torch.float32))
+            # ||W||), set to ||W||_row from the base (now, or when it is set). ||W||^2 [out]: a fp32 buffer, not saved.
+            self.lora_magnitude = nn.Parameter(torch.ones(self.out_features, device=base or device, dtype=torch.float32))
             self.register_buffer("dora_weight_sqnorm", None, persistent=False)
+            if base is not None:
+                self._init_dora()
+
+    def _base_device(self) -> torch.device | None:
+        """Where the loaded base weight lives; None before it is set."""
+        if self.has_nf4:
+            return self.nf4_packed.device
+        return self.weight.device if self.weight is not None else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> LoRALinear:
@@ -381,44 +414,49 @@ def swap_linears(
     adapter_dtype: torch.dtype = torch.float32,
     skip: tuple[str, ...] = ("lm_head",),
 ) -> list[str]:
-    """Replace every nn.Linear of the model instance (except `skip`) by a LoRALinear.
+    """Replace every nn.Linear of the model instance (except `skip`) by a LoRALinear, then give the
+    targets of `spec` an adapter of rank `spec.rank` (`add_adapters`). Returns the adapted names."""
+    swap_base_linears(model, quantize_base, backend, skip)
+    return add_adapters(model, spec, adapter_dtype)
 
-    Targets get rank `spec.rank`, the others rank 0 (a frozen, still quantized, linear).
-    Returns the names of the modules that got adapters.
-    """
-    targets: list[str] = []
+
+def swap_base_linears(
+    model: nn.Module, quantize_base: bool = True, backend: str = "auto", skip: tuple[str, ...] = ("lm_head",)
+) -> None:
+    """Replace every nn.Linear of the model instance (except `skip`) by a rank-0 LoRALinear: the
+    frozen (NF4) base that every PEFT method, LoRA included, is applied to."""
 
     def visit(module: nn.Module, prefix: str) -> None:
         for child_name, child in module.named_children():
             name = f"{prefix}{child_name}"
             if isinstance(child, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
-                wanted = is_target(name, spec)
-                if wanted and spec.rank > min(child.in_features, child.out_features):
-                    raise ValueError(
-                        f"lora.rank={spec.rank} is larger than {name} ({child.in_features} -> {child.out_features}) "
-                        f"can use: a LoRA update has rank at most min(in, out) = {min(child.in_features, child.out_features)}; "
-                        "choose a smaller lora.rank"
-                    )
-                new = LoRALinear.from_linear(
-                    child,
-                    rank=spec.rank if wanted else 0,
-                    alpha=spec.alpha,
-                    dropout=spec.dropout,
-                    use_rslora=spec.use_rslora,
-                    quantize_base=quantize_base,
-                    backend=backend,
-                    adapter_dtype=adapter_dtype,
-                    device=None if child.weight.device.type == "meta" else child.weight.device,
-                    use_dora=spec.use_dora,
-                )
+                device = None if child.weight.device.type == "meta" else child.weight.device
+                new = LoRALinear.from_linear(child, rank=0, quantize_base=quantize_base, backend=backend, device=device)
                 setattr(module, child_name, new)
-                if wanted and spec.rank:
-                    targets.append(name)
             else:
                 visit(child, name + ".")
 
     visit(model, "")
-    if spec.rank and not targets:
+
+
+def add_adapters(model: nn.Module, spec: LoRASpec, adapter_dtype: torch.dtype = torch.float32) -> list[str]:
+    """Give the model's LoRALinear layers that `spec` targets (`is_target`) an adapter, in module order
+    (the order A's random numbers are drawn in). Returns their names; none matched is an error."""
+    if not spec.rank:
+        return []
+    targets = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) and is_target(name, spec)]
+    for name in targets:
+        layer = model.get_submodule(name)
+        if spec.rank > min(layer.in_features, layer.out_features):
+            raise ValueError(
+                f"lora.rank={spec.rank} is larger than {name} ({layer.in_features} -> {layer.out_features}) "
+                f"can use: a LoRA update has rank at most min(in, out) = {min(layer.in_features, layer.out_features)}; "
+                "choose a smaller lora.rank"
+            )
+    for name in targets:
+        layer = model.get_submodule(name)
+        layer.add_adapter(spec.rank, spec.alpha, spec.dropout, spec.use_rslora, spec.use_dora, adapter_dtype)
+    if not targets:
         raise ValueError(f"target_modules={spec.target_modules!r} matched no linear layer of the model")
     return targets
 
@@ -431,7 +469,3 @@ def is_lora_parameter(name: str) -> bool:
     """Whether model parameter `name` is a LoRA weight (A, B) or a DoRA magnitude."""
     return ".lora_a." in name or ".lora_b." in name or name.endswith(".lora_magnitude") or name == "lora_magnitude"
 
-
-def mark_only_lora_trainable(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad = is_lora_parameter(name)

@@ -1,12 +1,13 @@
-"""Build a causal LM with an NF4 base and LoRA adapters, streaming the checkpoint tensor by tensor.
+"""Build a causal LM with an NF4 base, streaming the checkpoint tensor by tensor.
 
     1. the model skeleton on the meta device (no memory), from config.json;
-    2. every nn.Linear but lm_head swapped for a LoRALinear (rank 0 where no adapter is wanted);
+    2. every nn.Linear but lm_head swapped for a rank-0 LoRALinear (the frozen NF4 linear);
     3. each checkpoint tensor read alone, moved to the device, and either quantized into its
        LoRALinear (16-bit checkpoints) or taken as is (bitsandbytes 4-bit checkpoints), or set
        as a frozen parameter in the compute dtype (embeddings, norms, lm_head).
 
-Peak host memory is about one tensor. Llama, Mistral, Qwen2 (and other decoder-only models whose
+The PEFT methods (LoRA among them: `qtrain.methods.lora`) are applied to the loaded base by their
+`apply`. Peak host memory is about one tensor. Llama, Mistral, Qwen2 (and other decoder-only models whose
 checkpoint keys match their transformers module names) load this way.
 """
 
@@ -25,7 +26,7 @@ from torch import nn
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
-from qtrain.lora import LoRALinear, LoRASpec, mark_only_lora_trainable, swap_linears
+from qtrain.lora import LoRALinear, LoRASpec, swap_base_linears
 from qtrain.nf4 import QUANT_STATE_KEY, from_bnb_state_dict
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -117,11 +118,33 @@ def load_model(
     backend: str = "auto",
     adapter_dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
-    """Load a checkpoint directory (or Hub id) into an NF4 + LoRA model on `device`.
+    """Load a checkpoint directory (or Hub id) into an NF4 model on `device`: the frozen base
+    (`load_base`), then, as a convenience, LoRA per `lora` through the method's own `apply`.
 
     `lora=None` loads the frozen quantized base only. `quantize=False` keeps the base in
     `compute_dtype` (LoRA without Q), which is useful for references and small models.
     """
+    from qtrain.methods import mark_trainable
+    from qtrain.methods.lora import LoRA
+
+    loaded = load_base(name_or_path, compute_dtype, device, quantize, backend)
+    methods = [LoRA.from_spec(lora)] if lora is not None and lora.rank else []
+    for method in methods:
+        method.apply(loaded.model, adapter_dtype=adapter_dtype)
+        loaded.targets = method.targets
+    mark_trainable(loaded.model, methods)
+    return loaded
+
+
+def load_base(
+    name_or_path: str,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    quantize: bool = True,
+    backend: str = "auto",
+) -> LoadedModel:
+    """The frozen base of a checkpoint directory (or Hub id) on `device`: every linear but lm_head
+    an NF4 (or, `quantize=False`, `compute_dtype`) LoRALinear of rank 0, nothing trainable yet."""
     model_dir = resolve_model_dir(name_or_path)
     config = read_config(model_dir, SUPPORTED)
     ckpt = SafetensorsCheckpoint(model_dir)
@@ -132,8 +155,7 @@ def load_model(
         delattr(config, "quantization_config")
 
     model = build_skeleton(config, compute_dtype)
-    spec = lora or LoRASpec(rank=0)
-    targets = swap_linears(model, spec, quantize_base=quantize, backend=backend, adapter_dtype=adapter_dtype)
+    swap_base_linears(model, quantize_base=quantize, backend=backend)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
     groups = bnb_groups(ckpt.keys(), bnb)  # {"...q_proj.weight": [its 5-7 keys]}
@@ -185,9 +207,10 @@ def load_model(
     if no_bias:
         raise ValueError(f"{model_dir}: checkpoint lacks {no_bias[0]}" + (f" and {len(no_bias) - 1} more biases" if len(no_bias) > 1 else ""))
     _tie_or_check(model, config, model_dir)
-    model.to(device)  # adapters (created on CPU) and buffers such as rotary tables
-    mark_only_lora_trainable(model)
-    return LoadedModel(model, config, model_dir, targets, prequantized=bool(bnb))
+    model.to(device)  # buffers such as rotary tables
+    for p in model.parameters():
+        p.requires_grad = False
+    return LoadedModel(model, config, model_dir, [], prequantized=bool(bnb))
 
 
 def bnb_groups(keys: list[str], prefixes: set[str]) -> dict[str, list[str]]:

@@ -1,12 +1,18 @@
 """Optimizer and learning-rate schedule: AdamW (paged, 32- or 8-bit, from bitsandbytes on CUDA),
-LoRA+ learning rates, warmup + cosine/linear/constant."""
+LoRA+ learning rates (which parameters take them: the methods say, `PeftMethod.lr_scaled`),
+warmup + cosine/linear/constant."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from qtrain.methods import PeftMethod
 
 OPTIMIZERS = ("adamw", "paged_adamw_32bit", "paged_adamw_8bit")
 
@@ -20,17 +26,19 @@ def resolve_optimizer(name: str, device: torch.device) -> str:
     return name
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, lora_plus_ratio: float = 1.0) -> list[dict]:
-    """The trainable parameters; with LoRA+ (ratio != 1) the B matrices get lr * ratio
-    (Hayou et al. 2024: B learns best with a larger step than A)."""
-    a_params, b_params = [], []
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, lora_plus_ratio: float = 1.0, methods: Sequence[PeftMethod] = ()
+) -> list[dict]:
+    """The trainable parameters; with LoRA+ (ratio != 1) those a method scales (`lr_scaled`: LoRA's
+    B matrices) get lr * ratio (Hayou et al. 2024: B learns best with a larger step than A)."""
+    plain, scaled = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (b_params if ".lora_b." in name else a_params).append(p)
+            (scaled if any(m.lr_scaled(name) for m in methods) else plain).append(p)
     if lora_plus_ratio == 1.0:
-        return [{"params": a_params + b_params, "lr": lr, "weight_decay": weight_decay}]
-    groups = [{"params": a_params, "lr": lr, "weight_decay": weight_decay}]
-    return groups + [{"params": b_params, "lr": lr * lora_plus_ratio, "weight_decay": weight_decay}]
+        return [{"params": plain + scaled, "lr": lr, "weight_decay": weight_decay}]
+    groups = [{"params": plain, "lr": lr, "weight_decay": weight_decay}]
+    return groups + [{"params": scaled, "lr": lr * lora_plus_ratio, "weight_decay": weight_decay}]
 
 
 def build_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:

@@ -28,7 +28,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from qtrain.lora import LoRALinear, LoRASpec, mark_only_lora_trainable, swap_linears
+from qtrain.lora import LoRALinear, LoRASpec, swap_linears
+from qtrain.methods import mark_trainable
+from qtrain.methods.lora import LoRA
 from qtrain.model import build_skeleton
 
 
@@ -108,5 +110,5 @@ def random_model(
     if left:  # a module type this builder does not know how to fill
         raise RuntimeError(f"random_model: {len(left)} tensors left on meta, e.g. {left[:3]}")
     model.to(device)  # buffers: rotary tables (parameters are already there)
-    mark_only_lora_trainable(model)
+    mark_trainable(model, [LoRA.from_spec(spec)] if spec.rank else [])
     return model

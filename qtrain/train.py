@@ -41,9 +41,8 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from qtrain.adapter import load_adapter_weights, save_adapter
 from qtrain.advice import check_memory, oom_advice
-from qtrain.builder import build_model, model_path, plan_model, recorded_kernels
+from qtrain.builder import build_model, model_path, recorded_kernels
 from qtrain.config import DTYPES, Config, to_dict
 from qtrain.data import (
     IGNORE_INDEX,
@@ -59,11 +58,11 @@ from qtrain.estimate import estimate, workload_for
 from qtrain.evaluate import exact_match, generate
 from qtrain.kernels.backend import resolve_on_device
 from qtrain.kernels.linear_cross_entropy import linear_cross_entropy
-from qtrain.lora import LoRALinear, LoRASpec
+from qtrain.lora import LoRALinear
 from qtrain.memory import OffloadActivations, peak_memory_bytes
 from qtrain.memprof import MemoryProfiler
 from qtrain.methods import PeftMethod
-from qtrain.methods.io import load_method
+from qtrain.methods.io import load_method, save_methods
 from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
 from qtrain.model import check_tokenizer, enable_checkpointing
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
@@ -352,10 +351,10 @@ class Recipe:
 
     def setup_model(self) -> None:
         cfg, device, console = self.cfg, self.device, self.console
-        self.plan = plan_model(cfg)
-        check_memory(cfg, self.path, self.plan.spec, device, console)
+        check_memory(cfg, self.path, device, console)
         t0 = time.perf_counter()
-        self.built = build_model(cfg, self.path, device, self.plan)
+        self.built = build_model(cfg, self.path, device)
+        self.methods = self.built.methods
         model, loaded, fused = self.built.model, self.built.loaded, self.built.fused
         self.model = model
         self.loss_backend = cfg.kernels.loss_backend(device)
@@ -368,7 +367,7 @@ class Recipe:
         console.print(
             f"[bold]model[/] {self.path} ({loaded.config.model_type}, {'NF4' if cfg.model.quantize else cfg.model.dtype} base) "
             f"loaded in {time.perf_counter() - t0:.1f}s on {device}{threads}; "
-            f"{describe_methods(cfg, self.plan.spec, loaded.targets)}; "
+            f"{describe_methods(self.methods)}; "
             f"trainable {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)"
         )
         if fused:
@@ -406,7 +405,7 @@ class Recipe:
 
     def setup_optimizer(self) -> None:
         t, dtype, device = self.cfg.train, self.dtype, self.device
-        groups = param_groups(self.model, t.lr, t.weight_decay, t.lora_plus_ratio)
+        groups = param_groups(self.model, t.lr, t.weight_decay, t.lora_plus_ratio, self.methods)
         self.optimizer = build_optimizer(self.optimizer_name, groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.schedule))
         use_autocast = t.autocast and dtype != torch.float32
@@ -423,9 +422,7 @@ class Recipe:
         if not self.resumed:
             return
         ckpt, state, meta = self.resumed
-        if self.plan.use_lora:
-            load_adapter_weights(self.model, ckpt / "adapter")
-        for method in self.plan.methods:
+        for method in self.methods:
             load_method(self.model, method, ckpt / "adapter", resume=True)
             method.load_trainer_state(self.model, state.get("methods", {}).get(method.name, {}))
         _load_optimizer_state(self.optimizer, self.scheduler, state, ckpt)
@@ -501,14 +498,14 @@ class Recipe:
                 return train_step(
                     self.model, micro, self.optimizer, self.trainable, cfg.train.max_grad_norm, self.device, self.autocast, self.scaler, self.offload,
                     on_phase=profiler.phase if measure else None, loss_chunk=cfg.train.loss_chunk_tokens,
-                    methods=self.plan.methods, step=step, total_steps=cfg.train.max_steps, loss_backend=self.loss_backend,
+                    methods=self.methods, step=step, total_steps=cfg.train.max_steps, loss_backend=self.loss_backend,
                 )  # fmt: skip
         except FloatingPointError as e:
             raise FloatingPointError(f"step {step}: {e}; stopped before the update ({_last_good(self.out, self.state.run_id, self.state.resumed_from)}") from None
         except torch.OutOfMemoryError:
             self.optimizer.zero_grad(set_to_none=True)
             shape = max((tuple(b["input_ids"].shape) for b in micro), key=lambda s: s[0] * s[1])
-            raise OutOfMemory(oom_advice(cfg, step, shape, self.device, self.built.loaded.config, self.plan.spec)) from None
+            raise OutOfMemory(oom_advice(cfg, step, shape, self.device, self.built.loaded.config)) from None
 
     def record_profile(self, step: int, micro: list[dict]) -> bool:
         """The measured micro-batches' shapes; after the last measured step, the report. True when
@@ -516,7 +513,7 @@ class Recipe:
         self.profiled_shapes += [(*b["input_ids"].shape, "position_ids" in b, "attention_mask" in b and not b["attention_mask"].all()) for b in micro]
         if step - self.start == self.options.profile_memory or step == self.cfg.train.max_steps:
             where = self.options.report_dir or self.out / "memory"
-            self.memory_report = _memory_report(self.cfg, self.profiler, self.built.loaded, self.plan.spec, self.device, self.profiled_shapes, where, self.progress.console)
+            self.memory_report = _memory_report(self.cfg, self.profiler, self.built.loaded, self.methods, self.device, self.profiled_shapes, where, self.progress.console)
             self.profiler = None
             if self.options.profile_only:
                 return True
@@ -577,7 +574,7 @@ class Recipe:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "data": self.data.state_dict(),
             "trainer": state.trainer(),
-            "methods": {m.name: m.trainer_state() for m in self.plan.methods},
+            "methods": {m.name: m.trainer_state() for m in self.methods},
         }
         loss = state.losses[-1] if state.losses else None
         return save_checkpoint(self.out, step, self.write_adapter, trainer_state, to_dict(self.cfg), self.cfg.checkpoint.keep_last, state.run_id, loss)
@@ -586,10 +583,7 @@ class Recipe:
         """The adapter in PEFT's format, with qtrain.json: how the base was held, the data format and
         (when not the defaults) the kernels settings, which `qtrain generate` builds with."""
         info = {"data_format": self.train_data.format} | recorded_kernels(self.cfg.kernels)
-        return save_adapter(
-            self.model, self.plan.spec, self.built.loaded.targets, self.path, target, self.dtype, self.cfg.model.quantize,
-            extra_info=info, methods=self.plan.methods,
-        )  # fmt: skip
+        return save_methods(self.model, self.methods, self.path, target, self.dtype, self.cfg.model.quantize, extra_info=info)
 
     # -- 8. adapter (PEFT format), score after, summary
 
@@ -694,13 +688,12 @@ def _resource_errors(out: Path):
         raise StorageError(f"no space left on {where}; {resume}") from None
 
 
-def describe_methods(cfg: Config, spec: LoRASpec, targets: list[str]) -> str:
+def describe_methods(methods: Sequence[PeftMethod]) -> str:
     """"LoRA r=16 on 28 linears + bitfit", for the console."""
-    parts = [f"LoRA r={spec.rank} on {len(targets)} linears" if name == "lora" else name for name in cfg.methods()]
-    return " + ".join(parts)
+    return " + ".join(m.describe() for m in methods)
 
 
-def _memory_report(cfg, profiler, loaded, spec, device, shapes, report_dir: Path, console: Console) -> Path:
+def _memory_report(cfg, profiler, loaded, methods, device, shapes, report_dir: Path, console: Console) -> Path:
     """Stop measuring; write the report into `report_dir`: the measurement beside the estimate for
     the largest micro-batch the measured steps ran."""
     from qtrain.memreport import fmt_bytes, summary_lines, write_report
@@ -711,14 +704,14 @@ def _memory_report(cfg, profiler, loaded, spec, device, shapes, report_dir: Path
     backend = resolve_on_device("nf4_lora", cfg.model.backend, device)
     w = workload_for(cfg, device.type, backend)
     w = replace(w, batch_size=b, seq_len=s, attention_mask=padded or (packed and "varlen" not in w.fused))  # varlen: no mask
-    est = estimate(loaded.config, spec, w)
+    est = estimate(loaded.config, None, w)
     info = {
         "title": f"qtrain memory: {cfg.model.name_or_path or 'tiny ' + cfg.model.tiny.arch}",
         "model": str(cfg.model.name_or_path or loaded.model_dir),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": cfg.model.dtype,
         "micro-batch": f"{b} x {s} tokens",
-        "method": describe_methods(cfg, spec, loaded.targets),
+        "method": describe_methods(methods),
         "gradient checkpointing": cfg.train.gradient_checkpointing,
         "offload activations": cfg.train.offload_activations,
         "optimizer": w.optimizer,

@@ -205,6 +205,11 @@ class AdaLoRA(PeftMethod):
                 )
             self.check_phases(self.total_step, "adalora.total_step")
 
+    def check_run(self, train_steps: int) -> None:
+        """Without total_step, the phases are those of train.max_steps."""
+        if self.total_step is None:
+            self.check_phases(train_steps, "train.max_steps")
+
     def check_phases(self, total: int, what: str) -> None:
         if self.tinit >= total - self.tfinal:
             raise ValueError(
@@ -302,6 +307,11 @@ class AdaLoRA(PeftMethod):
             del m._buffers[RANKNUM]
             del m.adalora_scaling, m.adalora_dropout
         self._reset_state()
+
+    def low_rank_width(self, linear: nn.Module) -> int:
+        """init_r where this method put its P·Λ·Q (it saves what a LoRA of that rank saves)."""
+        a = getattr(linear, A, None)
+        return a.shape[0] if a is not None else 0
 
     def owns(self, param_name: str) -> bool:
         module, _, attr = param_name.rpartition(".")

@@ -169,6 +169,10 @@ class BottleneckAdapters(PeftMethod):
     def owns(self, param_name: str) -> bool:
         return any(f".{CHILD[site]}." in param_name for site in self.sites())
 
+    def saved_bytes_per_token(self, s, e: int) -> int:
+        """Each adapter saves its fp32 input and its hidden activations (before and after f)."""
+        return len(self.sites()) * (4 * s.D + 2 * 4 * self.bottleneck)
+
     def expected_trainable(self, config: PretrainedConfig) -> int:
         c = config.get_text_config()
         d, m = c.hidden_size, self.bottleneck
@@ -200,6 +204,7 @@ class ParallelAdapter(BottleneckAdapters):
     """Adapters beside the sublayers in `where`, reading their input, scaled by `scale`."""
 
     name: ClassVar[str] = "parallel_adapter"
+    hooks_attention: ClassVar[bool] = True
     scale: float = 4.0  # s; He et al.'s best parallel adapter uses 4
     where: list[Literal["self_attn", "mlp"]] = field(default_factory=lambda: ["mlp"])
 

@@ -7,8 +7,8 @@ that adds its parameters to a loaded model instance, names them, and saves/loads
     tensors = method.state_dict(model)   # {model parameter name: tensor}, what is saved
     method.load_state_dict(model, tensors)
 
-The frozen base is whatever `qtrain.model.load_model` built (NF4 LoRALinear layers; rank 0 where
-LoRA is not used). Methods change the model INSTANCE only: parameters registered on our own
+The frozen base is whatever `qtrain.model.load_base` built (NF4 LoRALinear layers of rank 0; LoRA
+itself is a method, `qtrain.methods.lora`, that gives the targets their adapter). Methods change the model INSTANCE only: parameters registered on our own
 modules (LoRALinear), children added to a decoder layer instance, forward hooks (registered through
 `self.hooks`, a `qtrain.methods.hooks.ModuleHooks`, and removed by handle); never attributes of
 transformers classes. Hyperparameters are the dataclass's fields; what a method learns or registers
@@ -20,6 +20,7 @@ names can be produced by a fixed mapping.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -59,6 +60,10 @@ class PeftMethod:
         """The paper's count of trainable parameters for a model of `config` (checked by tests)."""
         raise NotImplementedError
 
+    def check_run(self, train_steps: int) -> None:
+        """Checks of this method's settings against the run's (`train.max_steps`), when the run uses
+        it: a ValueError naming the config key. Its own fields are checked when it is made."""
+
     # ---- training-loop hooks (most methods need none) ----
 
     def regularization(self, model: nn.Module) -> torch.Tensor | None:
@@ -78,7 +83,61 @@ class PeftMethod:
     def load_trainer_state(self, model: nn.Module, state: dict) -> None:
         """Restore what `trainer_state` returned (the method is applied and its parameters loaded)."""
 
-    # ---- saving ----
+    # ---- the optimizer ----
+
+    def lr_scaled(self, param_name: str) -> bool:
+        """Whether this parameter learns at lr * train.lora_plus_ratio (LoRA+: LoRA's B matrices)."""
+        return False
+
+    # ---- memory facts (qtrain.estimate), per token; most methods add nothing ----
+
+    hooks_attention: ClassVar[bool] = False  # a hook that sees the attention's arguments (no varlen path)
+    input_side: ClassVar[bool] = False  # its parameters act on the decoder's input only (prompt encoders)
+
+    def saved_bytes_per_token(self, s, e: int) -> int:
+        """Bytes per token and decoder layer this method adds to what the backward keeps, for a layer
+        of shape `s` (`qtrain.estimate.LayerShape`) in a compute dtype of `e` bytes."""
+        return 0
+
+    def virtual_tokens(self) -> int:
+        """Tokens this method prepends to every row's decoder input (prompt tuning, P-tuning)."""
+        return 0
+
+    def prefix_keys(self) -> int:
+        """Key/value columns this method adds to every attention (prefix tuning, P-tuning v2)."""
+        return 0
+
+    def low_rank_width(self, linear: nn.Module) -> int:
+        """The width of a low-rank path this method put on `linear` beside its own LoRA adapter
+        (AdaLoRA's P·Λ·Q: what the backward saves is that of a LoRA of this rank); 0: none."""
+        return 0
+
+    def lighter(self) -> tuple[str, PeftMethod] | None:
+        """A config change of this method that needs less memory ("lora.rank=8", the changed method),
+        offered when a run does not fit; None: nothing to offer."""
+        return None
+
+    def describe(self) -> str:
+        """The method on the console's model line (e.g. "LoRA r=16 on 28 linears")."""
+        return self.name
+
+    # ---- saving (qtrain.methods.io) ----
+
+    mergeable: ClassVar[bool] = False  # `qtrain merge` can fold it into the base weights
+
+    @property
+    def subfolder(self) -> str:
+        """Where in an adapter folder the method is saved: its own subfolder (LoRA: "", the root)."""
+        return self.name
+
+    def init_dir(self) -> str | None:
+        """An adapter folder whose saved parameters this method starts from (LoRA's `init_from`)."""
+        return None
+
+    @classmethod
+    def from_saved(cls, fields: dict, folder: Path) -> PeftMethod:
+        """The method an adapter folder recorded: `fields` from qtrain.json, `folder` where it is saved."""
+        return cls(**fields)
 
     def config_dict(self) -> dict:
         return {"method": self.name, **dataclasses.asdict(self)}
@@ -102,6 +161,10 @@ class PeftMethod:
                     raise ValueError(f"{source}: {n!r} has shape {list(value.shape)}, the model expects {list(params[n].shape)}")
                 params[n].copy_(value)
 
+    def load_peft(self, model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
+        """Copy tensors in PEFT's format (as `to_peft` wrote them) into the model."""
+        self.load_state_dict(model, self.from_peft(tensors), source)
+
     # Methods whose PEFT format is not their training state (prefix tuning's MLP, P-tuning's prompt
     # encoder: PEFT saves their output) set `folds`; checkpoints then also keep the training state
     # (`qtrain.methods.io`), and `load_state_dict` must accept what `from_peft` returns.
@@ -115,19 +178,6 @@ class PeftMethod:
 
     def from_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{self.name} has no PEFT format")
-
-
-class LoRAParameters(PeftMethod):
-    """LoRA's own parameters (A, B, DoRA's magnitude: `qtrain.lora.is_lora_parameter`) as a method,
-    so that `mark_trainable(model, [prompt_tuning, LoRAParameters()])` trains both. LoRA itself is
-    built into the NF4 linears by `load_model`; this only names its parameters."""
-
-    name: ClassVar[str] = "lora"
-
-    def owns(self, param_name: str) -> bool:
-        from qtrain.lora import is_lora_parameter
-
-        return is_lora_parameter(param_name)
 
 
 def mark_trainable(model: nn.Module, methods: list[PeftMethod]) -> list[str]:

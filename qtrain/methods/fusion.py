@@ -194,6 +194,10 @@ class AdapterFusion(PeftMethod):
     attention_dim: int | None = None  # width of the query/key projections (None: the hidden size, as AdapterHub)
     value: bool = True  # learn W_V (d x d per layer); false: the identity
 
+    def check_run(self, train_steps: int) -> None:
+        if not self.adapters:
+            raise ValueError("adapter_fusion.adapters: list the stage-1 adapter dirs to fuse (runs trained with method: pfeiffer)")
+
     def __post_init__(self) -> None:
         if isinstance(self.adapters, str):
             self.adapters = [self.adapters]

@@ -142,6 +142,13 @@ class IA3(PeftMethod):
             if isinstance(m, LoRALinear) and PARAM in m._parameters:
                 del m._parameters[PARAM]
 
+    def saved_bytes_per_token(self, s, e: int) -> int:
+        """The fp32 activation each vector scales (the input of a feedforward module, else the
+        output), and its fp32 gradient in the layer's backward buffers."""
+        ff = set(self.feedforward_modules)
+        targets = s.in_out if self.target_modules == "all-linear" else {n: s.in_out[n] for n in self.target_modules if n in s.in_out}
+        return sum(8 * (io[0] if n in ff else io[1]) for n, io in targets.items())
+
     def owns(self, param_name: str) -> bool:
         module, _, attr = param_name.rpartition(".")
         if attr != PARAM or module.endswith("lm_head"):

@@ -1,9 +1,10 @@
-"""Saving and loading the non-LoRA methods of a run, beside the LoRA adapter.
+"""Saving and loading every PEFT method of a run (LoRA included): one path, `save_methods` /
+`load_method`, each method in its `subfolder` (LoRA's is "": the folder's root, where PEFT looks).
 
     adapter/                      (qtrain train's output_dir/adapter, and each checkpoint's)
-      adapter_config.json         LoRA, in PEFT's format (when the run uses LoRA)
+      adapter_config.json         LoRA, in PEFT's format (when the run uses LoRA; its own record)
       adapter_model.safetensors
-      qtrain.json                 training info + "methods": [{"method": "ia3", ...its config}]
+      qtrain.json                 training info + "methods": [{"method": "ia3", ...its config}] (those in subfolders)
       ia3/                        a method PEFT implements: PEFT's format
         adapter_config.json         (PeftModel.from_pretrained(base, "adapter", subfolder="ia3"))
         adapter_model.safetensors
@@ -20,12 +21,14 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qtrain.adapter import read_adapter_file
+from qtrain.adapter import TRAINING_INFO, base_model_reference, read_adapter_file, replace_dir
 from qtrain.methods.base import PeftMethod
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -43,9 +46,44 @@ def method_from_dict(data: dict) -> PeftMethod:
     return METHODS[name](**data)
 
 
+def save_methods(
+    model: nn.Module,
+    methods: list[PeftMethod],
+    base_model: str,
+    out_dir: str | Path,
+    base_dtype: torch.dtype | None = None,
+    quantized: bool = True,
+    extra_info: dict | None = None,
+) -> Path:
+    """Write the adapter folder atomically: every method (`save_method`) into a temp dir beside
+    `out_dir`, then a rename over it.
+
+    A local `base_model` directory is recorded by its absolute path (`base_model_reference`).
+    `base_dtype`/`quantized` record how the frozen base was held during training, so that
+    `merge_adapter` can rebuild exactly that base; `extra_info` (e.g. the data format, which
+    `qtrain generate` renders prompts with) joins them in qtrain.json, with the config of each
+    method saved in a subfolder (one saved at the root, LoRA, is recorded by its PEFT config)."""
+    base_model = base_model_reference(base_model)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    for method in methods:
+        save_method(model, method, tmp, base_model)
+    recorded = [m.config_dict() for m in methods if m.subfolder]
+    if base_dtype is not None or recorded:
+        info = {"quantized": quantized, "base_model_name_or_path": base_model}
+        if base_dtype is not None:
+            info["base_dtype"] = str(base_dtype).removeprefix("torch.")
+        if recorded:
+            info["methods"] = recorded
+        (tmp / TRAINING_INFO).write_text(json.dumps(info | (extra_info or {})) + "\n")
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
 def save_method(model: nn.Module, method: PeftMethod, out_dir: Path, base_model: str) -> Path:
-    """Write one method's parameters into `out_dir/<name>/` (PEFT's format when it has one)."""
-    target = Path(out_dir) / method.name
+    """Write one method's parameters into `out_dir/<subfolder>/` (PEFT's format when it has one)."""
+    target = Path(out_dir) / method.subfolder
     target.mkdir(parents=True, exist_ok=True)
     tensors = method.state_dict(model)
     if method.peft_type:
@@ -62,17 +100,30 @@ def save_method(model: nn.Module, method: PeftMethod, out_dir: Path, base_model:
 def load_method(model: nn.Module, method: PeftMethod, adapter_dir: Path, resume: bool = False) -> None:
     """Copy a saved method's parameters (see `save_method`) into a model it was applied to.
     `resume`: a folding method's training state (to train on) rather than its folded PEFT tensors."""
-    source = Path(adapter_dir) / method.name
+    source = Path(adapter_dir) / method.subfolder
     raw = not method.peft_type or (resume and method.folds)
     weights = source / (METHOD_WEIGHTS if raw else PEFT_WEIGHTS)
     if not weights.exists():
+        if not method.subfolder:  # at the root: the adapter's own files (LoRA's message as ever)
+            raise FileNotFoundError(f"{weights}: not found")
         raise FileNotFoundError(f"{weights}: not found; {adapter_dir} holds no {method.name} parameters")
     tensors = read_adapter_file(weights)
-    if not raw:
-        tensors = method.from_peft(tensors)
-    method.load_state_dict(model, tensors, source=str(weights))
+    if raw:
+        method.load_state_dict(model, tensors, source=str(weights))
+    else:
+        method.load_peft(model, tensors, source=str(weights))
 
 
-def read_methods(info: dict) -> list[PeftMethod]:
-    """The methods recorded in an adapter's qtrain.json (none for plain LoRA adapters)."""
-    return [method_from_dict(d) for d in info.get("methods", [])]
+def read_methods(info: dict, adapter_dir: str | Path | None = None) -> list[PeftMethod]:
+    """The methods of an adapter: with `adapter_dir`, first the one saved at its root in PEFT's
+    format (LoRA, read from its adapter_config.json: also an adapter PEFT trained, which has no
+    qtrain.json; an adapter with nothing else is read as one, and a missing file is named), then
+    those recorded in qtrain.json."""
+    from qtrain.methods import METHODS
+
+    recorded = [method_from_dict(d) for d in info.get("methods", [])]
+    if adapter_dir is None:
+        return recorded
+    at_root = (Path(adapter_dir) / PEFT_CONFIG).exists() or not recorded
+    root = [cls.from_saved({}, Path(adapter_dir)) for cls in METHODS.values() if cls.subfolder == ""] if at_root else []
+    return [*root, *recorded]

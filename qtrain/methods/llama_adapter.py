@@ -165,6 +165,7 @@ class AdaptionHook:
 @dataclass
 class LlamaAdapter(PeftMethod):
     name: ClassVar[str] = "llama_adapter"
+    hooks_attention: ClassVar[bool] = True
     peft_type: ClassVar[str | None] = "ADAPTION_PROMPT"
     adapter_len: int = 10  # K, prompt tokens per layer (the paper's 10)
     adapter_layers: int = 30  # L, the top layers that get a prompt (the paper's 30 of LLaMA-7B's 32)
@@ -218,6 +219,10 @@ class LlamaAdapter(PeftMethod):
     def owns(self, param_name: str) -> bool:
         module, _, attr = param_name.rpartition(".")
         return attr in PARAMS and module.rpartition(".")[2] == CHILD
+
+    def saved_bytes_per_token(self, s, e: int) -> int:
+        """The recomputed RoPE'd query; the fp32 softmax over the prompt and its cast for @ V."""
+        return e * s.H * s.d + (4 + e) * s.H * self.adapter_len
 
     def expected_trainable(self, config: PretrainedConfig) -> int:
         c = config.get_text_config()

@@ -113,6 +113,7 @@ def _encoded(decoder: nn.Module) -> torch.Tensor:
 @dataclass
 class PTuning(PeftMethod):
     name: ClassVar[str] = "p_tuning"
+    input_side: ClassVar[bool] = True
     folds: ClassVar[bool] = True
     num_virtual_tokens: int = 20
     # "mlp": 3-layer MLP (PEFT's default; 3·D·h trainable); "lstm": bi-LSTM + 2-layer MLP (the paper; PEFT's
@@ -206,6 +207,9 @@ class PTuning(PeftMethod):
 
     def owns(self, param_name: str) -> bool:
         return MODULE in param_name.split(".")
+
+    def virtual_tokens(self) -> int:
+        return self.num_virtual_tokens
 
     def expected_trainable(self, config: PretrainedConfig) -> int:
         d = config.get_text_config().hidden_size

@@ -228,6 +228,7 @@ def _cache_keyword(attn: nn.Module) -> str:
 
 @dataclass
 class _Prefix(PeftMethod):
+    hooks_attention: ClassVar[bool] = True
     """What prefix tuning and P-tuning v2 share: the encoder, the hooks, PEFT's format."""
 
     peft_type: ClassVar[str | None] = "PREFIX_TUNING"
@@ -265,6 +266,9 @@ class _Prefix(PeftMethod):
 
     def owns(self, param_name: str) -> bool:
         return f".{MODULE}." in f".{param_name}"
+
+    def prefix_keys(self) -> int:
+        return self.num_virtual_tokens
 
     def expected_trainable(self, config: PretrainedConfig) -> int:
         d = prefix_dims(config)

@@ -77,6 +77,7 @@ def _prompt(decoder: nn.Module) -> torch.Tensor:
 @dataclass
 class PromptTuning(PeftMethod):
     name: ClassVar[str] = "prompt_tuning"
+    input_side: ClassVar[bool] = True
     peft_type: ClassVar[str | None] = "PROMPT_TUNING"
     num_virtual_tokens: int = 20
     # "random": N(0, 1) (PEFT's RANDOM); "sample_vocab": embedding rows of random token ids; "text": init_text's
@@ -127,6 +128,9 @@ class PromptTuning(PeftMethod):
 
     def owns(self, param_name: str) -> bool:
         return param_name.rpartition(".")[2] == PARAM
+
+    def virtual_tokens(self) -> int:
+        return self.num_virtual_tokens
 
     def expected_trainable(self, config: PretrainedConfig) -> int:
         return self.num_virtual_tokens * config.get_text_config().hidden_size

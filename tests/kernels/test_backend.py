@@ -119,5 +119,5 @@ def test_the_memory_preflight_runs_the_self_check(monkeypatch):
     monkeypatch.setattr(policy, "self_check", lambda op, device: asked.append((op, str(device))) or False)
     monkeypatch.setattr(policy, "triton_available", lambda: True)
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "llama-3.1-8b.yaml")
-    recipe.check_memory(cfg, "meta-llama/Llama-3.1-8B-Instruct", cfg.lora, torch.device("cuda"), Console(record=True))
+    recipe.check_memory(cfg, "meta-llama/Llama-3.1-8B-Instruct", torch.device("cuda"), Console(record=True))
     assert asked == [("nf4_lora", "cuda")]

@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 
 from qtrain.adapter import TRAINING_INFO
-from qtrain.builder import build_model, kernels_from_info, model_path, plan_model, recorded_kernels
+from qtrain.builder import build_model, kernels_from_info, model_path, recorded_kernels
 from qtrain.config import load_config
 from qtrain.estimate import meta_model, workload_for
 from qtrain.fused import FusedAttention, FusedOps
@@ -81,16 +81,17 @@ def test_the_estimators_meta_build_matches_build_model(tmp_path, methods):
     """The estimator counts the parameters of the model training builds: same names and shapes."""
     cfg = load_config(QUICKSTART, [*SMALL, f"output_dir={tmp_path}", f"method={methods}"])
     built = build_model(cfg, model_path(cfg, tmp_path), CPU)
-    meta = meta_model(built.loaded.config, built.spec, workload_for(cfg, "cpu"))
+    meta = meta_model(built.loaded.config, None, workload_for(cfg, "cpu"))  # the workload holds the methods, LoRA too
     shapes = lambda model: {n: tuple(p.shape) for n, p in model.named_parameters()}  # noqa: E731
     assert shapes(meta) == shapes(built.model)
     assert structure(meta)[1] == structure(built.model)[1]  # the same parameters trainable
 
 
-def test_plan_model_gives_fresh_method_objects(tmp_path):
-    """What training adds to a method lives on the plan's objects, never on the config's sections."""
+def test_build_model_uses_fresh_method_objects(tmp_path):
+    """What training adds to a method (LoRA's targets here) lives on the built model's method objects,
+    never on the config's sections."""
     cfg = load_config(QUICKSTART, [*SMALL, f"output_dir={tmp_path}", "method=[lora, ia3]"])
-    plan = plan_model(cfg)
-    assert plan.use_lora and plan.spec.rank == cfg.lora.rank
-    assert [m.name for m in plan.methods] == ["ia3"] and plan.methods[0] is not cfg.ia3
-    assert plan_model(load_config(QUICKSTART, [*SMALL, "method=bitfit"])).spec.rank == 0
+    built = build_model(cfg, model_path(cfg, tmp_path), CPU)
+    lora, ia3 = built.methods
+    assert (lora.name, ia3.name) == ("lora", "ia3") and lora is not cfg.lora and ia3 is not cfg.ia3
+    assert lora.rank == cfg.lora.rank and len(lora.targets) == 2 * 7 and cfg.lora.targets == []  # 2 layers x 7 linears

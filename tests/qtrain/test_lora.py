@@ -14,9 +14,9 @@ from qtrain.lora import (
     PeftLoRASpec,
     is_target,
     lora_modules,
-    mark_only_lora_trainable,
     swap_linears,
 )
+from qtrain.methods.lora import mark_only_lora_trainable
 from qtrain.nf4 import dequantize_nf4, quantize_nf4
 from qtrain.tiny import tiny_config
 

@@ -174,7 +174,7 @@ def test_gpu_check_warns_with_settings_that_fit(monkeypatch, tmp_path):
     monkeypatch.setattr(policy, "self_check", lambda op, device: True)  # the kernels passed on this GPU
     cfg = load_config(REPO / "configs" / "llama-3.1-8b.yaml")
     console = Console(record=True, width=200)
-    recipe.check_memory(cfg, "meta-llama/Llama-3.1-8B-Instruct", cfg.lora, torch.device("cuda"), console)
+    recipe.check_memory(cfg, "meta-llama/Llama-3.1-8B-Instruct", torch.device("cuda"), console)
     text = console.export_text()
     assert "this run needs about" in text and "7.9 GiB of 8.0 GiB is free" in text
     assert "train.batch_size=1 train.grad_accum=16 (same effective batch)" in text
@@ -189,5 +189,5 @@ def test_gpu_check_is_quiet_when_it_fits(monkeypatch):
     monkeypatch.setattr(policy, "self_check", lambda op, device: True)  # the kernels passed on this GPU
     cfg = load_config(REPO / "configs" / "llama-3.1-8b.yaml")
     console = Console(record=True, width=200)
-    recipe.check_memory(cfg, "meta-llama/Llama-3.1-8B-Instruct", cfg.lora, torch.device("cuda"), console)
+    recipe.check_memory(cfg, "meta-llama/Llama-3.1-8B-Instruct", torch.device("cuda"), console)
     assert "estimated" in console.export_text() and "needs about" not in console.export_text()

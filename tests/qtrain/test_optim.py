@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qtrain.lora import LoRASpec
+from qtrain.methods.lora import LoRA
 from qtrain.model import load_model
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
 
@@ -44,7 +45,7 @@ def test_only_adapter_parameters_get_optimizer_state(model):
 
 
 def test_lora_plus_gives_b_matrices_a_larger_lr(model):
-    groups = param_groups(model, 1e-4, 0.01, lora_plus_ratio=16.0)
+    groups = param_groups(model, 1e-4, 0.01, lora_plus_ratio=16.0, methods=[LoRA()])
     names = {id(p): n for n, p in model.named_parameters()}
     a_group, b_group = groups
     assert a_group["lr"] == 1e-4 and b_group["lr"] == pytest.approx(1.6e-3)

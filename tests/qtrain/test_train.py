@@ -339,7 +339,7 @@ def test_oom_advice_for_a_lean_setup():
     from qtrain.train import oom_advice
 
     cfg = load_config(QUICKSTART, ["train.batch_size=1", "train.offload_activations=true", "train.optimizer=paged_adamw_8bit", "lora.rank=8"])
-    msg = oom_advice(cfg, 7, (1, 2048), torch.device("cpu"), tiny_config(), cfg.lora)
+    msg = oom_advice(cfg, 7, (1, 2048), torch.device("cpu"), tiny_config())
     assert "step 7: micro-batch 1 x 2048 tokens" in msg and "data.max_length=1024" in msg
     assert "batch_size=0" not in msg and "offload_activations" not in msg.split("Try")[1]
 

@@ -28,7 +28,8 @@ from qtrain.adapter import (
     read_adapter_config,
     save_adapter,
 )
-from qtrain.lora import LoRALinear, LoRASpec, lora_modules, mark_only_lora_trainable
+from qtrain.lora import LoRALinear, LoRASpec, lora_modules
+from qtrain.methods.lora import mark_only_lora_trainable
 from qtrain.model import load_model
 from qtrain.nf4 import dequantize_nf4
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from qtrain.lora import LoRALinear, LoRASpec, is_lora_parameter, lora_modules
 from qtrain.methods import mark_trainable
-from qtrain.methods.base import LoRAParameters
+from qtrain.methods.lora import LoRA as LoRAParameters
 from qtrain.methods.ia3 import IA3
 from qtrain.model import enable_checkpointing, load_model
 

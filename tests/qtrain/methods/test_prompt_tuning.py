@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from qtrain.lora import LoRASpec, is_lora_parameter
 from qtrain.methods import mark_trainable
-from qtrain.methods.base import LoRAParameters
+from qtrain.methods.lora import LoRA as LoRAParameters
 from qtrain.methods.prompt_tuning import PromptTuning, ensemble_logits, per_row_prompts
 from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import loss_sum
