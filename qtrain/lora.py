@@ -26,44 +26,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from qtrain.kernels import BACKENDS
 from qtrain.kernels.nf4_lora import lora_delta, nf4_lora
+from qtrain.methods.lora import LoRASpec, PeftLoRASpec, is_lora_parameter, lora_scale  # the method's; re-exported
 from qtrain.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
-
-def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
-    """alpha / r (LoRA), or alpha / sqrt(r) (rsLoRA)."""
-    return alpha / (math.sqrt(rank) if use_rslora else rank)
-
-
-@dataclass
-class LoRASpec:
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    target_modules: list[str] | str = "all-linear"  # 'all-linear' or module names (suffix match)
-    exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])
-    use_dora: bool = False  # DoRA: a trained magnitude per output row on top of LoRA (Liu et al. 2024)
-
-    def scale(self) -> float:
-        return lora_scale(self.alpha, self.rank, self.use_rslora)
-
-
-@dataclass
-class PeftLoRASpec(LoRASpec):
-    """A LoRASpec read from a PEFT adapter_config.json, with PEFT's other ways of picking modules (see
-    `is_target`): target_modules and exclude_modules may be full-match regexes, and layers_to_transform
-    (with layers_pattern) keeps list targets to those layers. Not a training config option."""
-
-    exclude_modules: list[str] | str = field(default_factory=lambda: ["lm_head"])  # names (suffix match) or a regex
-    layers_to_transform: list[int] | None = None  # None: every layer
-    layers_pattern: list[str] | None = None  # the name of the layer list ("layers"); None: any
+__all__ = ["LoRALinear", "LoRASpec", "PeftLoRASpec", "add_adapters", "is_lora_parameter", "is_target", "lora_scale", "swap_linears"]
 
 
 _NF4_FP32_BUFFERS = ("nf4_code", "nf4_absmax_scale", "nf4_absmax_code")
@@ -463,9 +435,3 @@ def add_adapters(model: nn.Module, spec: LoRASpec, adapter_dtype: torch.dtype = 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.rank}
-
-
-def is_lora_parameter(name: str) -> bool:
-    """Whether model parameter `name` is a LoRA weight (A, B) or a DoRA magnitude."""
-    return ".lora_a." in name or ".lora_b." in name or name.endswith(".lora_magnitude") or name == "lora_magnitude"
-

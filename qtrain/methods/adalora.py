@@ -90,10 +90,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qtrain.lora import LoRALinear
-from qtrain.methods.base import PeftMethod, matches, projection_shapes
+from qtrain.methods.base import PeftMethod, base_linears, matches, projection_shapes
 
 if TYPE_CHECKING:
+    from qtrain.lora import LoRALinear
     from transformers import PretrainedConfig
 
 PEFT_PREFIX = "base_model.model."
@@ -257,13 +257,13 @@ class AdaLoRA(PeftMethod):
     def _targets(self, model: nn.Module) -> dict[str, LoRALinear]:
         return {
             n: m
-            for n, m in model.named_modules()
-            if isinstance(m, LoRALinear) and (self.all_linear or matches(n, self.target_modules))
+            for n, m in base_linears(model).items()
+            if self.all_linear or matches(n, self.target_modules)
         }
 
     def adapted(self, model: nn.Module) -> dict[str, LoRALinear]:
         """The adapted linears of `model`, in model order."""
-        return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear) and A in m._parameters}
+        return {n: m for n, m in base_linears(model).items() if A in m._parameters}
 
     def _check_targets(self, targets: dict[str, LoRALinear]) -> None:
         if not targets:

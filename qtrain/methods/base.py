@@ -29,6 +29,7 @@ from torch import nn
 from qtrain.methods.hooks import ModuleHooks
 
 if TYPE_CHECKING:
+    from qtrain.lora import LoRALinear
     from transformers import PretrainedConfig
 
 
@@ -188,6 +189,15 @@ def mark_trainable(model: nn.Module, methods: list[PeftMethod]) -> list[str]:
         if p.requires_grad:
             names.append(n)
     return names
+
+
+def base_linears(model: nn.Module) -> dict[str, LoRALinear]:
+    """{name: module} of the base's linears (`qtrain.lora.LoRALinear`: every linear but lm_head), in
+    model order. The layer is imported here, not at the top: loading a config (which imports the
+    method classes) imports no model code."""
+    from qtrain.lora import LoRALinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def matches(name: str, targets: list[str]) -> bool:

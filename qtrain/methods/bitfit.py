@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from qtrain.lora import LoRALinear
-from qtrain.methods.base import PeftMethod, matches, projection_shapes
+from qtrain.methods.base import PeftMethod, base_linears, matches, projection_shapes
 
 if TYPE_CHECKING:
+    from qtrain.lora import LoRALinear
     from transformers import PretrainedConfig
 
 
@@ -33,8 +33,8 @@ class BitFit(PeftMethod):
     def _targets(self, model: nn.Module) -> dict[str, LoRALinear]:
         return {
             n: m
-            for n, m in model.named_modules()
-            if isinstance(m, LoRALinear) and (self.target_modules == "all-linear" or matches(n, self.target_modules))
+            for n, m in base_linears(model).items()
+            if self.target_modules == "all-linear" or matches(n, self.target_modules)
         }
 
     def apply(self, model: nn.Module) -> None:

@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from qtrain.lora import LoRALinear
-from qtrain.methods.base import PeftMethod, matches, projection_shapes
+from qtrain.methods.base import PeftMethod, base_linears, matches, projection_shapes
 
 if TYPE_CHECKING:
+    from qtrain.lora import LoRALinear
     from transformers import PretrainedConfig
 
 PEFT_PREFIX = "base_model.model."
@@ -112,8 +112,8 @@ class IA3(PeftMethod):
     def _targets(self, model: nn.Module) -> dict[str, LoRALinear]:
         return {
             n: m
-            for n, m in model.named_modules()
-            if isinstance(m, LoRALinear) and (self.all_linear or matches(n, self.target_modules))
+            for n, m in base_linears(model).items()
+            if self.all_linear or matches(n, self.target_modules)
         }
 
     def is_feedforward(self, module_name: str) -> bool:
@@ -138,8 +138,8 @@ class IA3(PeftMethod):
     def remove(self, model: nn.Module) -> None:
         """Undo `apply`: drop the vectors and their hooks (the model is the base again)."""
         self.hooks.remove(model)
-        for m in model.modules():
-            if isinstance(m, LoRALinear) and PARAM in m._parameters:
+        for m in base_linears(model).values():
+            if PARAM in m._parameters:
                 del m._parameters[PARAM]
 
     def saved_bytes_per_token(self, s, e: int) -> int:

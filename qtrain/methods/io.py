@@ -28,7 +28,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qtrain.adapter import TRAINING_INFO, base_model_reference, read_adapter_file, replace_dir
 from qtrain.methods.base import PeftMethod
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -63,6 +62,8 @@ def save_methods(
     `merge_adapter` can rebuild exactly that base; `extra_info` (e.g. the data format, which
     `qtrain generate` renders prompts with) joins them in qtrain.json, with the config of each
     method saved in a subfolder (one saved at the root, LoRA, is recorded by its PEFT config)."""
+    from qtrain.adapter import TRAINING_INFO, base_model_reference, replace_dir  # lazy: the loader's module
+
     base_model = base_model_reference(base_model)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +108,8 @@ def load_method(model: nn.Module, method: PeftMethod, adapter_dir: Path, resume:
         if not method.subfolder:  # at the root: the adapter's own files (LoRA's message as ever)
             raise FileNotFoundError(f"{weights}: not found")
         raise FileNotFoundError(f"{weights}: not found; {adapter_dir} holds no {method.name} parameters")
+    from qtrain.adapter import read_adapter_file  # lazy: the loader's module
+
     tensors = read_adapter_file(weights)
     if raw:
         method.load_state_dict(model, tensors, source=str(weights))

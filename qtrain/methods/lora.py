@@ -18,18 +18,54 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
-from qtrain.lora import LoRASpec, PeftLoRASpec, add_adapters, is_lora_parameter, is_target
 from qtrain.methods.base import PeftMethod
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """alpha / r (LoRA), or alpha / sqrt(r) (rsLoRA)."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
+@dataclass
+class LoRASpec:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    target_modules: list[str] | str = "all-linear"  # 'all-linear' or module names (suffix match)
+    exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    use_dora: bool = False  # DoRA: a trained magnitude per output row on top of LoRA (Liu et al. 2024)
+
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.rank, self.use_rslora)
+
+
+@dataclass
+class PeftLoRASpec(LoRASpec):
+    """A LoRASpec read from a PEFT adapter_config.json, with PEFT's other ways of picking modules (see
+    `is_target`): target_modules and exclude_modules may be full-match regexes, and layers_to_transform
+    (with layers_pattern) keeps list targets to those layers. Not a training config option."""
+
+    exclude_modules: list[str] | str = field(default_factory=lambda: ["lm_head"])  # names (suffix match) or a regex
+    layers_to_transform: list[int] | None = None  # None: every layer
+    layers_pattern: list[str] | None = None  # the name of the layer list ("layers"); None: any
+
+
+
+def is_lora_parameter(name: str) -> bool:
+    """Whether model parameter `name` is a LoRA weight (A, B) or a DoRA magnitude."""
+    return ".lora_a." in name or ".lora_b." in name or name.endswith(".lora_magnitude") or name == "lora_magnitude"
 
 
 @dataclass
@@ -76,6 +112,8 @@ class LoRA(LoRASpec, PeftMethod):
         return getattr(self, "_targets", [])
 
     def apply(self, model: nn.Module, adapter_dtype: torch.dtype = torch.float32) -> None:
+        from qtrain.lora import add_adapters  # the layer (qtrain.lora imports this module: no cycle at import)
+
         self._targets = add_adapters(model, self, adapter_dtype)
 
     def owns(self, param_name: str) -> bool:
@@ -91,6 +129,8 @@ class LoRA(LoRASpec, PeftMethod):
         skeleton = build_skeleton(config, torch.float32)  # on meta: free
         out = skeleton.get_output_embeddings()
         linears = [(n, m) for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and m is not out]
+        from qtrain.lora import is_target
+
         chosen = [m for n, m in linears if is_target(n, self)]
         return sum(self.rank * (m.in_features + m.out_features) + (m.out_features if self.use_dora else 0) for m in chosen)
 
