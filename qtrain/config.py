@@ -183,8 +183,12 @@ class Config:
                 self.method_sections[name].check_run(self.train.max_steps)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        if self.lora.init_from and "lora" not in names:
-            raise ConfigError("lora.init_from: the run does not use LoRA; add lora to method")
+        for name, section in self.method_sections.items():
+            if name not in names:
+                try:
+                    section.check_unused()
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
         if (self.model.name_or_path is None) == (self.model.tiny is None):
             raise ConfigError("model: set exactly one of model.name_or_path and model.tiny")
         t, d, e, c = self.train, self.data, self.eval, self.checkpoint

@@ -65,6 +65,10 @@ class PeftMethod:
         """Checks of this method's settings against the run's (`train.max_steps`), when the run uses
         it: a ValueError naming the config key. Its own fields are checked when it is made."""
 
+    def check_unused(self) -> None:
+        """Checks of this method's section when the run does not use the method: a ValueError for a
+        setting that only means something with it (LoRA's `init_from`)."""
+
     # ---- training-loop hooks (most methods need none) ----
 
     def regularization(self, model: nn.Module) -> torch.Tensor | None:

@@ -104,6 +104,10 @@ class LoRA(LoRASpec, PeftMethod):
     def init_dir(self) -> str | None:
         return self.init_from
 
+    def check_unused(self) -> None:
+        if self.init_from:
+            raise ValueError("lora.init_from: the run does not use LoRA; add lora to method")
+
     # ---- applying, training ----
 
     @property

@@ -640,3 +640,10 @@ def test_kernels_enabled_reads_yaml_on_off():
     assert load_config(None, ["model.name_or_path=x"]).kernels.enabled == "auto"
     with pytest.raises(ConfigError, match=r"kernels.enabled: 'maybe' matches none of auto \| on \| off \| bool"):
         load_config(None, ["model.name_or_path=x", "kernels.enabled=maybe"])
+
+
+def test_a_section_of_a_method_the_run_does_not_use_is_checked():
+    """lora.init_from without lora in `method` would be silently ignored: the LoRA section refuses it
+    (`PeftMethod.check_unused`), named by its key; with LoRA in the run it is taken."""
+    assert "lora.init_from: the run does not use LoRA; add lora to method" in error_of(["method=bitfit", "lora.init_from=some/adapter"])
+    assert load_config(QUICKSTART, ["method=[lora, bitfit]", "lora.init_from=some/adapter"]).lora.init_from == "some/adapter"
