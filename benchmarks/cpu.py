@@ -31,7 +31,6 @@ import datetime as dt
 import functools
 import importlib.metadata
 import importlib.util
-import json
 import os
 import re
 import statistics

@@ -36,7 +36,6 @@ except ImportError as exc:  # pragma: no cover - exercised only on installs with
     ) from exc
 
 import torch
-
 from qtrain.kernels._triton import _round_to, is_interpreting
 from qtrain.kernels.nf4 import NF4Tensor, dequantize_nf4, nf4_pair_table
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from qtrain.kernels.backend import MIN_CAPABILITY, device_capability, interpreting, triton_available
-
 from qtrain.kernels.nf4 import NF4Tensor
 
 __all__ = [
@@ -274,9 +273,8 @@ def crossovers_from_timings(timings: dict[str, dict[int, float]]) -> dict:
 def _cuda_measure(device: torch.device, dtype: torch.dtype, rank: int, rep_ms: float):
     """measure(path, M, N, K) -> ms: forward + backward (forward only for M <= 16, where decode runs
     without gradients) of one NF4+LoRA projection with `triton.testing.do_bench`."""
-    from triton.testing import do_bench
-
     from qtrain.kernels.nf4 import quantize_nf4
+    from triton.testing import do_bench
 
     weights: dict[tuple[int, int], tuple] = {}
 

@@ -29,11 +29,9 @@ except ImportError as exc:  # pragma: no cover - exercised only on installs with
 
 import torch
 from qtrain.kernels._triton import _round_to, is_interpreting
-from qtrain.kernels.nf4 import nf4_pair_table
+from qtrain.kernels.nf4 import NF4Tensor, nf4_pair_table
 from qtrain.kernels.nf4_dequant import _absmax, _pair_levels, check_device
 from qtrain.kernels.nf4_matmul import apply_lora_function, lora_backward, lora_forward
-
-from qtrain.kernels.nf4 import NF4Tensor
 
 __all__ = ["MAX_ROWS", "NF4GemvLoRAFunction", "nf4_gemv", "nf4_lora_gemv"]
 

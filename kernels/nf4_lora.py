@@ -31,7 +31,6 @@ from qtrain.kernels.backend import (  # noqa: F401 - re-exported: the names call
 from qtrain.kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 
-
 def nf4_lora_reference(
     x: torch.Tensor,
     weight: NF4Tensor,

@@ -62,10 +62,9 @@ import torch
 import torch.nn.functional as F
 from qtrain.kernels._triton import _round_to, is_interpreting
 from qtrain.kernels.backend import device_capability, run_triton_or_fall_back
+from qtrain.kernels.nf4 import NF4Tensor, dequantize_nf4
 from qtrain.kernels.nf4_dequant import _dequant_tile, check_device, nf4_args
 from qtrain.kernels.nf4_lora import autocast_off, compute_dtype, nf4_lora_reference
-
-from qtrain.kernels.nf4 import NF4Tensor, dequantize_nf4
 
 __all__ = [
     "NF4LoRAFunction",

@@ -34,9 +34,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from qtrain.kernels.backend import interpreting, run_triton_or_fall_back, triton_available
-from qtrain.kernels.nf4_lora import compute_dtype
-
 from qtrain.kernels.nf4 import NF4Tensor, dequantize_nf4
+from qtrain.kernels.nf4_lora import compute_dtype
 
 __all__ = [
     "NF4DequantLoRAFunction",

@@ -93,8 +93,9 @@ from torch.nn import functional as F
 from qtrain.methods.base import PeftMethod, base_linears, matches, projection_shapes
 
 if TYPE_CHECKING:
-    from qtrain.lora import LoRALinear
     from transformers import PretrainedConfig
+
+    from qtrain.lora import LoRALinear
 
 PEFT_PREFIX = "base_model.model."
 A, E, B, RANKNUM = "adalora_a", "adalora_e", "adalora_b", "adalora_ranknum"

@@ -29,8 +29,9 @@ from torch import nn
 from qtrain.methods.hooks import ModuleHooks
 
 if TYPE_CHECKING:
-    from qtrain.lora import LoRALinear
     from transformers import PretrainedConfig
+
+    from qtrain.lora import LoRALinear
 
 
 class PeftMethod:

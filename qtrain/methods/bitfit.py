@@ -21,8 +21,9 @@ from torch import nn
 from qtrain.methods.base import PeftMethod, base_linears, matches, projection_shapes
 
 if TYPE_CHECKING:
-    from qtrain.lora import LoRALinear
     from transformers import PretrainedConfig
+
+    from qtrain.lora import LoRALinear
 
 
 @dataclass

@@ -48,8 +48,9 @@ from torch import nn
 from qtrain.methods.base import PeftMethod, base_linears, matches, projection_shapes
 
 if TYPE_CHECKING:
-    from qtrain.lora import LoRALinear
     from transformers import PretrainedConfig
+
+    from qtrain.lora import LoRALinear
 
 PEFT_PREFIX = "base_model.model."
 PARAM = "ia3_l"

@@ -6,9 +6,8 @@ from __future__ import annotations
 import importlib
 
 import pytest
-import torch
-
 import qtrain.kernels.backend as policy
+import torch
 from qtrain.kernels import cross_entropy, linear_cross_entropy, nf4_lora, rms_norm, rope, swiglu
 
 RESOLVERS = {  # op -> its module's resolve_backend(backend, x)

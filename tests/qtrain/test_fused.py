@@ -22,11 +22,10 @@ from qtrain.kernels.rms_norm import rms_norm_reference
 from qtrain.kernels.swiglu import swiglu_reference
 
 from qtrain import fused
+from qtrain.fused import FusedAttention, FusedMLP, FusedOps, FusedRMSNorm, apply_fused_ops, projection
 from qtrain.fused import attention as fused_attention
 from qtrain.fused import mlp as fused_mlp
 from qtrain.fused import norm as fused_norm
-from qtrain.fused import projection
-from qtrain.fused import FusedAttention, FusedMLP, FusedOps, FusedRMSNorm, apply_fused_ops
 from qtrain.lora import LoRALinear, LoRASpec
 from qtrain.methods.adapters import Houlsby
 from qtrain.methods.bitfit import BitFit

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from qtrain.kernels import varlen
 
 import qtrain.fused
-from qtrain.kernels import varlen
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

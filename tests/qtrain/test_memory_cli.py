@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import qtrain.kernels.backend as policy
 import torch
 from rich.console import Console
 
-import qtrain.kernels.backend as policy
 from qtrain.cli import main
 from qtrain.config import load_config
 from qtrain.estimate import GiB

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from qtrain.kernels import nf4 as nf4_mod
+
 from qtrain.nf4 import (
     NF4_LEVELS,
     QUANT_STATE_KEY,

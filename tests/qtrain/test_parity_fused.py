@@ -35,11 +35,11 @@ import torch
 from qtrain.kernels.rms_norm import rms_norm_reference
 from qtrain.kernels.swiglu import swiglu_reference
 
+from qtrain.adapter import load_adapter_weights, save_adapter
+from qtrain.fused import FusedAttention, FusedMLP, FusedOps, FusedRMSNorm, apply_fused_ops
 from qtrain.fused import attention as fused_attention
 from qtrain.fused import mlp as fused_mlp
 from qtrain.fused import norm as fused_norm
-from qtrain.adapter import load_adapter_weights, save_adapter
-from qtrain.fused import FusedAttention, FusedMLP, FusedOps, FusedRMSNorm, apply_fused_ops
 from qtrain.lora import LoRASpec, lora_modules
 from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import train_step

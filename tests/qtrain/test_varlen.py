@@ -18,8 +18,8 @@ import itertools
 
 import pytest
 import torch
-from qtrain.kernels.rms_norm import rms_norm_reference
 from qtrain.kernels import varlen
+from qtrain.kernels.rms_norm import rms_norm_reference
 from qtrain.kernels.swiglu import swiglu_reference
 from qtrain.kernels.varlen import packed_segments, segment_attention, varlen_attention
 from torch.nn import functional as F
@@ -29,11 +29,11 @@ from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 
 from qtrain import fused
+from qtrain.data import IGNORE_INDEX, Example, collate_packed
+from qtrain.fused import FusedOps, apply_fused_ops
 from qtrain.fused import attention as fused_attention
 from qtrain.fused import mlp as fused_mlp
 from qtrain.fused import norm as fused_norm
-from qtrain.data import IGNORE_INDEX, Example, collate_packed
-from qtrain.fused import FusedOps, apply_fused_ops
 from qtrain.lora import LoRALinear, LoRASpec
 from qtrain.methods.adapters import Houlsby
 from qtrain.methods.llama_adapter import LlamaAdapter

@@ -13,8 +13,8 @@ from qtrain.config import ConfigError, from_dict
 from qtrain.lora import LoRASpec, is_lora_parameter, lora_modules
 from qtrain.methods import mark_trainable
 from qtrain.methods.adalora import AdaLoRA
-from qtrain.methods.lora import LoRA as LoRAParameters
 from qtrain.methods.io import load_method, save_method
+from qtrain.methods.lora import LoRA as LoRAParameters
 from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import loss_sum
 

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from qtrain.lora import LoRALinear, LoRASpec, is_lora_parameter, lora_modules
 from qtrain.methods import mark_trainable
-from qtrain.methods.lora import LoRA as LoRAParameters
 from qtrain.methods.ia3 import IA3
+from qtrain.methods.lora import LoRA as LoRAParameters
 from qtrain.model import enable_checkpointing, load_model
 
 # hidden 64, intermediate 192 (every row length a multiple of 64): away from the bitsandbytes 0.50.2

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from qtrain.lora import LoRASpec, lora_modules
 from qtrain.methods import mark_trainable
-from qtrain.methods.lora import LoRA as LoRAParameters
 from qtrain.methods.io import load_method, save_method
 from qtrain.methods.llama_adapter import LlamaAdapter
+from qtrain.methods.lora import LoRA as LoRAParameters
 from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import loss_sum
 

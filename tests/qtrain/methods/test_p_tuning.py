@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from qtrain.lora import LoRASpec, is_lora_parameter
 from qtrain.methods import mark_trainable
-from qtrain.methods.lora import LoRA as LoRAParameters
 from qtrain.methods.io import load_method, save_method
+from qtrain.methods.lora import LoRA as LoRAParameters
 from qtrain.methods.p_tuning import PTuning
 from qtrain.model import enable_checkpointing, load_model
 from qtrain.tiny import char_tokenizer
