@@ -27,6 +27,11 @@ then uses that `dz` directly (the torch path rounds its fp32 `dz` to W's dtype t
 needed, multiplies an fp32 copy of the rounded `dz`. The default, backend="torch", is the PyTorch
 code above, unchanged.
 
+Soft-capping (Gemma-2's `final_logit_softcapping`): with `softcap=c` the loss is taken on
+`c * tanh(z / c)`, as the model's own forward does; the torch path caps each chunk's fp32 copy in
+place and keeps `1 - tanh^2` (one more fp32 [C, V]) to carry dz back through the cap. The Triton
+backend has no cap: with a softcap the op runs the torch path.
+
 Shapes: H [N, D] (or [B, S, D]), W [V, D], labels [N] (or [B, S]) int64.
 """
 
@@ -42,11 +47,18 @@ from qtrain.kernels.backend import BACKENDS  # noqa: F401 - re-exported
 
 
 def linear_cross_entropy_reference(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, softcap: float | None = None
 ) -> torch.Tensor:
-    """Ground truth in fp32: full logits, then the summed cross-entropy over non-ignored labels."""
-    logits = hidden.float() @ weight.float().T  # [N, V]
+    """Ground truth in fp32: full logits (soft-capped when `softcap`), then the summed cross-entropy
+    over non-ignored labels."""
+    logits = soft_cap(hidden.float() @ weight.float().T, softcap)  # [N, V]
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """`cap * tanh(logits / cap)` (Gemma-2's final logit soft-capping, as transformers computes it);
+    `logits` unchanged when `cap` is None."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 MIN_CHUNK_ROWS = 256  # below this, every chunk's reading of the whole [V, D] lm_head costs more than it saves
@@ -71,8 +83,16 @@ def default_chunk_size(n_tokens: int, vocab: int, hidden_size: int) -> int:
     return max(1, min(n_tokens, max(MIN_CHUNK_ROWS, liger)))
 
 
-def _chunk_loss_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, grad: bool) -> torch.Tensor:
-    """Summed loss of one chunk; with `grad`, turns `logits` [C, V] fp32 IN PLACE into dlogits."""
+def _chunk_loss_(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, grad: bool, softcap: float | None = None
+) -> torch.Tensor:
+    """Summed loss of one chunk; with `grad`, turns `logits` [C, V] fp32 IN PLACE into dlogits.
+    `softcap`: the loss of `c * tanh(z / c)`, and dlogits through the cap's derivative `1 - tanh^2`."""
+    slope = None
+    if softcap is not None:
+        tanh = logits.div_(softcap).tanh_()  # [C, V], in place
+        slope = (1 - tanh.square()) if grad else None  # d(capped)/dz, one more fp32 [C, V]
+        logits = tanh.mul_(softcap)
     valid = labels != ignore_index  # [C]
     target = labels.where(valid, 0)[:, None]  # [C, 1], ignored rows point at class 0
     target_logit = logits.gather(1, target).squeeze(1)  # [C]
@@ -84,6 +104,8 @@ def _chunk_loss_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, 
     if grad:  # softmax - onehot, zero for ignored rows
         row_scale = valid[:, None] / sum_exp  # [C, 1]
         exp.mul_(row_scale).scatter_add_(1, target, -valid[:, None].to(exp.dtype))
+        if slope is not None:
+            exp.mul_(slope)
     return loss
 
 
@@ -105,13 +127,15 @@ def _chunked_forward(
     grad_hidden: bool,
     grad_weight: bool,
     backend: str = "torch",
+    softcap: float | None = None,
 ):
     """(loss, dH or None, dW or None): the loop over token chunks, in hidden's dtype + fp32.
 
     Rows whose label is `ignore_index` (prompt tokens in SFT, padding) add nothing to the loss and get
     a zero gradient, so their logits are never computed: when there are any, the chunks gather the
     labelled rows only (`chunk_size` labelled rows each) and dH is zero elsewhere.
-    backend "torch" or "triton" (already resolved): who computes each chunk's loss and dlogits."""
+    backend "torch" or "triton" (already resolved): who computes each chunk's loss and dlogits;
+    `softcap`: the logits' soft cap (torch backend only)."""
     n, d = hidden.shape
     rows = _labelled_rows(labels, ignore_index)  # None: every row is labelled
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -128,7 +152,7 @@ def _chunked_forward(
             loss += _chunk_loss_triton_(logits, y, ignore_index, grad_hidden or grad_weight)
         else:
             logits = (h @ weight.T).float()  # [C, V]: in hidden's dtype, then an fp32 copy (none for fp32)
-            loss += _chunk_loss_(logits, y, ignore_index, grad_hidden or grad_weight)
+            loss += _chunk_loss_(logits, y, ignore_index, grad_hidden or grad_weight, softcap)
         if g_hidden is not None and rows is None:
             torch.mm(logits.to(weight.dtype), weight, out=g_hidden[take])  # [C, D]
         elif g_hidden is not None:
@@ -156,10 +180,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int, backend: str = "torch"):
+    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int, backend: str = "torch", softcap=None):
         need_h, need_w = ctx.needs_input_grad[:2]
         loss, g_hidden, g_weight = _chunked_forward(
-            hidden, weight, labels, chunk_size, ignore_index, need_h, need_w, backend
+            hidden, weight, labels, chunk_size, ignore_index, need_h, need_w, backend, softcap
         )
         ctx.save_for_backward(g_hidden, g_weight)
         return loss
@@ -170,7 +194,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # out of place (one more [N, D] for a moment) so that retain_graph=True stays correct
         g_hidden = None if g_hidden is None else g_hidden * grad_loss
         g_weight = None if g_weight is None else g_weight * grad_loss
-        return g_hidden, g_weight, None, None, None, None
+        return g_hidden, g_weight, None, None, None, None, None
 
 
 def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
@@ -204,6 +228,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     ignore_index: int = -100,
     backend: str = "torch",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight^T` against `labels` (fp32 scalar), chunked over tokens.
 
@@ -212,7 +237,8 @@ def linear_cross_entropy(
     backend: who computes each chunk's softmax/loss/dlogits: "torch" (default, fp32 copy of the
     chunk), "triton" (the in-place kernel of `qtrain.kernels.cross_entropy`, no fp32 copy; CUDA, or
     CPU under TRITON_INTERPRET=1), "auto" (triton on CUDA when it passes its self-check, else
-    torch). The unchunked path (chunk_size=0) ignores it.
+    torch). The unchunked path (chunk_size=0) ignores it. softcap: the loss of `softcap *
+    tanh(logits / softcap)` (Gemma-2), on every path; a softcap makes "triton"/"auto" run torch.
 
     Autocast: inside `torch.autocast(device_type, dtype)` both hidden and weight are cast to the
     autocast dtype, as F.linear would do (a no-op for bf16 inputs under bf16 autocast), and the op
@@ -221,7 +247,7 @@ def linear_cross_entropy(
     any device.) Outside autocast, hidden and weight must have the same dtype, as for F.linear.
     """
     _check_inputs(hidden, weight, labels, chunk_size)
-    backend = resolve_backend(backend, hidden)
+    backend = "torch" if softcap is not None else resolve_backend(backend, hidden)
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # [N, D], [N]
     device_type = hidden.device.type
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
@@ -231,13 +257,14 @@ def linear_cross_entropy(
     if hidden.dtype != weight.dtype:
         raise ValueError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
     if chunk_size == 0:
-        return F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=ignore_index, reduction="sum")
+        logits = soft_cap(F.linear(hidden, weight).float(), softcap)
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.shape[1])
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            return LinearCrossEntropyFunction.apply(hidden, weight, labels, chunk_size, ignore_index, backend)
-        return _chunked_forward(hidden, weight, labels, chunk_size, ignore_index, False, False, backend)[0]  # no dH/dW
+            return LinearCrossEntropyFunction.apply(hidden, weight, labels, chunk_size, ignore_index, backend, softcap)
+        return _chunked_forward(hidden, weight, labels, chunk_size, ignore_index, False, False, backend, softcap)[0]  # no dH/dW
 
 
 ROW_BYTES = 40  # per-row vectors of a chunk (mask, targets, target logits, max, sum, lse, ...): ~33-37 B measured
@@ -252,6 +279,7 @@ def linear_cross_entropy_workspace_bytes(
     needs_grad: bool = True,
     weight_grad: bool = False,
     backend: str = "torch",
+    softcap: bool = False,
 ) -> int:
     """Peak bytes the op allocates beyond its inputs (forward + backward), from the code above.
 
@@ -278,6 +306,9 @@ def linear_cross_entropy_workspace_bytes(
     dW too: the forward term becomes gH + V*D*4 + chunk + C*V*4*[f > 0] + C*D*f (an fp32 copy of
     16-bit dlogits and h.float() for addmm), the cast and backward terms stay as above.
 
+    `softcap` (a soft-capped head: the torch path whatever `backend` says): with a gradient, the
+    chunk also holds the cap's slope, C*V*4 more.
+
     Not counted: the scalar loss and BLAS scratch. cuBLAS's workspace is allocated once per handle;
     on CPU, oneDNN's bf16 matmul packs W for `dz @ W`, up to another V*D*s per chunk (measured: 2x
     the formula at N=512, D=64, V=4096, C=8; fp32 and fp16 on CPU match it to within 0.5%).
@@ -289,10 +320,11 @@ def linear_cross_entropy_workspace_bytes(
         return (12 if needs_grad or weight_grad else 8) * n * v
     c = min(n, default_chunk_size(n, v, d) if chunk_size is None else chunk_size)
     f = 0 if dtype == torch.float32 else s
+    backend = "torch" if softcap else backend
     if backend == "triton":
         chunk = c * v * s + ROW_BYTES * c
     else:
-        chunk = c * v * (f + 4) + ROW_BYTES * c
+        chunk = c * v * (f + 4 + (4 if softcap and (needs_grad or weight_grad) else 0)) + ROW_BYTES * c
     chunk += 9 * n + (2 if needs_grad else 1) * c * d * s  # labelled rows gathered (an upper bound: none if all are)
     if not (needs_grad or weight_grad):
         return chunk

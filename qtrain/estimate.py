@@ -465,7 +465,8 @@ def estimate(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> Es
         chunk = w.loss_chunk or default_chunk_size(T_loss, V, s.D)
         note = f"{math.ceil(T_loss / chunk)} chunks of {chunk} tokens"
         loss_saved = Item("activations", "hidden-state gradient (saved)", e * s.D * T_loss, note)
-        workspace = linear_cross_entropy_workspace_bytes(T_loss, V, s.D, chunk, w.dtype) - loss_saved.bytes
+        capped = getattr(c, "final_logit_softcapping", None) is not None  # Gemma-2: the cap's slope per chunk
+        workspace = linear_cross_entropy_workspace_bytes(T_loss, V, s.D, chunk, w.dtype, softcap=capped) - loss_saved.bytes
         loss_fwd = Item("other", "lm_head + loss chunk", workspace, note)
         loss_bwd = None
 

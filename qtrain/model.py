@@ -29,7 +29,7 @@ from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
 from qtrain.lora import LoRALinear, LoRASpec, swap_base_linears
 from qtrain.nf4 import QUANT_STATE_KEY, from_bnb_state_dict
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 IGNORED_KEYS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
 
 

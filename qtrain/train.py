@@ -57,7 +57,7 @@ from qtrain.device import pick_device
 from qtrain.estimate import estimate, workload_for
 from qtrain.evaluate import exact_match, generate
 from qtrain.kernels.backend import resolve_on_device
-from qtrain.kernels.linear_cross_entropy import linear_cross_entropy
+from qtrain.kernels.linear_cross_entropy import linear_cross_entropy, soft_cap
 from qtrain.lora import LoRALinear
 from qtrain.memory import OffloadActivations, peak_memory_bytes
 from qtrain.memprof import MemoryProfiler
@@ -107,6 +107,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 # ---- one step ----
 
 
+def logit_softcap(model) -> float | None:
+    """The final logit soft cap the model's own forward applies (Gemma-2's `final_logit_softcapping`;
+    None for the families without one): `loss_sum` runs lm_head itself and must apply it too."""
+    config = getattr(model, "config", None)
+    return getattr(config.get_text_config(), "final_logit_softcapping", None) if config is not None else None
+
+
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled positions. logits [B, S, V], labels [B, S]."""
     return F.cross_entropy(
@@ -122,7 +129,8 @@ def loss_sum(
 
     lm_head + cross-entropy run over chunks of `chunk` tokens (None: automatic) and never hold the
     full [B, S, V] logits; `chunk=0` computes the full logits (the plain path). `backend`: the chunks'
-    cross-entropy ("torch", "triton" or "auto": `qtrain.kernels.linear_cross_entropy`)."""
+    cross-entropy ("torch", "triton" or "auto": `qtrain.kernels.linear_cross_entropy`; a soft-capped
+    head, `logit_softcap`, runs the torch chunks, which cap each chunk's logits as the model does)."""
     with offload or contextlib.nullcontext():  # only the decoder's activations are offloaded
         hidden = model.get_decoder()(
             input_ids=batch["input_ids"],
@@ -130,11 +138,13 @@ def loss_sum(
             position_ids=batch.get("position_ids"),
             use_cache=False,
         ).last_hidden_state  # [B, S, D]
-    head = model.get_output_embeddings()
+    head, cap = model.get_output_embeddings(), logit_softcap(model)
     if chunk == 0 or type(head) is not torch.nn.Linear or head.bias is not None:
-        return causal_lm_loss_sum(head(hidden), batch["labels"])  # logits [B, S, V]
+        return causal_lm_loss_sum(soft_cap(head(hidden), cap), batch["labels"])  # logits [B, S, V]
     next_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, S]: token t predicts t+1
-    return linear_cross_entropy(hidden, head.weight, next_labels, chunk_size=chunk, ignore_index=IGNORE_INDEX, backend=backend)
+    return linear_cross_entropy(
+        hidden, head.weight, next_labels, chunk_size=chunk, ignore_index=IGNORE_INDEX, backend=backend, softcap=cap
+    )
 
 
 def n_targets(batch: dict) -> int:
