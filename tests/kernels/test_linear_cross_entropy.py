@@ -110,6 +110,42 @@ def test_matches_reference(dtype, chunk_size, weight_grad):
         assert gw is None
 
 
+SOFTCAP = 2.0  # logits |z| up to ~8 here: well past the cap, so an uncapped loss is far off
+
+
+@pytest.mark.parametrize("chunk_size", [16, None, 0], ids=lambda c: f"chunk{c}")
+def test_softcap_matches_the_capped_reference(chunk_size):
+    """Gemma-2's final logit soft cap: loss and gradients are those of `c * tanh(z / c)`, on the
+    chunked path (the cap's slope carried into dz) and the full-logits one."""
+    inputs = make_inputs(torch.float32)
+    loss, gh, gw = loss_and_grads(linear_cross_entropy, *inputs, chunk_size=chunk_size, softcap=SOFTCAP)
+    ref_loss, ref_gh, ref_gw = loss_and_grads(linear_cross_entropy_reference, *inputs, softcap=SOFTCAP)
+    uncapped = loss_and_grads(linear_cross_entropy_reference, *inputs)[0]
+    assert abs(ref_loss - uncapped) > 0.05 * uncapped  # the cap changes the loss: the test can fail
+    torch.testing.assert_close(loss, ref_loss, rtol=TOLS[torch.float32][0], atol=0)
+    assert_grad_close(gh, ref_gh, torch.float32, "grad_hidden")
+    assert_grad_close(gw, ref_gw, torch.float32, "grad_weight")
+
+
+def test_softcap_reference_is_the_tanh_cap():
+    hidden, weight, labels = make_inputs(torch.float32)
+    capped = SOFTCAP * torch.tanh(hidden @ weight.T / SOFTCAP)
+    expected = torch.nn.functional.cross_entropy(capped, labels, ignore_index=IGNORE, reduction="sum")
+    torch.testing.assert_close(linear_cross_entropy_reference(hidden, weight, labels, IGNORE, SOFTCAP), expected)
+
+
+def test_softcap_workspace_formula_matches_measured_peak():
+    hidden, weight, labels = make_inputs(n=MN, d=MD, v=MV)
+
+    def run():
+        linear_cross_entropy(hidden.requires_grad_(), weight, labels, chunk_size=64, softcap=SOFTCAP).backward()
+
+    measured = peak_bytes(run)[0]
+    formula = linear_cross_entropy_workspace_bytes(MN, MV, MD, 64, torch.float32, softcap=True)
+    assert abs(measured - formula) <= 0.15 * formula, (measured, formula)
+    assert formula > linear_cross_entropy_workspace_bytes(MN, MV, MD, 64, torch.float32)
+
+
 def test_reference_is_logsumexp_minus_target_logit():
     hidden, weight, labels = make_inputs()
     z = hidden @ weight.T  # [N, V]
