@@ -528,9 +528,11 @@ def max_seq_len(config: PretrainedConfig, spec: LoRASpec | None, w: Workload, bu
 # ---- from a training config; what to change when it does not fit ----
 
 
-def workload_for(cfg, device: str = "cuda", backend: str | None = None) -> Workload:
+def workload_for(cfg, device: str = "cuda", backend: str | None = None, config: PretrainedConfig | None = None) -> Workload:
     """The Workload of a qtrain Config on `device` ("cuda" or "cpu"). The NF4 backend is the one
-    `auto` picks there (Triton on CUDA, assuming an Ampere or newer GPU), unless `backend` says."""
+    `auto` picks there (Triton on CUDA, assuming an Ampere or newer GPU), unless `backend` says.
+    `config` (the model's): its family decides whether the fused modules run (`fused_groups`); without
+    it, a tiny model's arch decides, and an unknown model counts them."""
     from qtrain.config import DTYPES
 
     t, d = cfg.train, cfg.data
@@ -538,7 +540,7 @@ def workload_for(cfg, device: str = "cuda", backend: str | None = None) -> Workl
     if backend is None:
         backend = cfg.model.backend if cfg.model.backend != "auto" else ("triton" if device == "cuda" else "torch")
     methods = tuple(cfg.method_objects())
-    fused = fused_groups(cfg.kernels, device, backend, methods)
+    fused = fused_groups(cfg.kernels, device, backend, methods, model_type_of(cfg, config))
     return Workload(
         batch_size=t.batch_size,
         seq_len=d.max_length,
@@ -563,12 +565,23 @@ def carries_mask(packing: bool, batch_size: int, fused: tuple) -> bool:
     return (packing and "varlen" not in fused) or (not packing and batch_size > 1)
 
 
-def fused_groups(ops, device: str, backend: str, methods: tuple = ()) -> tuple:
+def model_type_of(cfg, config: PretrainedConfig | None) -> str | None:
+    """The model family a run trains: `config`'s, else the tiny model's arch, else None (unknown)."""
+    if config is not None:
+        return config.get_text_config().model_type
+    tiny = getattr(cfg.model, "tiny", None)
+    return tiny.arch if tiny is not None else None
+
+
+def fused_groups(ops, device: str, backend: str, methods: tuple = (), model_type: str | None = None) -> tuple:
     """What `qtrain.fused` changes for memory with these kernel settings on `device`: the projection
     groups it fuses ("qkv", "gate_up"; separate projections for the torch NF4 backend on CUDA), the
     RMSNorm and SwiGLU kernels (they save less), and "varlen" when packed rows run without a mask
-    (not with methods that hook the attention)."""
-    if not ops.on_for(device):
+    (not with methods that hook the attention). Nothing for a family that keeps its stock modules
+    (`qtrain.fused.architectures.fused_architecture`, the swap's own test; `model_type` None: counted)."""
+    from qtrain.fused.architectures import fused_architecture  # imports transformers' modeling files
+
+    if not ops.on_for(device) or (model_type is not None and fused_architecture(model_type) is None):
         return ()
     groups = () if device == "cuda" and backend != "triton" else tuple(g for g in ("qkv", "gate_up") if getattr(ops, g))
     hooks_attention = any(m.hooks_attention for m in methods)

@@ -4,7 +4,8 @@ and the fused attention class replacing its attention.
 Adding a Llama-like family: a `Fused<Family>Attention(FusedAttention, <its attention class>)` with its
 `rotary` and `eager` functions, `new_cache_api` (`takes_cache_argument`), `forward` (`forward_for`) and, when it has a
 sliding window, `window_kwargs`; then one `ARCHITECTURES` line. Other model types are left alone
-by `apply_fused_ops` (the reason recorded).
+by `apply_fused_ops` (the reason recorded); `fused_architecture` is the one place that decides,
+read by the swap and by the memory estimator alike.
 """
 
 from __future__ import annotations
@@ -62,3 +63,13 @@ ARCHITECTURES = {
     ),
     "qwen2": Architecture(qwen2.Qwen2Attention, qwen2.Qwen2MLP, qwen2.Qwen2RMSNorm, FusedQwen2Attention),
 }
+
+
+def fused_architecture(model_type: str | None) -> Architecture | None:
+    """The fused modules of `model_type`, or None when the family keeps transformers' stock modules.
+
+    Both `apply_fused_ops` (what is swapped) and `qtrain.estimate.fused_groups` (what the estimate
+    counts) ask this, so they cannot disagree. Gemma-2 / Gemma-3 are absent on purpose: their
+    `(1 + w)` RMSNorm, GeGLU (`gelu_pytorch_tanh`) MLP and soft-capped or q/k-normed attention are
+    not the Llama math of `FusedRMSNorm` / `FusedMLP` / `FusedAttention`."""
+    return ARCHITECTURES.get(model_type)

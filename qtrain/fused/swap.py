@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qtrain.fused.architectures import ARCHITECTURES, Architecture
+from qtrain.fused.architectures import ARCHITECTURES, Architecture, fused_architecture
 from qtrain.fused.mlp import FusedMLP
 from qtrain.fused.norm import FusedRMSNorm
 from qtrain.fused.ops import FusedOps
@@ -102,7 +102,7 @@ def apply_fused_ops(model: nn.Module, ops: FusedOps | None = None) -> Swapped:
         out.skipped["model"] = f"kernels.enabled={ops.enabled!r}" + ("" if ops.any_on() else ", every op off")
         return out
     model_type = getattr(model.config, "model_type", None)
-    arch = ARCHITECTURES.get(model_type)
+    arch = fused_architecture(model_type)
     if arch is None:
         out.skipped["model"] = f"model_type {model_type!r} has no fused modules (only {', '.join(ARCHITECTURES)})"
         return out
