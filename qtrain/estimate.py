@@ -40,7 +40,7 @@ from qtrain.kernels.linear_cross_entropy import default_chunk_size, linear_cross
 from qtrain.kernels.nf4_dispatch import DEFAULT_CROSSOVER, GEMV_MAX_M
 from qtrain.lora import LoRALinear, LoRASpec, swap_base_linears
 from qtrain.methods.lora import LoRA
-from qtrain.model import build_skeleton
+from qtrain.model import build_skeleton, tie_embeddings
 from qtrain.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
 
 GiB = 2**30
@@ -137,6 +137,7 @@ def meta_model(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> 
     left as they are) on the meta device, attached as `qtrain.builder.build_model` attaches them (no
     weights are read; the fused modules are counted from `w.fused`)."""
     model = build_skeleton(config, w.dtype)
+    tie_embeddings(model, config)  # as load_base does: a tied lm_head is no second tensor
     with torch.device("meta"):
         swap_base_linears(model, quantize_base=w.quantize, backend="torch")
         attach_methods(model, [replace(method) for method in with_lora(w, spec).methods], weights=False)
@@ -228,6 +229,10 @@ class LayerShape:
     in_out: dict[str, tuple[int, int]]
     dora: bool = False
     dropout: float = 0.0  # the adapters' LoRA dropout (the largest): > 0 saves each projection's dropped input
+    norms: int = 2  # RMSNorms per layer: Llama's 2; Gemma's 4 (pre and post attention and MLP)
+    qk_norm: bool = False  # RMSNorms on q and k per head (Gemma-3)
+    eager: bool = False  # attention in eager mode: the [H, S] score rows are saved (Gemma-2: sdpa has no soft cap)
+    score_cap: bool = False  # attention logit soft-capping: its tanh output is saved too (Gemma-2)
 
 
 def layer_shape(model: nn.Module, config: PretrainedConfig, methods: tuple = ()) -> LayerShape:
@@ -236,6 +241,7 @@ def layer_shape(model: nn.Module, config: PretrainedConfig, methods: tuple = ())
     projections = {n.rpartition(".")[2]: m for n, m in layer.named_modules() if isinstance(m, LoRALinear)}
     head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return LayerShape(
+        **family_shape(model, layer, c),
         D=c.hidden_size,
         I=c.intermediate_size,
         H=c.num_attention_heads,
@@ -246,6 +252,19 @@ def layer_shape(model: nn.Module, config: PretrainedConfig, methods: tuple = ())
         dropout=max((m.dropout for m in projections.values() if m.rank), default=0.0),
         in_out={n: (m.in_features, m.out_features) for n, m in projections.items()},
     )
+
+
+def family_shape(model: nn.Module, layer: nn.Module, c: PretrainedConfig) -> dict:
+    """What a family's stock layer keeps beyond Llama's (`LayerShape.norms`, `qk_norm`, `eager`,
+    `score_cap`), read from the (meta) model transformers built: the RMSNorms beside the layer's
+    attention and MLP, the q/k norms, the attention implementation it runs."""
+    norms = sum(type(m).__name__.endswith("RMSNorm") for m in layer.children())
+    return {
+        "norms": norms or 2,
+        "qk_norm": hasattr(layer.self_attn, "q_norm"),
+        "eager": getattr(model.config, "_attn_implementation", None) == "eager",
+        "score_cap": getattr(c, "attn_logit_softcapping", None) is not None,
+    }
 
 
 def adapter_rank(m: LoRALinear, methods: tuple = ()) -> int:
@@ -274,14 +293,31 @@ def layer_saved_bytes(s: LayerShape, w: Workload) -> int:
     down_in = e * s.I if "down_proj" in has else 0
     # the stock RMSNorm keeps an fp32 copy of x, qtrain's kernel x itself and an fp32 scale per row; the
     # stock MLP keeps gate, up and silu(gate), qtrain's SwiGLU kernel gate and up (it recomputes silu)
-    norms = 2 * ((e if "rms_norm" in w.fused else 4) * s.D + 4)
-    attention = e * (2 * s.H * s.d + 2 * s.K * s.d) + 4 * s.H
+    norms = 2 * ((e if "rms_norm" in w.fused else 4) * s.D + 4) + (s.norms - 2) * (4 * s.D + 4)
+    attention = e * (2 * s.H * s.d + 2 * s.K * s.d) + 4 * s.H + family_attention_bytes(s, w)
     mlp = (2 if "swiglu" in w.fused else 3) * e * s.I
     dora = 4 * sum(s.in_out[n][1] for n in s.ranks) if s.dora else 0  # the fp32 output DoRA rescales
     methods = sum(m.saved_bytes_per_token(s, e) for m in w.methods)
     if s.dropout > 0:  # each adapter saves its own dropped input instead of the shared one
         attn_in = mlp_in = down_in = 0
     return norms + attn_in + mlp_in + attention + mlp + down_in + a * sum(s.ranks.values()) + dora + methods + dropout_saved_bytes(s, w)
+
+
+def family_attention_bytes(s: LayerShape, w: Workload) -> int:
+    """Per token, what a family's attention saves beyond the sdpa attention of the Llama formula.
+
+    q/k norms (Gemma-3): an fp32 copy of q and k and an fp32 rsqrt per head, 4(H + K)(d + 1).
+    Eager attention (Gemma-2, whose soft-capped scores sdpa cannot compute) saves q, k and v with the
+    KV heads repeated to H, 3eHd, instead of sdpa's q, k, v, output and logsumexp (e(Hd + 2Kd) + 4H
+    of the formula's term), and per query its row of S scores per head: the fp32 softmax (4), its
+    cast to the compute dtype for `@ v` (e; none in fp32), and with soft-capping the tanh (e).
+    Measured per saved tensor on CPU (tests/qtrain/test_estimate.py, the gemma settings)."""
+    e = torch.finfo(w.dtype).bits // 8
+    extra = 4 * (s.H + s.K) * (s.d + 1) if s.qk_norm else 0
+    if s.eager:
+        row = 4 + (e if e < 4 else 0) + (e if s.score_cap else 0)
+        extra += 3 * e * s.H * s.d - (e * (s.H * s.d + 2 * s.K * s.d) + 4 * s.H) + s.H * (w.seq_len + prefix_keys(w)) * row
+    return extra
 
 
 def dropout_saved_bytes(s: LayerShape, w: Workload) -> int:

@@ -248,12 +248,19 @@ def _malloc_trim():
 
 
 
+def tie_embeddings(model: nn.Module, config: PretrainedConfig) -> None:
+    """lm_head's weight IS the input embedding's when the config ties them (Gemma, small Llama-3.2 and
+    Qwen2.5): one tensor, counted once. A skeleton built on meta is not tied by transformers."""
+    out = model.get_output_embeddings()
+    if out is not None and getattr(config.get_text_config(), "tie_word_embeddings", False):
+        out.weight = model.get_input_embeddings().weight
+
+
 def _tie_or_check(model: nn.Module, config: PretrainedConfig, model_dir: Path) -> None:
     """Tie lm_head to the embeddings when the config says so, then refuse leftover meta tensors."""
     out = model.get_output_embeddings()
-    tie = getattr(config.get_text_config(), "tie_word_embeddings", False)
-    if out is not None and out.weight.device.type == "meta" and tie:
-        out.weight = model.get_input_embeddings().weight
+    if out is not None and out.weight.device.type == "meta":
+        tie_embeddings(model, config)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     missing += [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.quantize_base and not m.has_nf4]
     missing += [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and not m.quantize_base and m.weight is None]
