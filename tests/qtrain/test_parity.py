@@ -35,10 +35,28 @@ def test_losses_match_transformers_bnb_peft(tiny_checkpoint, tmp_path, use_rslor
     # hidden/intermediate multiples of 64: bitsandbytes 0.50.2's native CPU dequantize is wrong
     # for rows whose length is a multiple of 16 but not 64 (tests/qtrain/test_model.py).
     path = tiny_checkpoint("llama", hidden_size=64, intermediate_size=192, num_layers=2)
+    spec = LoRASpec(rank=8, alpha=16, use_rslora=use_rslora, target_modules="all-linear")
+    assert_parity(*parity_losses(path, tmp_path, spec, bnb_exact))
+
+
+# Gemma: tied and sqrt(D)-scaled embeddings, (1 + w) RMSNorms (four a layer), GeGLU, local layers
+# with a 16-token window (rows reach 96), Gemma-3's q/k norms; Gemma-2 with a final logit cap of 1
+# (its config's 30 never binds on a tiny random model: logits stay under 1) and attention capped at 50.
+GEMMA = [("gemma2", {"final_logit_softcapping": 1.0}), ("gemma3_text", {})]
+
+
+@pytest.mark.parametrize("arch,family", GEMMA, ids=[a for a, _ in GEMMA])
+def test_gemma_losses_match_transformers_bnb_peft(tiny_checkpoint, tmp_path, arch, family, bnb_exact):
+    path = tiny_checkpoint(arch, hidden_size=64, intermediate_size=192, num_layers=2, **family)
+    spec = LoRASpec(rank=8, alpha=16, target_modules="all-linear")
+    assert_parity(*parity_losses(path, tmp_path, spec, bnb_exact))
+
+
+def parity_losses(path, tmp_path, spec: LoRASpec, bnb_exact) -> tuple[list[float], list[float]]:
+    """20 steps of qtrain (NF4 + LoRA, checkpointed, its own chunked loss) and of transformers +
+    bitsandbytes + PEFT from our step-0 adapter, on the same batches: (our losses, theirs)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = _batches(tokenizer, STEPS)
-    spec = LoRASpec(rank=8, alpha=16, use_rslora=use_rslora, target_modules="all-linear")
-
     torch.manual_seed(0)
     ours = load_model(str(path), spec, compute_dtype=torch.float32)
     save_adapter(ours.model, spec, ours.targets, str(path), tmp_path / "init")  # step-0 adapter: same init
@@ -70,7 +88,10 @@ def test_losses_match_transformers_bnb_peft(tiny_checkpoint, tmp_path, use_rslor
         ref_opt.step()
         ref_opt.zero_grad()
         ref_losses.append(loss.item())
+    return our_losses, ref_losses
 
+
+def assert_parity(our_losses: list[float], ref_losses: list[float]) -> None:
     diffs = [abs(a - b) for a, b in zip(our_losses, ref_losses)]
     report = f"max |Δloss| {max(diffs):.2e}; ours {our_losses[0]:.4f}→{our_losses[-1]:.4f}, ref {ref_losses[0]:.4f}→{ref_losses[-1]:.4f}"
     print(report)
