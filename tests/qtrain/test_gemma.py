@@ -138,6 +138,23 @@ def test_eval_loss_matches_transformers(capped):
     assert eval_loss(ours, [example], 1, 0, "cpu") == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_rows_are_separate_rows(tiny_checkpoint, arch):
+    """Packed batches (position_ids restarting per row, no mask): transformers' Gemma masks, local
+    window included, keep the rows apart, so the loss is the rows' losses summed."""
+    path = tiny_checkpoint(arch, initializer_range=0.2, **SHAPE)
+    model = load_base(str(path), torch.float32, quantize=False).model
+    rows = [ids_batch(rows=1, length=40)["input_ids"], ids_batch(rows=1, length=30)["input_ids"] + 1]
+    ids = torch.cat(rows, 1)
+    labels = ids.clone()
+    labels[0, 40] = -100  # the second row's first token is not predicted from the first row
+    positions = torch.cat([torch.arange(40), torch.arange(30)])[None]
+    with torch.no_grad():
+        packed = loss_sum(model, {"input_ids": ids, "labels": labels, "position_ids": positions}).item()
+        separate = sum(loss_sum(model, {"input_ids": r, "labels": r.clone(), "attention_mask": torch.ones_like(r)}).item() for r in rows)
+    assert packed == pytest.approx(separate, rel=1e-5)
+
+
 # ---- fused modules: Gemma keeps transformers' own, and the estimate counts none ----
 
 
