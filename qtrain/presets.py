@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
+from transformers import AutoConfig, Gemma2Config, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
 _LLAMA = dict(hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False, num_hidden_layers=32, hidden_size=4096)
 
@@ -27,6 +27,11 @@ PRESETS: dict[str, tuple[type, dict]] = {
     "qwen2.5-7b": (Qwen2Config, dict(hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False, num_hidden_layers=28,
                                       hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
                                       vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6)),
+    "gemma-2-9b": (Gemma2Config, dict(hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                       num_hidden_layers=42, hidden_size=3584, intermediate_size=14336, num_attention_heads=16,
+                                       num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, vocab_size=256000,
+                                       max_position_embeddings=8192, rope_theta=10000.0, sliding_window=4096,
+                                       final_logit_softcapping=30.0, attn_logit_softcapping=50.0)),
 }  # fmt: skip
 
 # Hub ids with these architectures (base and instruct models share them).
@@ -41,6 +46,8 @@ HUB_IDS = {
     "mistralai/Mistral-7B-Instruct-v0.3": "mistral-7b",
     "Qwen/Qwen2.5-7B": "qwen2.5-7b",
     "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b",
+    "google/gemma-2-9b": "gemma-2-9b",
+    "google/gemma-2-9b-it": "gemma-2-9b",
 }
 
 
