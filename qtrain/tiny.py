@@ -80,9 +80,8 @@ def tiny_config(
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch {arch!r} is not one of {sorted(ARCHITECTURES)}")
     family = {**family_defaults(arch, hidden_size // num_heads, num_layers), **family_settings}
-    if tie_word_embeddings is None:
-        tie_word_embeddings = family.pop("tie_word_embeddings", False)
-    family.pop("tie_word_embeddings", None)
+    habit = family.pop("tie_word_embeddings", False)
+    tie_word_embeddings = habit if tie_word_embeddings is None else tie_word_embeddings
     return ARCHITECTURES[arch](
         vocab_size=vocab_size,
         hidden_size=hidden_size,
