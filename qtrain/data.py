@@ -417,7 +417,7 @@ def _located_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]
         pos = _expect(full, pos, pieces[k])
         content = _written_content(full, pos, messages[i]["content"], pieces[k + 1])
         alone = _apply_template(tokenizer, masked[: i + 1], add_generation_prompt=False)
-        end = _common_prefix(alone.split(_placeholder(k), 1)[1], pieces[k + 1])
+        end = _end_of_turn(tokenizer, alone.split(_placeholder(k), 1)[1], pieces[k + 1])
         if not end:
             raise ValueError(f"{NOT_PREFIX}, and writes no end-of-turn text after an assistant turn")
         lead = _unprompted_whitespace(full[:pos], _apply_template(tokenizer, messages[:i], add_generation_prompt=True))
@@ -456,11 +456,21 @@ def _written_content(full: str, pos: int, content: str, after: str) -> str:
     raise ValueError(NOT_LOCATED)
 
 
-def _common_prefix(a: str, b: str) -> str:
+def _end_of_turn(tokenizer, last: str, going_on: str) -> str:
+    """The longest text both `last` and `going_on` start with, in whole tokens of both: after an
+    answer Phi-3.5 writes `<|end|>\\n<|endoftext|>` when the conversation stops, `<|end|>\\n<|user|>`
+    when it goes on; the end of the turn is `<|end|>\\n`, not `<|end|>\\n<|`."""
     n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
+    while n < min(len(last), len(going_on)) and last[n] == going_on[n]:
         n += 1
-    return a[:n]
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    whole = ids(last), ids(going_on)
+    while n and any(t[: len(ids(last[:n]))] != ids(last[:n]) for t in whole):
+        n -= 1
+    return last[:n]
 
 
 def _unprompted_whitespace(before: str, prompt: str) -> str:
@@ -812,7 +822,9 @@ def format_prompt(prompt: str, data_format: str, tokenizer, input: str = "") -> 
     if data_format == "chat":
         ensure_chat_template(tokenizer)
         messages = [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS
+        )
         return text, False
     if data_format in ("prompt_completion", "text", "none"):
         return prompt, True
