@@ -39,13 +39,23 @@ class Family:
 
 
 FAMILIES = {
-    "llama3": Family(
+    "llama31": Family(
+        "<|begin_of_text|>", "<|eot_id|>", ("<|start_header_id|>", "<|end_header_id|>"), "<|eot_id|>", "<|eot_id|>"
+    ),
+    "llama32": Family(
         "<|begin_of_text|>", "<|eot_id|>", ("<|start_header_id|>", "<|end_header_id|>"), "<|eot_id|>", "<|eot_id|>"
     ),
     "mistral": Family("<s>", "</s>", ("[INST]", "[/INST]"), "</s>", "</s>", lead=" ", system="dropped"),
     "qwen2": Family(None, "<|im_end|>", ("<|im_start|>", "<|endoftext|>"), "<|im_end|>\n", "<|im_end|>\n"),
     "qwen3": Family(None, "<|im_end|>", ("<|im_start|>", "<think>", "</think>"), "<|im_end|>\n", "<|im_end|>\n"),
-    "phi3": Family(
+    "phi4": Family(
+        "<|endoftext|>",
+        "<|endoftext|>",
+        ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+        "<|end|>",
+        "<|end|><|endoftext|>",
+    ),
+    "phi35": Family(
         "<s>",
         "<|endoftext|>",
         ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
@@ -137,7 +147,7 @@ def test_generation_prompt_is_the_training_text_before_the_answer(name):
         assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma2", "gemma3", "phi3", "llama3"])
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "gemma3", "phi35", "phi4", "llama31"])
 def test_multi_turn_prompt_is_the_training_text_before_the_last_answer(name):
     tok = family_tokenizer(name)
     rendered = render_chat([Q1, A1, Q2, A2], tok)
@@ -151,7 +161,9 @@ def test_multi_turn_prompt_is_the_training_text_before_the_last_answer(name):
     [
         ("qwen3", [Q1, A1], True),
         ("qwen3", [Q1, A1, Q2, A2], False),  # the think block only after the last user turn
-        ("phi3", [Q1, A1, Q2, A2], False),  # EOS closes the conversation
+        ("phi35", [Q1, A1, Q2, A2], False),  # EOS closes the conversation
+        ("phi4", [Q1, A1, Q2, A2], False),
+        ("llama31", [SYSTEM, Q1, A1, Q2, A2], True),
         ("mistral", [Q1, A1, Q2, A2], True),
         ("mistral", [SYSTEM, Q1, A1, Q2, A2], False),  # the system prompt moves to the last user turn
         ("gemma3", [SYSTEM, Q1, A1, Q2, A2], True),
