@@ -468,7 +468,10 @@ def _end_of_turn(tokenizer, last: str, going_on: str) -> str:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     whole = ids(last), ids(going_on)
-    while n and any(t[: len(ids(last[:n]))] != ids(last[:n]) for t in whole):
+    while n:
+        head = ids(last[:n])
+        if all(t[: len(head)] == head for t in whole):
+            break
         n -= 1
     return last[:n]
 
