@@ -39,7 +39,9 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("Llama 3.x", "LlamaConfig", "Llama-3.1-8B, Llama-3.2-1B/3B", fused_ops=ALL_OPS, tested=TESTS),
     "mistral": Family("Mistral", "MistralConfig", "Mistral-7B-v0.3", fused_ops=ALL_OPS, tested=TESTS),
     "qwen2": Family("Qwen2 / Qwen2.5", "Qwen2Config", "Qwen2.5-7B, Qwen2.5-Coder", fused_ops=ALL_OPS, tested=TESTS),
-    "qwen3": Family("Qwen3", "Qwen3Config", "Qwen3-8B, Qwen3-4B"),
+    "qwen3": Family(
+        "Qwen3", "Qwen3Config", "Qwen3-8B, Qwen3-4B", fused_ops=("rms_norm", "swiglu", "gate_up"), tested=TESTS,
+    ),  # fmt: skip
     "phi3": Family(
         "Phi-3 / 3.5 / 4", "Phi3Config", "Phi-3.5-mini, Phi-4-mini",
         targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
@@ -71,5 +73,7 @@ def markdown_table() -> str:
         marks = ["yes" if t in f.tested else "-" for t in TESTS]
         if "fused" not in f.tested:
             marks[-1] = "stock modules"
+        elif f.fused_ops != ALL_OPS:
+            marks[-1] = ", ".join(f.fused_ops)
         rows.append("| " + " | ".join([f.name, f"`{model_type}`", f.examples, ", ".join(f.targets), *marks]) + " |")
     return "\n".join(rows)

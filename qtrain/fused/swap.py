@@ -78,7 +78,7 @@ def _swap_layer(layer: nn.Module, prefix: str, arch: Architecture, ops: FusedOps
     if ops.rms_norm:
         for child in ("input_layernorm", "post_attention_layernorm"):
             _swap_norm(layer, child, arch, f"{prefix}.{child}", out)
-    if ops.rope or ops.qkv or ops.varlen:
+    if (ops.rope or ops.qkv or ops.varlen) and arch.fused_attention is not None:
         attn = layer.self_attn
         if type(attn) is arch.attention:
             new, skipped = arch.fused_attention.from_stock(attn, ops)

@@ -165,3 +165,33 @@ def test_an_encoder_decoder_is_refused(tmp_path):
     (path / "config.json").write_text(T5Config(vocab_size=100, d_model=64).to_json_string())
     with pytest.raises(ValueError, match=r"'t5' is not a decoder-only causal LM"):
         load_model(str(path))
+
+
+@pytest.mark.parametrize("arch", [a for a in TESTED["fused"] if FAMILIES[a].fused_ops != FAMILIES["llama"].fused_ops])
+def test_partly_fused_family_equals_stock(arch, tiny_checkpoint):
+    """A family with some fused ops (Qwen3: RMSNorm, gate/up, SwiGLU; stock attention): same loss
+    and LoRA gradients as the stock modules (Triton kernels through the interpreter)."""
+    from qtrain.lora import LoRASpec
+
+    path = str(tiny_checkpoint(arch, **SHAPES))
+    spec = LoRASpec(rank=4, alpha=8, target_modules="all-linear")
+    x = ids(seed=5)
+
+    def loss_and_grads(fused: bool):
+        torch.manual_seed(0)
+        model = load_model(path, spec, compute_dtype=torch.float32).model
+        for m in model.modules():  # a nonzero B: the adapters take part in the comparison
+            if hasattr(m, "lora_b") and m.lora_b is not None:
+                torch.nn.init.normal_(m.lora_b.weight, std=0.02)
+        swapped = apply_fused_ops(model, FusedOps(enabled="on")) if fused else []
+        loss = model(x, labels=x).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, swapped
+
+    want, want_grads, _ = loss_and_grads(False)
+    got, got_grads, swapped = loss_and_grads(True)
+    assert {n.rpartition(".")[2] for n in swapped} == {"input_layernorm", "post_attention_layernorm", "mlp", "norm"}
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert got_grads.keys() == want_grads.keys()
+    for n in want_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], atol=1e-5, rtol=1e-4, msg=n)
