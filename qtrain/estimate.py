@@ -528,7 +528,9 @@ def max_seq_len(config: PretrainedConfig, spec: LoRASpec | None, w: Workload, bu
 # ---- from a training config; what to change when it does not fit ----
 
 
-def workload_for(cfg, device: str = "cuda", backend: str | None = None, config: PretrainedConfig | None = None) -> Workload:
+def workload_for(
+    cfg, device: str = "cuda", backend: str | None = None, config: PretrainedConfig | None = None
+) -> Workload:
     """The Workload of a qtrain Config on `device` ("cuda" or "cpu"). The NF4 backend is the one
     `auto` picks there (Triton on CUDA, assuming an Ampere or newer GPU), unless `backend` says.
     `config` (the model's; read from the run's model when not given) decides which fused ops run."""

@@ -86,7 +86,8 @@ def check_causal_lm(config: PretrainedConfig, model_dir: Path) -> None:
 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
         raise ValueError(
-            f"{model_dir}: model_type {config.model_type!r} is not a decoder-only causal LM; qtrain fine-tunes those only"
+            f"{model_dir}: model_type {config.model_type!r} is not a decoder-only causal LM; "
+            "qtrain fine-tunes those only"
         )
 
 

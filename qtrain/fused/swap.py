@@ -4,8 +4,9 @@
 
 Per decoder layer of a model type whose family has fused modules (`qtrain.families.fused_support`,
 the one decision the memory estimator shares; other model types are left alone, the reason
-recorded), with only the ops whose math applies to the model: input_layernorm, post_attention_layernorm (and the decoder's final norm) ->
-`FusedRMSNorm`; self_attn -> the architecture's `FusedAttention`; mlp -> `FusedMLP`; then, for op
+recorded), with only the ops whose math applies to the model: input_layernorm,
+post_attention_layernorm (and the decoder's final norm) -> `FusedRMSNorm`; self_attn -> the
+architecture's `FusedAttention` (when it has one); mlp -> `FusedMLP`; then, for op
 `varlen`, the decoder's `PackedBatches` pre-hook. Each swapped module adopts the stock one's state
 (`qtrain.fused.adopt`): parameter and state-dict names do not change, and hooks on self_attn / mlp /
 the norms (prefix tuning, adapters, LLaMA-Adapter) are carried over and keep working; methods
