@@ -195,3 +195,16 @@ def test_partly_fused_family_equals_stock(arch, tiny_checkpoint):
     assert got_grads.keys() == want_grads.keys()
     for n in want_grads:
         torch.testing.assert_close(got_grads[n], want_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_workload_for_reads_the_family_from_the_run_config(arch):
+    from qtrain.config import load_config
+    from qtrain.estimate import workload_for
+
+    cfg = load_config(str(QUICKSTART), [f"model.tiny.arch={arch}"])
+    support = set(fused_support(tiny_config(arch)))
+    assert set(workload_for(cfg, "cuda", "triton").fused) == {"qkv", "gate_up", "rms_norm", "swiglu", "varlen"} & support
+    assert workload_for(cfg, "cuda", "triton", config=tiny_config("llama")).fused == workload_for(
+        load_config(str(QUICKSTART), []), "cuda", "triton"
+    ).fused  # an explicit model config wins
