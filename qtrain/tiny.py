@@ -1,6 +1,7 @@
 """Tiny random models and a character tokenizer, built locally: no download, ever.
 
-The quickstart and the tests use these: a Llama/Mistral/Qwen2/Gemma-2/Gemma-3 config of a few layers, random
+The quickstart and the tests use these: a config of a few layers from a supported family's own
+transformers config class (`qtrain.families`), random
 weights saved with `save_pretrained` (sharded safetensors), and a character-level tokenizer
 (printable ASCII + newline) saved beside it, so the directory loads like any Hub checkpoint.
 """
@@ -16,26 +17,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    Gemma3TextConfig,
-    LlamaConfig,
-    MistralConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-)
+import transformers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from qtrain.families import FAMILIES
 
 TINY_SPEC = "qtrain-tiny.json"  # what a tiny base was built from; written last: its presence means complete
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
-ARCHITECTURES = {
-    "llama": LlamaConfig,
-    "mistral": MistralConfig,
-    "qwen2": Qwen2Config,
-    "gemma2": Gemma2Config,
-    "gemma3_text": Gemma3TextConfig,
-}
+ARCHITECTURES = {model_type: family.config_class for model_type, family in FAMILIES.items()}  # config class names
 SLIDING_WINDOW = 16  # tiny Gemma's local layers see 16 tokens: shorter than the test rows, so the window matters
 
 # A minimal chat template (role headers, one turn per block) so chat data works with it too.
@@ -74,15 +64,17 @@ def tiny_config(
     initializer_range: float = 0.02,
     **family_settings,
 ):
-    """A tiny config of `arch`'s own config class. `tie_word_embeddings=None`: the family's habit
-    (Gemma ties, the others do not); `family_settings` override `family_defaults` (e.g. a Gemma-2
+    """A tiny config of family `arch` from its own config class (`qtrain.families`; head_dim = hidden_size /
+    num_heads, whatever the family's default). `tie_word_embeddings=None`: the family's habit (Gemma
+    ties, the others do not); `family_settings` override `family_defaults` (e.g. a Gemma-2
     `final_logit_softcapping`)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch {arch!r} is not one of {sorted(ARCHITECTURES)}")
     family = {**family_defaults(arch, hidden_size // num_heads, num_layers), **family_settings}
     habit = family.pop("tie_word_embeddings", False)
     tie_word_embeddings = habit if tie_word_embeddings is None else tie_word_embeddings
-    return ARCHITECTURES[arch](
+    config_class = getattr(transformers, ARCHITECTURES[arch])
+    return config_class(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -92,6 +84,7 @@ def tiny_config(
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
         initializer_range=initializer_range,
+        head_dim=hidden_size // num_heads,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
@@ -100,9 +93,9 @@ def tiny_config(
 
 
 def family_defaults(arch: str, head_dim: int, num_layers: int) -> dict:
-    """What a tiny model of `arch` needs beyond the common sizes. Gemma: tied embeddings, a head_dim
-    that fits the tiny width (the config default is 256), 1/sqrt(head_dim) attention scaling as the
-    real checkpoints have, and local (sliding-window) layers alternating with global ones, starting
+    """What a tiny model of `arch` needs beyond the common sizes. Gemma: tied embeddings,
+    1/sqrt(head_dim) attention scaling as the real checkpoints have (`tiny_config` sets a head_dim
+    that fits the tiny width; the config default is 256), and local (sliding-window) layers alternating with global ones, starting
     local, so that a 2-layer model has one of each; Gemma-2 keeps its config's soft-capping (30 on
     the logits, 50 on attention scores); Gemma-3 has none, q/k norms instead (in its modules)."""
     if arch not in ("gemma2", "gemma3_text"):
@@ -110,7 +103,6 @@ def family_defaults(arch: str, head_dim: int, num_layers: int) -> dict:
     layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
     return {
         "tie_word_embeddings": True,
-        "head_dim": head_dim,
         "query_pre_attn_scalar": head_dim,
         "sliding_window": SLIDING_WINDOW,
         "layer_types": layer_types,

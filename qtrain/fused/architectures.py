@@ -4,8 +4,8 @@ and the fused attention class replacing its attention.
 Adding a Llama-like family: a `Fused<Family>Attention(FusedAttention, <its attention class>)` with its
 `rotary` and `eager` functions, `new_cache_api` (`takes_cache_argument`), `forward` (`forward_for`) and, when it has a
 sliding window, `window_kwargs`; then one `ARCHITECTURES` line. Other model types are left alone
-by `apply_fused_ops` (the reason recorded); `fused_architecture` is the one place that decides,
-read by the swap and by the memory estimator alike.
+by `apply_fused_ops` (the reason recorded); which ops run on a model is decided in one place,
+`qtrain.families.fused_support`, read by the swap and by the memory estimator alike.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from transformers.models.llama import modeling_llama as llama
 from transformers.models.mistral import modeling_mistral as mistral
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
+from transformers.models.qwen3 import modeling_qwen3 as qwen3
 
 from qtrain.fused.attention import FusedAttention, forward_for, takes_cache_argument
 
@@ -48,12 +49,13 @@ class FusedQwen2Attention(FusedAttention, qwen2.Qwen2Attention):
 
 @dataclass(frozen=True)
 class Architecture:
-    """The stock module classes of one model type and the fused attention class replacing its attention."""
+    """The stock module classes of one model type and the fused attention class replacing its attention
+    (None: the attention stays stock; `qtrain.families.fused_support` then allows no attention op)."""
 
     attention: type
     mlp: type
     norm: type
-    fused_attention: type
+    fused_attention: type | None = None
 
 
 ARCHITECTURES = {
@@ -62,14 +64,7 @@ ARCHITECTURES = {
         mistral.MistralAttention, mistral.MistralMLP, mistral.MistralRMSNorm, FusedMistralAttention
     ),
     "qwen2": Architecture(qwen2.Qwen2Attention, qwen2.Qwen2MLP, qwen2.Qwen2RMSNorm, FusedQwen2Attention),
+    # Qwen3: Llama's RMSNorm and SwiGLU MLP; its attention (q/k RMSNorm before RoPE) stays stock
+    "qwen3": Architecture(qwen3.Qwen3Attention, qwen3.Qwen3MLP, qwen3.Qwen3RMSNorm),
 }
 
-
-def fused_architecture(model_type: str | None) -> Architecture | None:
-    """The fused modules of `model_type`, or None when the family keeps transformers' stock modules.
-
-    Both `apply_fused_ops` (what is swapped) and `qtrain.estimate.fused_groups` (what the estimate
-    counts) ask this, so they cannot disagree. Gemma-2 / Gemma-3 are absent on purpose: their
-    `(1 + w)` RMSNorm, GeGLU (`gelu_pytorch_tanh`) MLP and soft-capped or q/k-normed attention are
-    not the Llama math of `FusedRMSNorm` / `FusedMLP` / `FusedAttention`."""
-    return ARCHITECTURES.get(model_type)

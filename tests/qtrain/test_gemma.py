@@ -6,7 +6,7 @@ What qtrain must keep right for them: the loader (bit-identical logits to transf
 soft cap in qtrain's own loss (it runs lm_head itself), the stock modules (no Llama-style fused swap, and
 an estimate that counts none), and `qtrain train` -> `qtrain generate` -> `qtrain merge` -> PEFT loading
 the adapter with equal logits and equal greedy completions. The 20-step loss parity with transformers +
-bitsandbytes + PEFT is in tests/qtrain/test_parity.py (test_gemma_losses_match_transformers_bnb_peft).
+bitsandbytes + PEFT is tests/qtrain/test_parity.py's, parametrized by the registry (`qtrain.families`).
 """
 
 from __future__ import annotations
