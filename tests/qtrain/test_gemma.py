@@ -23,9 +23,11 @@ from qtrain.config import load_config
 from qtrain.data import Example, alpaca_prompt
 from qtrain.estimate import fused_groups, workload_for
 from qtrain.evaluate import generate
+from qtrain.families import fused_support
 from qtrain.fused import FusedOps, apply_fused_ops
 from qtrain.generate import load_for_inference
 from qtrain.model import load_base
+from qtrain.tiny import tiny_config
 from qtrain.train import eval_loss, loss_sum
 
 peft = pytest.importorskip("peft")
@@ -145,14 +147,15 @@ def test_fused_swap_keeps_gemmas_stock_modules(tiny_checkpoint, arch):
     model = load_base(str(path), torch.float32, quantize=False).model
     before = {n: type(m) for n, m in model.named_modules()}
     swapped = apply_fused_ops(model, FusedOps(enabled="on"))
-    assert list(swapped) == [] and "has no fused modules" in swapped.skipped["model"]
+    assert list(swapped) == [] and f"{arch!r} keeps the stock modules" in swapped.skipped["model"]
     assert {n: type(m) for n, m in model.named_modules()} == before
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_estimate_counts_no_fused_ops_for_gemma(arch):
-    assert fused_groups(FusedOps(), "cuda", "triton", (), arch) == ()
-    assert fused_groups(FusedOps(), "cuda", "triton", (), "llama") != ()  # the same call counts Llama's
+    assert fused_support(tiny_config(arch)) == ()
+    assert fused_groups(FusedOps(), "cuda", "triton", (), tiny_config(arch)) == ()
+    assert fused_groups(FusedOps(), "cuda", "triton", (), tiny_config("llama")) != ()  # the same call counts Llama's
     cfg = load_config(QUICKSTART, [f"model.tiny.arch={arch}", "data.packing=true"])
     w = workload_for(cfg, "cuda")
     assert w.fused == () and w.attention_mask  # no varlen path: packed rows carry a mask
