@@ -95,8 +95,8 @@ def tiny_config(
 def family_defaults(arch: str, head_dim: int, num_layers: int) -> dict:
     """What a tiny model of `arch` needs beyond the common sizes. Gemma: tied embeddings,
     1/sqrt(head_dim) attention scaling as the real checkpoints have (`tiny_config` sets a head_dim
-    that fits the tiny width; the config default is 256), and local (sliding-window) layers alternating with global ones, starting
-    local, so that a 2-layer model has one of each; Gemma-2 keeps its config's soft-capping (30 on
+    that fits the tiny width; the config default is 256), and local (sliding-window) layers
+    alternating with global ones, starting local, so that a 2-layer model has one of each; Gemma-2 keeps its config's soft-capping (30 on
     the logits, 50 on attention scores); Gemma-3 has none, q/k norms instead (in its modules)."""
     if arch not in ("gemma2", "gemma3_text"):
         return {}
