@@ -16,12 +16,38 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3MoeConfig,
+)
 
 TINY_SPEC = "qtrain-tiny.json"  # what a tiny base was built from; written last: its presence means complete
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
-ARCHITECTURES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+ARCHITECTURES = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3_moe": Qwen3MoeConfig,
+    "mixtral": MixtralConfig,
+}
+TINY_EXPERTS, TINY_TOP_K = 4, 2  # mixture-of-experts: 4 experts, 2 per token
+
+
+def moe_kwargs(arch: str, intermediate_size: int) -> dict:
+    """A tiny MoE config's expert settings (every layer sparse, each expert `intermediate_size` wide);
+    {} for a dense family."""
+    if arch == "qwen3_moe":
+        return {"num_experts": TINY_EXPERTS, "num_experts_per_tok": TINY_TOP_K, "moe_intermediate_size": intermediate_size,
+                "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}
+    if arch == "mixtral":
+        return {"num_local_experts": TINY_EXPERTS, "num_experts_per_tok": TINY_TOP_K}
+    return {}
 
 # A minimal chat template (role headers, one turn per block) so chat data works with it too.
 CHAT_TEMPLATE = (
@@ -73,6 +99,7 @@ def tiny_config(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        **moe_kwargs(arch, intermediate_size),
     )
 
 
