@@ -39,6 +39,7 @@ from qtrain.fused import GATE_UP, QKV
 from qtrain.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_workspace_bytes
 from qtrain.kernels.nf4_dispatch import DEFAULT_CROSSOVER, GEMV_MAX_M
 from qtrain.lora import LoRALinear, LoRASpec, swap_base_linears
+from qtrain.moe import active_intermediate, swap_experts
 from qtrain.methods.lora import LoRA
 from qtrain.model import build_skeleton
 from qtrain.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
@@ -139,6 +140,7 @@ def meta_model(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> 
     model = build_skeleton(config, w.dtype)
     with torch.device("meta"):
         swap_base_linears(model, quantize_base=w.quantize, backend="torch")
+        swap_experts(model, quantize_base=w.quantize, backend="torch")  # MoE experts: NF4, as loaded
         attach_methods(model, [replace(method) for method in with_lora(w, spec).methods], weights=False)
     return model
 
@@ -237,7 +239,7 @@ def layer_shape(model: nn.Module, config: PretrainedConfig, methods: tuple = ())
     head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return LayerShape(
         D=c.hidden_size,
-        I=c.intermediate_size,
+        I=active_intermediate(c),
         H=c.num_attention_heads,
         K=c.num_key_value_heads,
         d=head,

@@ -74,6 +74,15 @@ class NF4Experts(nn.Module):
         return out
 
 
+def active_intermediate(config) -> int:
+    """The MLP width a token's activations span: top-k experts of `moe_intermediate_size` (Qwen3-MoE)
+    or `intermediate_size` (Mixtral) for a MoE text config, `intermediate_size` for a dense one."""
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not top_k:
+        return config.intermediate_size
+    return top_k * (getattr(config, "moe_intermediate_size", None) or config.intermediate_size)
+
+
 def swap_experts(model: nn.Module, quantize_base: bool = True, backend: str = "auto") -> list[str]:
     """Replace each transformers experts module (3-D weights) of the model instance by `NF4Experts`
     (weights unset: the loader quantizes them in). Returns the replaced modules' names."""
