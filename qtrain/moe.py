@@ -8,9 +8,14 @@ The checkpoints on the Hub (and what `save_pretrained` writes) keep one linear p
 `ExpertMLP`s whose `gate_proj`/`up_proj`/`down_proj` are rank-0 `LoRALinear`s, so each expert
 weight is quantized the moment its checkpoint tensor is read (bitsandbytes-compatible NF4, blocks
 of 64 along the rows), runs through the same NF4 kernels as every other linear, and can carry a
-LoRA adapter when asked (`is_expert`: `target_modules` must name `experts`; `all-linear` does not,
-as PEFT's `all-linear` on a transformers 5 MoE reaches only the attention). The router (`mlp.gate`, a
-plain weight, not an `nn.Linear`) stays in the compute dtype and frozen.
+LoRA adapter when asked: `lora.target_modules` must name `experts` (`qtrain.lora.is_target`);
+`all-linear` means the attention (and any dense MLP) of a MoE, never the experts, which would
+multiply the adapter by the number of experts. (PEFT 0.21's `all-linear` differs: on a transformers 5
+MoE it wraps the 3-D expert parameters and the router too.) An adapter whose targets are attention
+only is a plain PEFT adapter; one with experts records `experts` in its target_modules and its
+per-expert tensors ('mlp.experts.3.up_proj.lora_A.weight') load in qtrain (generate, init_from,
+merge), not in PEFT, which has no per-expert modules to put them on. The router (`mlp.gate`, a plain
+weight, not an `nn.Linear`) stays in the compute dtype and frozen.
 """
 
 from __future__ import annotations
