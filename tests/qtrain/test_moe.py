@@ -297,7 +297,7 @@ def test_train_generate_merge(tmp_path, capsys, arch, targets):
     recorded = json.loads((adapter / ADAPTER_CONFIG).read_text())["target_modules"]
     assert ("experts" in recorded) == ("experts" in targets)
 
-    assert main(["generate", "--adapter", str(adapter), "--max-new-tokens", "6", "--json", "hi"]) == 0
+    assert main(["generate", "--adapter", str(adapter), "--max-new-tokens", "6", "--json", "--prompt", "hi"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["completion"] is not None
 
     merged = merge_adapter(str(out / "base"), adapter, tmp_path / "merged", dtype=torch.float32)
