@@ -39,7 +39,7 @@ from qtrain.fused import GATE_UP, QKV
 from qtrain.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_workspace_bytes
 from qtrain.kernels.nf4_dispatch import DEFAULT_CROSSOVER, GEMV_MAX_M
 from qtrain.lora import LoRALinear, LoRASpec, swap_base_linears
-from qtrain.moe import active_intermediate, swap_experts
+from qtrain.moe import active_intermediate, is_expert, swap_experts
 from qtrain.methods.lora import LoRA
 from qtrain.model import build_skeleton
 from qtrain.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
@@ -173,7 +173,10 @@ def weight_items(model: nn.Module, w: Workload) -> list[Item]:
     if dora:
         items.append(Item("weights", "DoRA: row norms of W", dora, "fp32, computed once at load"))
     groups = {"qkv": QKV, "gate_up": GATE_UP}
-    fused = [m for n, m in model.named_modules() if isinstance(m, LoRALinear) and any(n.endswith(x) for g in w.fused if g in groups for x in groups[g])]
+    fused = [
+        m for n, m in model.named_modules()
+        if isinstance(m, LoRALinear) and not is_expert(n) and any(n.endswith(x) for g in w.fused if g in groups for x in groups[g])
+    ]  # MoE experts are never fused (qtrain.moe)
     if w.quantize and fused:  # 4 bytes per 64 weights of the fused projections
         items.append(Item("weights", "fused projections' absmax", sum(m.in_features * m.out_features for m in fused) // 16, "fp32, qtrain.fused"))
     if w.quantize:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
+from transformers import AutoConfig, LlamaConfig, MistralConfig, MixtralConfig, PretrainedConfig, Qwen2Config, Qwen3MoeConfig
 
 _LLAMA = dict(hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False, num_hidden_layers=32, hidden_size=4096)
 
@@ -27,6 +27,15 @@ PRESETS: dict[str, tuple[type, dict]] = {
     "qwen2.5-7b": (Qwen2Config, dict(hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False, num_hidden_layers=28,
                                       hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
                                       vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6)),
+    # mixture-of-experts: every expert held in NF4 (qtrain.moe)
+    "qwen3-30b-a3b": (Qwen3MoeConfig, dict(hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False, num_hidden_layers=48,
+                                           hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                                           num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                                           max_position_embeddings=40960, rope_theta=1e6)),
+    "mixtral-8x7b": (MixtralConfig, dict(_LLAMA, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                                          num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+                                          max_position_embeddings=32768, rope_theta=1e6, sliding_window=None)),
 }  # fmt: skip
 
 # Hub ids with these architectures (base and instruct models share them).
@@ -41,6 +50,11 @@ HUB_IDS = {
     "mistralai/Mistral-7B-Instruct-v0.3": "mistral-7b",
     "Qwen/Qwen2.5-7B": "qwen2.5-7b",
     "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b",
+    "Qwen/Qwen3-30B-A3B": "qwen3-30b-a3b",
+    "Qwen/Qwen3-30B-A3B-Base": "qwen3-30b-a3b",
+    "Qwen/Qwen3-30B-A3B-Instruct-2507": "qwen3-30b-a3b",
+    "mistralai/Mixtral-8x7B-v0.1": "mixtral-8x7b",
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": "mixtral-8x7b",
 }
 
 
