@@ -316,3 +316,15 @@ def test_train_generate_merge(tmp_path, capsys, arch, targets):
         with torch.no_grad():
             peft_logits = peft.PeftModel.from_pretrained(base, adapter)(input_ids=x).logits
         assert (want - peft_logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["IA3", "AdaLoRA", "BitFit"])
+def test_other_methods_leave_the_experts_alone(tiny_checkpoint, method):
+    """all-linear of the other PEFT methods reaches attention only (`base_linears` skips experts)."""
+    from qtrain import methods as m
+
+    loaded = load_base(str(tiny_checkpoint("qwen3_moe", **TINY)), torch.float32)
+    chosen = getattr(m, method)(target_modules="all-linear")
+    chosen.apply(loaded.model)
+    trainable = m.mark_trainable(loaded.model, [chosen])
+    assert trainable and not [n for n in trainable if ".experts." in n]
