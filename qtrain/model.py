@@ -8,7 +8,10 @@
 
 The PEFT methods (LoRA among them: `qtrain.methods.lora`) are applied to the loaded base by their
 `apply`. Peak host memory is about one tensor. Llama, Mistral, Qwen2 (and other decoder-only models whose
-checkpoint keys match their transformers module names) load this way.
+checkpoint keys match their transformers module names) load this way. Mixture-of-experts models
+(Qwen3-MoE, Mixtral) too: their 3-D experts module is first replaced by one NF4 linear per expert
+weight (`qtrain.moe.swap_experts`), which the per-expert checkpoint tensors (or a fused 3-D one,
+split per expert) are quantized into as they are read.
 """
 
 from __future__ import annotations
