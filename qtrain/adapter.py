@@ -185,7 +185,7 @@ def read_adapter_config(adapter_dir: str | Path) -> PeftLoRASpec:
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     if spec.use_dora and weights.exists():
         with safe_open(weights, framework="pt") as f:  # names only, no tensor is read
-            has_magnitudes = any(_is_dora_key(k) for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+            has_magnitudes = any(_is_dora_key(k) for k in f.keys())
         if not has_magnitudes:
             raise ValueError(f"{path}: use_dora is true, but {weights} holds no DoRA {DORA_KEY} tensors")
     return spec

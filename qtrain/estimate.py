@@ -39,9 +39,9 @@ from qtrain.fused import GATE_UP, QKV
 from qtrain.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_workspace_bytes
 from qtrain.kernels.nf4_dispatch import DEFAULT_CROSSOVER, GEMV_MAX_M
 from qtrain.lora import LoRALinear, LoRASpec, swap_base_linears
-from qtrain.moe import active_intermediate, is_expert, swap_experts
 from qtrain.methods.lora import LoRA
 from qtrain.model import build_skeleton
+from qtrain.moe import active_intermediate, is_expert, swap_experts
 from qtrain.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
 
 GiB = 2**30

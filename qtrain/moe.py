@@ -57,7 +57,9 @@ class NF4Experts(nn.Module):
     expert's weights are dequantized only for the tokens routed to it). Expert e is the submodule
     named 'e', as in the checkpoints: 'mlp.experts.3.up_proj'."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, act_fn: nn.Module, quantize_base: bool, backend: str):
+    def __init__(
+        self, num_experts: int, hidden: int, intermediate: int, act_fn: nn.Module, quantize_base: bool, backend: str
+    ):
         super().__init__()
         self.num_experts = num_experts
         for e in range(num_experts):
@@ -67,7 +69,9 @@ class NF4Experts(nn.Module):
     def expert(self, e: int) -> ExpertMLP:
         return self._modules[str(e)]
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         for e in torch.unique(top_k_index).tolist():  # ascending, as transformers visits them
             if e >= self.num_experts:  # transformers' marker for a dropped token
@@ -126,4 +130,8 @@ def fused_expert_parts(key: str, value: torch.Tensor) -> list[tuple[str, torch.T
     if attr == "down_proj":
         return [(f"{prefix}.{e}.down_proj.weight", w) for e, w in enumerate(value)]
     gate, up = value.chunk(2, dim=1)
-    return [(f"{prefix}.{e}.{p}.weight", w[e]) for e in range(value.shape[0]) for p, w in (("gate_proj", gate), ("up_proj", up))]
+    return [
+        (f"{prefix}.{e}.{p}.weight", w[e])
+        for e in range(value.shape[0])
+        for p, w in (("gate_proj", gate), ("up_proj", up))
+    ]

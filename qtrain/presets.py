@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig, LlamaConfig, MistralConfig, MixtralConfig, PretrainedConfig, Qwen2Config, Qwen3MoeConfig
+from transformers import (
+    AutoConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3MoeConfig,
+)
 
 _LLAMA = dict(hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False, num_hidden_layers=32, hidden_size=4096)
 

@@ -128,9 +128,8 @@ class LoRA(LoRASpec, PeftMethod):
 
     def expected_trainable(self, config: PretrainedConfig) -> int:
         """r (in + out) per adapted linear (+ out for DoRA's magnitude)."""
-        from qtrain.model import build_skeleton
-
         from qtrain.lora import LoRALinear, is_target
+        from qtrain.model import build_skeleton
         from qtrain.moe import swap_experts
 
         skeleton = build_skeleton(config, torch.float32)  # on meta: free

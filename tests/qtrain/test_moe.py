@@ -42,7 +42,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _batches(tokenizer, n: int, batch_size: int = 4) -> list[dict]:
     rows = synthetic_rows(n * batch_size, seed=7)
-    stream = batches([tokenize_row(tokenizer, r, max_length=96) for r in rows], batch_size, tokenizer.pad_token_id, seed=0)
+    stream = batches(
+        [tokenize_row(tokenizer, r, max_length=96) for r in rows], batch_size, tokenizer.pad_token_id, seed=0
+    )
     return [next(stream) for _ in range(n)]
 
 
@@ -57,7 +59,9 @@ def copy_dequantized_experts(ours: nn.Module, ref: nn.Module) -> None:
             target = ref.get_submodule(name)
             for e in range(experts.num_experts):
                 x = experts.expert(e)
-                target.gate_up_proj[e].copy_(torch.cat([x.gate_proj.base_weight(torch.float32), x.up_proj.base_weight(torch.float32)]))
+                target.gate_up_proj[e].copy_(
+                    torch.cat([x.gate_proj.base_weight(torch.float32), x.up_proj.base_weight(torch.float32)])
+                )
                 target.down_proj[e].copy_(x.down_proj.base_weight(torch.float32))
 
 
@@ -135,9 +139,18 @@ def test_fused_3d_checkpoint_loads_as_the_per_expert_one(tiny_checkpoint, tmp_pa
 
 
 def test_mixtral_checkpoint_names_map_to_the_modules():
-    assert module_key("model.layers.3.block_sparse_moe.experts.7.w1.weight") == "model.layers.3.mlp.experts.7.gate_proj.weight"
-    assert module_key("model.layers.3.block_sparse_moe.experts.7.w3.weight") == "model.layers.3.mlp.experts.7.up_proj.weight"
-    assert module_key("model.layers.3.block_sparse_moe.experts.7.w2.weight") == "model.layers.3.mlp.experts.7.down_proj.weight"
+    assert (
+        module_key("model.layers.3.block_sparse_moe.experts.7.w1.weight")
+        == "model.layers.3.mlp.experts.7.gate_proj.weight"
+    )
+    assert (
+        module_key("model.layers.3.block_sparse_moe.experts.7.w3.weight")
+        == "model.layers.3.mlp.experts.7.up_proj.weight"
+    )
+    assert (
+        module_key("model.layers.3.block_sparse_moe.experts.7.w2.weight")
+        == "model.layers.3.mlp.experts.7.down_proj.weight"
+    )
     assert module_key("model.layers.3.block_sparse_moe.gate.weight") == "model.layers.3.mlp.gate.weight"
     assert module_key("model.layers.3.mlp.experts.0.up_proj.weight") == "model.layers.3.mlp.experts.0.up_proj.weight"
 
@@ -160,7 +173,9 @@ def test_resident_bytes_are_nf4_and_what_the_estimator_counts(tiny_checkpoint, a
     loaded = load_base(str(path), torch.bfloat16)
     experts = sum(_resident_bytes(m) for m in nf4_experts(loaded.model).values())
     expert_weights = sum(m.in_features * m.out_features for n, m in loaded.model.named_modules() if is_expert(n))
-    assert experts < 0.7 * expert_weights  # 0.65 bytes a weight here (1 KiB of code tables per 8k-weight linear); 2 in bf16
+    assert (
+        experts < 0.7 * expert_weights
+    )  # 0.65 bytes a weight here (1 KiB of code tables per 8k-weight linear); 2 in bf16
     w = Workload(dtype=torch.bfloat16, device="cpu", backend="torch")
     estimated = sum(i.bytes for i in weight_items(meta_model(read_config(path), None, w), w))
     assert estimated == pytest.approx(_resident_bytes(loaded.model), rel=0.01)
@@ -170,10 +185,13 @@ def test_resident_bytes_are_nf4_and_what_the_estimator_counts(tiny_checkpoint, a
 
 
 @pytest.mark.parametrize(
-    ("targets", "n_experts"), [("all-linear", 0), (ATTENTION, 0), (["up_proj", "q_proj"], 0), ([*ATTENTION, "experts"], 24)]
+    ("targets", "n_experts"),
+    [("all-linear", 0), (ATTENTION, 0), (["up_proj", "q_proj"], 0), ([*ATTENTION, "experts"], 24)],
 )
 def test_experts_get_lora_only_when_named(tiny_checkpoint, targets, n_experts):
-    loaded = load_model(str(tiny_checkpoint("qwen3_moe", **TINY)), LoRASpec(rank=4, target_modules=targets), torch.float32)
+    loaded = load_model(
+        str(tiny_checkpoint("qwen3_moe", **TINY)), LoRASpec(rank=4, target_modules=targets), torch.float32
+    )
     assert sum(is_expert(t) for t in loaded.targets) == n_experts
     assert sum(not is_expert(t) for t in loaded.targets) == (2 if targets[0] == "up_proj" else 8)
     assert not loaded.model.get_submodule("model.layers.0.mlp.gate").weight.requires_grad
@@ -217,7 +235,7 @@ class RefExperts(nn.Module):
     def __init__(self, ours: NF4Experts, scale: float):
         super().__init__()
         experts = [ours.expert(e) for e in range(ours.num_experts)]
-        w = lambda m: m.base_weight(torch.float32)  # noqa: E731
+        w = lambda m: m.base_weight(torch.float32)
         self.register_buffer("gate_up", torch.stack([torch.cat([w(x.gate_proj), w(x.up_proj)]) for x in experts]))
         self.register_buffer("down", torch.stack([w(x.down_proj) for x in experts]))
         self.act_fn, self.scale = ours.act_fn, scale
@@ -286,10 +304,23 @@ def test_expert_lora_losses_match_a_dequantized_fp32_reference(tiny_checkpoint, 
 def test_train_generate_merge(tmp_path, capsys, arch, targets):
     out = tmp_path / "run"
     overrides = [
-        f"model.tiny.arch={arch}", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",
-        "train.max_steps=4", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1", "data.num_train=16",
-        "data.num_eval=4", "eval.exact_match=false", "eval.every=0", "checkpoint.every=0", "lora.rank=4", "lora.alpha=8",
-        f"lora.target_modules={targets}", f"output_dir={out}",
+        f"model.tiny.arch={arch}",
+        "model.tiny.hidden_size=64",
+        "model.tiny.intermediate_size=128",
+        "model.tiny.num_layers=2",
+        "train.max_steps=4",
+        "train.batch_size=4",
+        "train.warmup_steps=1",
+        "train.log_every=1",
+        "data.num_train=16",
+        "data.num_eval=4",
+        "eval.exact_match=false",
+        "eval.every=0",
+        "checkpoint.every=0",
+        "lora.rank=4",
+        "lora.alpha=8",
+        f"lora.target_modules={targets}",
+        f"output_dir={out}",
     ]
     cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides)
     result = train(cfg)
