@@ -26,7 +26,7 @@ def oom_advice(cfg: Config, step: int, batch_shape: tuple[int, int], device: tor
     b, s = batch_shape
     peak = peak_memory_bytes(device) / GiB
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    w = replace(workload_for(cfg, "cuda"), batch_size=b, seq_len=s)
+    w = replace(workload_for(cfg, "cuda", config=config), batch_size=b, seq_len=s)
     tips = suggestions(config, None, w, cfg.train.grad_accum, budget=total)
     of = f" of {total / GiB:.1f} GiB" if total else ""
     return (
@@ -46,7 +46,7 @@ def check_memory(cfg: Config, path: str, device: torch.device, console: Console)
     except (OSError, ValueError):  # no config.json to read: loading will say why
         return
     backend = resolve_on_device("nf4_lora", cfg.model.backend, device)  # what training will run, self-check included
-    w = workload_for(cfg, "cuda", backend)
+    w = workload_for(cfg, "cuda", backend, config)
     need = estimate(config, None, w).device_total
     free, total = torch.cuda.mem_get_info(device)
     if need <= free:

@@ -98,7 +98,7 @@ def _memory_estimate(args: argparse.Namespace) -> int:
         model = "tiny " + tiny.arch
     if args.rank is not None:  # --rank: the lora section's rank, alpha scaled with it (used when the run has LoRA)
         cfg.lora.rank, cfg.lora.alpha = args.rank, cfg.lora.alpha * args.rank / cfg.lora.rank
-    w = workload_for(cfg, args.device)
+    w = workload_for(cfg, args.device, config=config)
     flags = {
         "seq_len": args.seq,
         "batch_size": args.batch,

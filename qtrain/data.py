@@ -346,34 +346,164 @@ def chat_messages(row: dict) -> list[dict]:
     return out
 
 
+# Keyword arguments every chat template is rendered with. Training rows hold no reasoning, so a
+# template with a thinking switch (Qwen3's enable_thinking) renders its non-thinking form: its empty
+# think block is then part of the generation prompt, as it is of the context training saw.
+CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
+NOT_PREFIX = "the chat template does not render this conversation prefix by prefix"
+NOT_LOCATED = f"{NOT_PREFIX}, nor each assistant turn's content as written"
+
+
 def render_chat(messages: list[dict], tokenizer) -> Rendered:
-    """Every assistant turn is trained on; the rest is context. Segments come from rendering growing
-    prefixes of the conversation, so the template must render each prefix as a prefix of the next."""
+    """Every assistant turn is trained on; the rest is context.
+
+    Segments come from rendering growing prefixes of the conversation, so what is trained is what
+    the template adds after each generation prompt. Some templates render a turn differently once
+    later turns follow (Qwen3 writes an empty think block only in answers after the last user turn,
+    Phi-3.5 closes the conversation with EOS, Mistral v0.3 moves the system prompt into the last
+    user turn); for those the whole conversation is rendered once and each assistant turn located
+    in it (`_located_segments`). Either way the prompt (for generation) is the last assistant
+    turn's generation prompt and the answer its content."""
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("a chat row needs at least one assistant message")
-    segments, done, prompt, answer = [], "", "", ""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = _apply_template(tokenizer, messages[:last], add_generation_prompt=True)
+    segments = _prefix_segments(messages, tokenizer)
+    if segments is None:
+        segments = _located_segments(messages, tokenizer)
+    return Rendered([s for s in segments if s[0]], prompt, messages[last]["content"], chat=True)
+
+
+def _prefix_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]] | None:
+    """(text, trained) from growing prefixes: an assistant turn trains what the template adds after
+    its generation prompt. None when a rendering does not start with the one before it."""
+    segments, done = [], ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         before = _apply_template(tokenizer, messages[:i], add_generation_prompt=True)
         upto = _apply_template(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (before.startswith(done) and upto.startswith(before)):
-            raise ValueError("the chat template does not render this conversation prefix by prefix")
+            return None
         segments += [(before[len(done) :], False), (upto[len(before) :], True)]
-        done, prompt, answer = upto, before, m["content"]
+        done = upto
     full = _apply_template(tokenizer, messages, add_generation_prompt=False)
     if len(full) > len(done) and full.startswith(done):
         segments.append((full[len(done) :], False))  # turns after the last assistant one
-    return Rendered([s for s in segments if s[0]], prompt, answer, chat=True)
+    return segments
+
+
+def _placeholder(k: int) -> str:
+    return f"\x00answer {k}\x00"  # text no template trims, splits or rewrites
+
+
+def _located_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
+    """(text, trained) from one rendering of the whole conversation: each assistant turn trains its
+    content (as the template writes it: as is, or trimmed) and its end-of-turn text, nothing else.
+
+    Where each answer sits comes from rendering the conversation with a placeholder for each answer.
+    Its end-of-turn text is what the template writes after it when the conversation stops there, cut
+    to what it also writes when the conversation goes on (`<|im_end|>` and its newline, `<|end|>`,
+    `</s>`). Whitespace between a turn's header and its content is trained when the generation
+    prompt does not end with it (Mistral's space after `[/INST]`): the model has to write it."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    masked = list(messages)
+    for k, i in enumerate(turns):
+        masked[i] = {**messages[i], "content": _placeholder(k)}
+    pieces = _split_on_placeholders(_apply_template(tokenizer, masked, add_generation_prompt=False), len(turns))
+    full = _apply_template(tokenizer, messages, add_generation_prompt=False)
+    segments, pos, context_from = [], 0, 0
+    for k, i in enumerate(turns):
+        pos = _expect(full, pos, pieces[k])
+        content = _written_content(full, pos, messages[i]["content"], pieces[k + 1])
+        alone = _apply_template(tokenizer, masked[: i + 1], add_generation_prompt=False)
+        end = _end_of_turn(tokenizer, alone.split(_placeholder(k), 1)[1], pieces[k + 1])
+        if not end:
+            raise ValueError(f"{NOT_PREFIX}, and writes no end-of-turn text after an assistant turn")
+        lead = _unprompted_whitespace(full[:pos], _apply_template(tokenizer, messages[:i], add_generation_prompt=True))
+        stop = pos + len(content) + len(end)
+        segments += [(full[context_from : pos - len(lead)], False), (full[pos - len(lead) : stop], True)]
+        pos, context_from = pos + len(content), stop
+    if _expect(full, pos, pieces[-1]) != len(full):
+        raise ValueError(NOT_LOCATED)
+    segments.append((full[context_from:], False))
+    return segments
+
+
+def _split_on_placeholders(text: str, n: int) -> list[str]:
+    """The n + 1 texts around placeholders 0..n-1, which must each occur once, in order."""
+    pieces, rest = [], text
+    for k in range(n):
+        if rest.count(_placeholder(k)) != 1:
+            raise ValueError(NOT_LOCATED)
+        head, rest = rest.split(_placeholder(k))
+        pieces.append(head)
+    return [*pieces, rest]
+
+
+def _expect(full: str, pos: int, text: str) -> int:
+    """The position after `text`, which must stand at `pos` in `full`."""
+    if not full.startswith(text, pos):
+        raise ValueError(NOT_LOCATED)
+    return pos + len(text)
+
+
+def _written_content(full: str, pos: int, content: str, after: str) -> str:
+    """The content as the template wrote it at `pos` (as is or trimmed), followed by `after`."""
+    for written in dict.fromkeys((content, content.strip())):
+        if full.startswith(written, pos) and full.startswith(after, pos + len(written)):
+            return written
+    raise ValueError(NOT_LOCATED)
+
+
+def _end_of_turn(tokenizer, last: str, going_on: str) -> str:
+    """The longest text both `last` and `going_on` start with, in whole tokens of both: after an
+    answer Phi-3.5 writes `<|end|>\\n<|endoftext|>` when the conversation stops, `<|end|>\\n<|user|>`
+    when it goes on; the end of the turn is `<|end|>\\n`, not `<|end|>\\n<|`."""
+    n = 0
+    while n < min(len(last), len(going_on)) and last[n] == going_on[n]:
+        n += 1
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    whole = ids(last), ids(going_on)
+    while n:
+        head = ids(last[:n])
+        if all(t[: len(head)] == head for t in whole):
+            break
+        n -= 1
+    return last[:n]
+
+
+def _unprompted_whitespace(before: str, prompt: str) -> str:
+    """The end of the whitespace that closes `before` which the generation prompt does not write."""
+    space = before[len(before.rstrip()) :]
+    n = max(n for n in range(len(space) + 1) if prompt.endswith(space[:n]))
+    return space[n:]
 
 
 def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     if not messages:
         return ""
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **CHAT_TEMPLATE_KWARGS
+        )
     except (TemplateError, TypeError, KeyError) as e:  # e.g. a template's "roles must alternate"
-        raise ValueError(f"the chat template rejected this conversation: {e}") from None
+        why = f"the chat template rejected this conversation: {e}"
+        if messages[0]["role"] == "system" and len(messages) > 1 and _renders(tokenizer, messages[1:]):
+            why += " (the template has no system role: drop the system message or put it in the first user turn)"
+        raise ValueError(why) from None
+
+
+def _renders(tokenizer, messages: list[dict]) -> bool:
+    """Whether the chat template accepts `messages`."""
+    try:
+        tokenizer.apply_chat_template(messages, tokenize=False, **CHAT_TEMPLATE_KWARGS)
+    except (TemplateError, TypeError, KeyError):
+        return False
+    return True
 
 
 def ensure_chat_template(tokenizer) -> None:
@@ -695,7 +825,10 @@ def format_prompt(prompt: str, data_format: str, tokenizer, input: str = "") -> 
     if data_format == "chat":
         ensure_chat_template(tokenizer)
         messages = [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS
+        )
+        return text, False
     if data_format in ("prompt_completion", "text", "none"):
         return prompt, True
     raise ValueError(f"prompt format {data_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")

@@ -35,6 +35,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from qtrain.builder import attach_methods
+from qtrain.families import ALL_OPS, fused_support
 from qtrain.fused import GATE_UP, QKV
 from qtrain.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_workspace_bytes
 from qtrain.kernels.nf4_dispatch import DEFAULT_CROSSOVER, GEMV_MAX_M
@@ -532,9 +533,12 @@ def max_seq_len(config: PretrainedConfig, spec: LoRASpec | None, w: Workload, bu
 # ---- from a training config; what to change when it does not fit ----
 
 
-def workload_for(cfg, device: str = "cuda", backend: str | None = None) -> Workload:
+def workload_for(
+    cfg, device: str = "cuda", backend: str | None = None, config: PretrainedConfig | None = None
+) -> Workload:
     """The Workload of a qtrain Config on `device` ("cuda" or "cpu"). The NF4 backend is the one
-    `auto` picks there (Triton on CUDA, assuming an Ampere or newer GPU), unless `backend` says."""
+    `auto` picks there (Triton on CUDA, assuming an Ampere or newer GPU), unless `backend` says.
+    `config` (the model's; read from the run's model when not given) decides which fused ops run."""
     from qtrain.config import DTYPES
 
     t, d = cfg.train, cfg.data
@@ -542,7 +546,7 @@ def workload_for(cfg, device: str = "cuda", backend: str | None = None) -> Workl
     if backend is None:
         backend = cfg.model.backend if cfg.model.backend != "auto" else ("triton" if device == "cuda" else "torch")
     methods = tuple(cfg.method_objects())
-    fused = fused_groups(cfg.kernels, device, backend, methods)
+    fused = fused_groups(cfg.kernels, device, backend, methods, config if config is not None else model_config(cfg))
     return Workload(
         batch_size=t.batch_size,
         seq_len=d.max_length,
@@ -561,23 +565,39 @@ def workload_for(cfg, device: str = "cuda", backend: str | None = None) -> Workl
     )
 
 
+def model_config(cfg) -> PretrainedConfig:
+    """The model config of a qtrain Config's model: the tiny one it builds, or its checkpoint's."""
+    if cfg.model.tiny is not None:
+        from qtrain.tiny import tiny_config
+
+        t = cfg.model.tiny
+        return tiny_config(t.arch, t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.num_kv_heads)
+    from qtrain.presets import resolve_config
+
+    return resolve_config(cfg.model.name_or_path)
+
+
 def carries_mask(packing: bool, batch_size: int, fused: tuple) -> bool:
     """Whether batches carry a [B, 1, S, S] mask: padded rows do; packed rows too, unless
     `qtrain.fused`'s varlen path runs them without one."""
     return (packing and "varlen" not in fused) or (not packing and batch_size > 1)
 
 
-def fused_groups(ops, device: str, backend: str, methods: tuple = ()) -> tuple:
-    """What `qtrain.fused` changes for memory with these kernel settings on `device`: the projection
-    groups it fuses ("qkv", "gate_up"; separate projections for the torch NF4 backend on CUDA), the
-    RMSNorm and SwiGLU kernels (they save less), and "varlen" when packed rows run without a mask
-    (not with methods that hook the attention)."""
+def fused_groups(ops, device: str, backend: str, methods: tuple = (), config: PretrainedConfig | None = None) -> tuple:
+    """What `qtrain.fused` changes for memory with these kernel settings on `device` for a model of
+    `config`: the projection groups it fuses ("qkv", "gate_up"; separate projections for the torch
+    NF4 backend on CUDA), the RMSNorm and SwiGLU kernels (they save less), and "varlen" when packed
+    rows run without a mask (not with methods that hook the attention). Only the ops
+    `qtrain.families.fused_support(config)` allows, the ones the swap applies (`config=None`: a
+    Llama-like model, every op)."""
     if not ops.on_for(device):
         return ()
-    groups = () if device == "cuda" and backend != "triton" else tuple(g for g in ("qkv", "gate_up") if getattr(ops, g))
+    support = ALL_OPS if config is None else fused_support(config)
+    on = {op for op in support if getattr(ops, op)}
+    groups = () if device == "cuda" and backend != "triton" else tuple(g for g in ("qkv", "gate_up") if g in on)
     hooks_attention = any(m.hooks_attention for m in methods)
-    small_ops = tuple(op for op in ("rms_norm", "swiglu") if getattr(ops, op))
-    return groups + small_ops + (("varlen",) if ops.varlen and not hooks_attention else ())
+    small_ops = tuple(op for op in ("rms_norm", "swiglu") if op in on)
+    return groups + small_ops + (("varlen",) if "varlen" in on and not hooks_attention else ())
 
 
 def suggestions(config: PretrainedConfig, spec: LoRASpec | None, w: Workload, grad_accum: int = 1, budget: int | None = None) -> list[tuple[str, int]]:

@@ -7,11 +7,12 @@
        as a frozen parameter in the compute dtype (embeddings, norms, lm_head).
 
 The PEFT methods (LoRA among them: `qtrain.methods.lora`) are applied to the loaded base by their
-`apply`. Peak host memory is about one tensor. Llama, Mistral, Qwen2 (and other decoder-only models whose
-checkpoint keys match their transformers module names) load this way. Mixture-of-experts models
-(Qwen3-MoE, Mixtral) too: their 3-D experts module is first replaced by one NF4 linear per expert
-weight (`qtrain.moe.swap_experts`), which the per-expert checkpoint tensors (or a fused 3-D one,
-split per expert) are quantized into as they are read.
+`apply`. Peak host memory is about one tensor. The families of `qtrain.families.FAMILIES` load this
+way; any other decoder-only causal LM whose projections are `nn.Linear` too, with a one-line warning
+that it is untested (`check_loadable`); what cannot work is refused before a weight is read.
+The mixture-of-experts families (Qwen3-MoE, Mixtral) load the same way once their 3-D experts
+module is replaced by one NF4 linear per expert weight (`qtrain.moe.swap_experts`), which the per-expert checkpoint
+tensors (or a fused 3-D one, split per expert) are quantized into as they are read.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +28,17 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
+import transformers
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
+from qtrain.families import FAMILIES
 from qtrain.lora import LoRALinear, LoRASpec, swap_base_linears
 from qtrain.moe import PROJECTION_OF, fused_expert_parts, module_key, swap_experts
 from qtrain.nf4 import QUANT_STATE_KEY, from_bnb_state_dict
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+SUPPORTED = tuple(FAMILIES)  # tested families; others load through the generic path (check_loadable)
+log = logging.getLogger("qtrain")
 IGNORED_KEYS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
 
 
@@ -67,15 +72,52 @@ def read_config(model_dir: str | Path, supported: tuple[str, ...] | None = None)
         raise ValueError(
             f"{path}: model_type {model_type!r} is not supported{custom}; qtrain supports {', '.join(supported)}"
         )
-    if "auto_map" in raw and model_type not in CONFIG_MAPPING:
+    if model_type not in CONFIG_MAPPING:
+        custom = "needs custom code (auto_map), which qtrain never runs" if "auto_map" in raw else "is unknown"
         raise ValueError(
-            f"{path}: model_type {model_type!r} needs custom code (auto_map), which qtrain never runs; "
+            f"{path}: model_type {model_type!r} {custom} to transformers {transformers.__version__}; "
             "use a model type transformers implements"
         )
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: transformers cannot read it ({one_line(e)})") from None
+
+
+def check_causal_lm(config: PretrainedConfig, model_dir: Path) -> None:
+    """Refuse a model transformers has no decoder-only causal LM class for (T5, BERT...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{model_dir}: model_type {config.model_type!r} is not a decoder-only causal LM; "
+            "qtrain fine-tunes those only"
+        )
+
+
+def check_loadable(skeleton: nn.Module, config: PretrainedConfig, model_dir: Path) -> None:
+    """Refuse, before any weight is read, a model whose meta skeleton has a weight-carrying module
+    that is not `nn.Linear` or `nn.Embedding` (its projection would stay
+    unquantized and untrainable: GPT-2's Conv1D, the 3-D experts of a MoE family not
+    registered; the registered ones are swapped by `qtrain.moe.swap_experts`). A family outside
+    `FAMILIES` that passes loads with one warning line: it is untested."""
+    model_type = config.model_type
+    if model_type in FAMILIES:
+        return
+    for name, module in skeleton.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) or name == "":
+            continue
+        weights = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
+        if weights:
+            raise ValueError(
+                f"{model_dir}: model_type {model_type!r}: {name} is a {type(module).__name__} with a "
+                f"{weights[0].dim()}-D weight, not nn.Linear; qtrain quantizes and adapts nn.Linear projections only "
+                f"(supported families: {', '.join(FAMILIES)})"
+            )
+    log.warning(
+        "model_type %r is not one of qtrain's tested families (%s): loading it through the generic path, untested",
+        model_type, ", ".join(FAMILIES),
+    )  # fmt: skip
 
 
 def read_json_object(path: Path) -> dict:
@@ -150,7 +192,7 @@ def load_base(
     """The frozen base of a checkpoint directory (or Hub id) on `device`: every linear but lm_head
     an NF4 (or, `quantize=False`, `compute_dtype`) LoRALinear of rank 0, nothing trainable yet."""
     model_dir = resolve_model_dir(name_or_path)
-    config = read_config(model_dir, SUPPORTED)
+    config = read_config(model_dir)
     ckpt = SafetensorsCheckpoint(model_dir)
     bnb = bnb_prefixes(ckpt.keys())
     if bnb and not quantize:
@@ -158,7 +200,9 @@ def load_base(
     if hasattr(config, "quantization_config"):  # we quantize ourselves; transformers must not
         delattr(config, "quantization_config")
 
+    check_causal_lm(config, model_dir)
     model = build_skeleton(config, compute_dtype)
+    check_loadable(model, config, model_dir)
     swap_base_linears(model, quantize_base=quantize, backend=backend)
     swap_experts(model, quantize_base=quantize, backend=backend)  # MoE: one NF4 LoRALinear per expert weight
     linears = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}

@@ -69,6 +69,13 @@ class NF4Experts(nn.Module):
     def expert(self, e: int) -> ExpertMLP:
         return self._modules[str(e)]
 
+    def dense_weights(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts dequantized into transformers 5's layout, gate_up [E, 2F, D] and down [E, D, F]:
+        what a reference model (bitsandbytes leaves 3-D experts unquantized) must hold to equal ours."""
+        experts = [self.expert(e) for e in range(self.num_experts)]
+        gate_up = [torch.cat([x.gate_proj.base_weight(dtype), x.up_proj.base_weight(dtype)]) for x in experts]
+        return torch.stack(gate_up), torch.stack([x.down_proj.base_weight(dtype) for x in experts])
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Tiny random models and a character tokenizer, built locally: no download, ever.
 
-The quickstart and the tests use these: a Llama/Mistral/Qwen2 config of a few layers, random
+The quickstart and the tests use these: a config of a few layers from a supported family's own
+transformers config class (`qtrain.families`), random
 weights saved with `save_pretrained` (sharded safetensors), and a character-level tokenizer
 (printable ASCII + newline) saved beside it, so the directory loads like any Hub checkpoint.
 """
@@ -16,26 +17,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    MistralConfig,
-    MixtralConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen3MoeConfig,
-)
+import transformers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from qtrain.families import FAMILIES
 
 TINY_SPEC = "qtrain-tiny.json"  # what a tiny base was built from; written last: its presence means complete
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
-ARCHITECTURES = {
-    "llama": LlamaConfig,
-    "mistral": MistralConfig,
-    "qwen2": Qwen2Config,
-    "qwen3_moe": Qwen3MoeConfig,
-    "mixtral": MixtralConfig,
-}
+ARCHITECTURES = {model_type: family.config_class for model_type, family in FAMILIES.items()}  # config class names
 TINY_EXPERTS, TINY_TOP_K = 4, 2  # mixture-of-experts: 4 experts, 2 per token
 
 
@@ -48,6 +38,7 @@ def moe_kwargs(arch: str, intermediate_size: int) -> dict:
     if arch == "mixtral":
         return {"num_local_experts": TINY_EXPERTS, "num_experts_per_tok": TINY_TOP_K}
     return {}
+
 
 # A minimal chat template (role headers, one turn per block) so chat data works with it too.
 CHAT_TEMPLATE = (
@@ -84,9 +75,11 @@ def tiny_config(
     tie_word_embeddings: bool = False,
     initializer_range: float = 0.02,
 ):
+    """A small config of family `arch` (head_dim = hidden_size / num_heads, whatever the family's default)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch {arch!r} is not one of {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[arch](
+    config_class = getattr(transformers, ARCHITECTURES[arch])
+    return config_class(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -96,6 +89,7 @@ def tiny_config(
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
         initializer_range=initializer_range,
+        head_dim=hidden_size // num_heads,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,

@@ -702,7 +702,7 @@ def _memory_report(cfg, profiler, loaded, methods, device, shapes, report_dir: P
     profiler.detach()
     b, s, packed, padded = max(shapes, key=lambda shape: shape[0] * shape[1])
     backend = resolve_on_device("nf4_lora", cfg.model.backend, device)
-    w = workload_for(cfg, device.type, backend)
+    w = workload_for(cfg, device.type, backend, loaded.config)
     w = replace(w, batch_size=b, seq_len=s, attention_mask=padded or (packed and "varlen" not in w.fused))  # varlen: no mask
     est = estimate(loaded.config, None, w)
     info = {

@@ -1,4 +1,4 @@
-"""Fused ops for Llama-family models (Llama, Mistral, Qwen2), swapped into a model INSTANCE.
+"""Fused ops for Llama-family models (Llama, Mistral, Qwen2; Qwen3's norms and MLP), swapped into a model INSTANCE.
 
     apply_fused_ops(model, FusedOps())   # after load_model (and any PEFT method), before training
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from transformers.models.llama import modeling_llama as llama
 from transformers.models.mistral import modeling_mistral as mistral
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
+from transformers.models.qwen3 import modeling_qwen3 as qwen3
 
 from qtrain.fused.attention import FusedAttention, forward_for, takes_cache_argument
 
@@ -47,12 +48,13 @@ class FusedQwen2Attention(FusedAttention, qwen2.Qwen2Attention):
 
 @dataclass(frozen=True)
 class Architecture:
-    """The stock module classes of one model type and the fused attention class replacing its attention."""
+    """The stock module classes of one model type and the fused attention class replacing its attention
+    (None: the attention stays stock; `qtrain.families.fused_support` then allows no attention op)."""
 
     attention: type
     mlp: type
     norm: type
-    fused_attention: type
+    fused_attention: type | None = None
 
 
 ARCHITECTURES = {
@@ -61,4 +63,6 @@ ARCHITECTURES = {
         mistral.MistralAttention, mistral.MistralMLP, mistral.MistralRMSNorm, FusedMistralAttention
     ),
     "qwen2": Architecture(qwen2.Qwen2Attention, qwen2.Qwen2MLP, qwen2.Qwen2RMSNorm, FusedQwen2Attention),
+    # Qwen3: Llama's RMSNorm and SwiGLU MLP; its attention (q/k RMSNorm before RoPE) stays stock
+    "qwen3": Architecture(qwen3.Qwen3Attention, qwen3.Qwen3MLP, qwen3.Qwen3RMSNorm),
 }

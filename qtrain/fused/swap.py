@@ -2,9 +2,11 @@
 
     apply_fused_ops(model, FusedOps())   # after load_model (and any PEFT method), before training
 
-Per decoder layer of a model type in `ARCHITECTURES` (other model types are left alone, the reason
-recorded): input_layernorm, post_attention_layernorm (and the decoder's final norm) ->
-`FusedRMSNorm`; self_attn -> the architecture's `FusedAttention`; mlp -> `FusedMLP`; then, for op
+Per decoder layer of a model type whose family has fused modules (`qtrain.families.fused_support`,
+the one decision the memory estimator shares; other model types are left alone, the reason
+recorded), with only the ops whose math applies to the model: input_layernorm,
+post_attention_layernorm (and the decoder's final norm) -> `FusedRMSNorm`; self_attn -> the
+architecture's `FusedAttention` (when it has one); mlp -> `FusedMLP`; then, for op
 `varlen`, the decoder's `PackedBatches` pre-hook. Each swapped module adopts the stock one's state
 (`qtrain.fused.adopt`): parameter and state-dict names do not change, and hooks on self_attn / mlp /
 the norms (prefix tuning, adapters, LLaMA-Adapter) are carried over and keep working; methods
@@ -17,13 +19,17 @@ by themselves: Triton on CUDA tensors (and on CPU ones under TRITON_INTERPRET=1)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
+
+from qtrain.families import fused_support
 
 from qtrain.fused.architectures import ARCHITECTURES, Architecture
 from qtrain.fused.mlp import FusedMLP
 from qtrain.fused.norm import FusedRMSNorm
-from qtrain.fused.ops import FusedOps
+from qtrain.fused.ops import OPS, FusedOps
 from qtrain.fused.packing import PackedBatches, varlen_blocker
 
 
@@ -73,7 +79,7 @@ def _swap_layer(layer: nn.Module, prefix: str, arch: Architecture, ops: FusedOps
     if ops.rms_norm:
         for child in ("input_layernorm", "post_attention_layernorm"):
             _swap_norm(layer, child, arch, f"{prefix}.{child}", out)
-    if ops.rope or ops.qkv or ops.varlen:
+    if (ops.rope or ops.qkv or ops.varlen) and arch.fused_attention is not None:
         attn = layer.self_attn
         if type(attn) is arch.attention:
             new, skipped = arch.fused_attention.from_stock(attn, ops)
@@ -102,10 +108,13 @@ def apply_fused_ops(model: nn.Module, ops: FusedOps | None = None) -> Swapped:
         out.skipped["model"] = f"kernels.enabled={ops.enabled!r}" + ("" if ops.any_on() else ", every op off")
         return out
     model_type = getattr(model.config, "model_type", None)
-    arch = ARCHITECTURES.get(model_type)
-    if arch is None:
-        out.skipped["model"] = f"model_type {model_type!r} has no fused modules (only {', '.join(ARCHITECTURES)})"
+    support = fused_support(model.config)
+    if not support:
+        out.skipped["model"] = f"model_type {model_type!r} keeps the stock modules (fused: {', '.join(ARCHITECTURES)})"
         return out
+    arch = ARCHITECTURES[model_type]
+    ops = replace(ops, **{op: False for op in OPS if op not in support})
+    out.skipped.update({f"model.{op}": f"does not apply to {model_type!r}" for op in OPS if op not in support})
     decoder = model.get_decoder()
     names = {id(m): n for n, m in model.named_modules()}
     with torch.no_grad():

@@ -2,11 +2,12 @@
 built from their transformers config classes (4 experts, top-2, hidden 64, 2 layers).
 
 References: bitsandbytes quantizes only `nn.Linear`s, so transformers + bitsandbytes leaves a
-transformers 5 MoE's 3-D expert parameters in fp32. The parity references therefore hold the
-experts as the fp32 dequantization of our NF4 codes (`copy_dequantized_experts`): with attention-only
-LoRA the rest is transformers + bitsandbytes + PEFT; with the experts targeted the experts are a
-dense fp32 re-implementation with LoRA in merged-weight form (`RefExperts`), PEFT having no
-per-expert modules to put LoRA on.
+transformers 5 MoE's 3-D expert parameters in fp32; the references hold the experts as the fp32
+dequantization of our NF4 codes (`NF4Experts.dense_weights`). The 20-step loss parity with
+attention-only LoRA (all-linear) against transformers + bitsandbytes + PEFT is
+tests/qtrain/test_parity.py's, parametrized by the family registry; here, with the experts
+targeted, the experts are a dense fp32 re-implementation with LoRA in merged-weight form
+(`RefExperts`), PEFT having no per-expert modules to put LoRA on.
 """
 
 from __future__ import annotations
@@ -56,13 +57,9 @@ def copy_dequantized_experts(ours: nn.Module, ref: nn.Module) -> None:
     """Each transformers experts module of `ref` set to the fp32 dequantization of our NF4 experts."""
     with torch.no_grad():
         for name, experts in nf4_experts(ours).items():
-            target = ref.get_submodule(name)
-            for e in range(experts.num_experts):
-                x = experts.expert(e)
-                target.gate_up_proj[e].copy_(
-                    torch.cat([x.gate_proj.base_weight(torch.float32), x.up_proj.base_weight(torch.float32)])
-                )
-                target.down_proj[e].copy_(x.down_proj.base_weight(torch.float32))
+            gate_up, down = experts.dense_weights(torch.float32)
+            ref.get_submodule(name).gate_up_proj.copy_(gate_up)
+            ref.get_submodule(name).down_proj.copy_(down)
 
 
 def copy_dequantized_linears(ours: nn.Module, ref: nn.Module) -> None:
@@ -200,33 +197,6 @@ def test_experts_get_lora_only_when_named(tiny_checkpoint, targets, n_experts):
 # ---- 20-step loss parity ----
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_attention_lora_losses_match_transformers_bnb_peft(tiny_checkpoint, tmp_path, arch, bnb_nf4):
-    """Default targets (all-linear = attention on a MoE) vs transformers + bitsandbytes + PEFT, whose
-    fp32 3-D experts are set to our dequantized NF4 codes (bitsandbytes does not quantize them)."""
-    path = tiny_checkpoint(arch, **TINY)
-    data = _batches(AutoTokenizer.from_pretrained(path), STEPS)
-    spec = LoRASpec(rank=8, alpha=16, target_modules="all-linear")
-    torch.manual_seed(0)
-    ours = load_model(str(path), spec, compute_dtype=torch.float32)
-    save_adapter(ours.model, spec, ours.targets, str(path), tmp_path / "init")
-    enable_checkpointing(ours.model)
-    ours.model.train()
-    trainable = [p for p in ours.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
-    our_losses = [train_step(ours.model, [b], opt, trainable, 1.0, "cpu")[0] for b in data]
-
-    base = bnb_nf4(path)
-    copy_dequantized_experts(ours.model, base)
-    ref = peft.PeftModel.from_pretrained(base, tmp_path / "init", is_trainable=True)
-    ref.train()
-    assert sum(p.numel() for p in ref.parameters() if p.requires_grad) == sum(p.numel() for p in trainable)
-    ref_losses = train_losses(ref, data, lambda b: ref(**b).loss)
-    print(arch, "attention LoRA vs transformers+bnb+PEFT:", report(our_losses, ref_losses))
-    assert our_losses[-1] < our_losses[0] - 0.1, report(our_losses, ref_losses)
-    assert max(abs(a - b) for a, b in zip(our_losses, ref_losses)) < LOSS_ATOL, report(our_losses, ref_losses)
-
-
 class RefExperts(nn.Module):
     """Dense fp32 experts with LoRA in merged-weight form: every token through every expert
     (W_e + s B_e A_e, gate and up fused as transformers holds them), weighted by its routing weight
@@ -235,9 +205,9 @@ class RefExperts(nn.Module):
     def __init__(self, ours: NF4Experts, scale: float):
         super().__init__()
         experts = [ours.expert(e) for e in range(ours.num_experts)]
-        w = lambda m: m.base_weight(torch.float32)
-        self.register_buffer("gate_up", torch.stack([torch.cat([w(x.gate_proj), w(x.up_proj)]) for x in experts]))
-        self.register_buffer("down", torch.stack([w(x.down_proj) for x in experts]))
+        gate_up, down = ours.dense_weights(torch.float32)
+        self.register_buffer("gate_up", gate_up)
+        self.register_buffer("down", down)
         self.act_fn, self.scale = ours.act_fn, scale
         for p in ("gate_proj", "up_proj", "down_proj"):
             for ab in ("lora_a", "lora_b"):

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qtrain.adapter import save_adapter
 from qtrain.data import batches, synthetic_rows, tokenize_row
+from qtrain.families import FAMILIES
 from qtrain.lora import LoRASpec
 from qtrain.model import enable_checkpointing, load_model
 from qtrain.train import train_step
@@ -30,11 +31,15 @@ def _batches(tokenizer, n_batches: int, batch_size: int = 4) -> list[dict]:
     return [next(stream) for _ in range(n_batches)]
 
 
-@pytest.mark.parametrize("use_rslora", [False, True])
-def test_losses_match_transformers_bnb_peft(tiny_checkpoint, tmp_path, use_rslora, bnb_exact):
+# every family the registry says is parity-tested (qtrain.families; the README table shows it); rsLoRA once
+CASES = [("llama", True)] + [(arch, False) for arch, f in FAMILIES.items() if "parity" in f.tested]
+
+
+@pytest.mark.parametrize(("arch", "use_rslora"), CASES)
+def test_losses_match_transformers_bnb_peft(tiny_checkpoint, tmp_path, arch, use_rslora, bnb_exact, nf4_experts_into):
     # hidden/intermediate multiples of 64: bitsandbytes 0.50.2's native CPU dequantize is wrong
     # for rows whose length is a multiple of 16 but not 64 (tests/qtrain/test_model.py).
-    path = tiny_checkpoint("llama", hidden_size=64, intermediate_size=192, num_layers=2)
+    path = tiny_checkpoint(arch, hidden_size=64, intermediate_size=192, num_layers=2)
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = _batches(tokenizer, STEPS)
     spec = LoRASpec(rank=8, alpha=16, use_rslora=use_rslora, target_modules="all-linear")
@@ -57,6 +62,7 @@ def test_losses_match_transformers_bnb_peft(tiny_checkpoint, tmp_path, use_rslor
         bnb_4bit_compute_dtype=torch.float32,
     )
     base = bnb_exact(AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.float32, device_map="cpu"))
+    nf4_experts_into(ours.model, base)  # MoE: bitsandbytes leaves the experts unquantized; ours are NF4
     ref = peft.PeftModel.from_pretrained(base, tmp_path / "init", is_trainable=True)
     ref.train()
     ref_trainable = [p for p in ref.parameters() if p.requires_grad]
@@ -72,7 +78,7 @@ def test_losses_match_transformers_bnb_peft(tiny_checkpoint, tmp_path, use_rslor
         ref_losses.append(loss.item())
 
     diffs = [abs(a - b) for a, b in zip(our_losses, ref_losses)]
-    report = f"max |Δloss| {max(diffs):.2e}; ours {our_losses[0]:.4f}→{our_losses[-1]:.4f}, ref {ref_losses[0]:.4f}→{ref_losses[-1]:.4f}"
+    report = f"{arch}: max |Δloss| {max(diffs):.2e}; ours {our_losses[0]:.4f}→{our_losses[-1]:.4f}, ref {ref_losses[0]:.4f}→{ref_losses[-1]:.4f}"
     print(report)
     assert our_losses[-1] < our_losses[0] - 0.1, report  # training moved: the comparison is not of constants
     assert max(diffs) < LOSS_ATOL, report
