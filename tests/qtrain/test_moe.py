@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qtrain.adapter import ADAPTER_CONFIG, load_adapter_weights, merge_adapter, read_adapter_config, save_adapter
+from qtrain.adapter import ADAPTER_CONFIG, load_adapter_weights, merge_adapter, read_adapter_config
 from qtrain.cli import main
 from qtrain.config import load_config
 from qtrain.data import batches, synthetic_rows, tokenize_row
