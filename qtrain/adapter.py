@@ -27,8 +27,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from qtrain.checkpoint import CORRUPT_ADAPTER, SafetensorsCheckpoint, require_finite, resolve_model_dir
-from qtrain.lora import LoRASpec, PeftLoRASpec, lora_modules
+from qtrain.lora import EXPERTS, LoRALinear, LoRASpec, PeftLoRASpec, lora_modules
 from qtrain.model import IGNORED_KEYS, bnb_groups, bnb_prefixes, build_skeleton, read_config, read_json_object
+from qtrain.moe import is_expert, module_key, swap_experts
 from qtrain.nf4 import dequantize_nf4, from_bnb_state_dict, quantize_nf4
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,7 +55,7 @@ def peft_config(spec: LoRASpec, targets: list[str], base_model: str) -> dict:
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
         "use_rslora": spec.use_rslora,
-        "target_modules": sorted({t.rpartition(".")[2] for t in targets}),
+        "target_modules": sorted({EXPERTS if is_expert(t) else t.rpartition(".")[2] for t in targets}),
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": None,
@@ -184,7 +185,7 @@ def read_adapter_config(adapter_dir: str | Path) -> PeftLoRASpec:
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     if spec.use_dora and weights.exists():
         with safe_open(weights, framework="pt") as f:  # names only, no tensor is read
-            has_magnitudes = any(_is_dora_key(k) for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+            has_magnitudes = any(_is_dora_key(k) for k in f.keys())
         if not has_magnitudes:
             raise ValueError(f"{path}: use_dora is true, but {weights} holds no DoRA {DORA_KEY} tensors")
     return spec
@@ -431,8 +432,8 @@ class _Merge:
             if key.endswith(IGNORED_KEYS) or key in bnb_side_keys:
                 continue  # bnb side tensors are read with their weight
             w = self.base_weight(key)
-            name = key.rpartition(".")[0]
-            if (name, "lora_a") in self.adapter and key == f"{name}.weight":
+            name, _, attr = module_key(key).rpartition(".")  # Mixtral's expert keys under the module's name
+            if (name, "lora_a") in self.adapter and attr == "weight":
                 w = self.merged(name, key, w)
                 used.add(name)
             writer.add(key, w.to(self.dtype) if w.is_floating_point() else w)
@@ -447,7 +448,7 @@ class _Merge:
             parts = {k: self.ckpt.finite(k) for k in self.bnb[key]}
             return dequantize_nf4(from_bnb_state_dict(parts, key), torch.float32)
         w = self.ckpt.finite(key)
-        if key in self.linear_weights:
+        if module_key(key) in self.linear_weights:
             w = dequantize_nf4(quantize_nf4(w.to(self.quant_dtype)), torch.float32)
         return w
 
@@ -476,10 +477,14 @@ class _Merge:
 
 
 def _linear_weight_names(config: PretrainedConfig) -> set[str]:
-    """Checkpoint names of the weights that QLoRA holds in NF4: every nn.Linear but lm_head."""
+    """Module names of the weights that QLoRA holds in NF4: every nn.Linear but lm_head, and each MoE
+    expert's projections (`qtrain.moe`)."""
     skeleton = build_skeleton(config, torch.float32)  # on meta: free
+    with torch.device("meta"):
+        swap_experts(skeleton)
     out = skeleton.get_output_embeddings()
-    return {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and m is not out}
+    linear = (nn.Linear, LoRALinear)
+    return {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, linear) and m is not out}
 
 
 class _ShardWriter:

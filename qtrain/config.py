@@ -37,7 +37,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32} 
 class TinyModelConfig:
     """A random model built locally from a config (quickstart, tests): no download."""
 
-    arch: Literal["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3_text"] = "llama"  # qtrain.families.FAMILIES
+    arch: Literal["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3_text", "qwen3_moe", "mixtral"] = "llama"  # qtrain.families.FAMILIES
     hidden_size: int = 128
     intermediate_size: int = 352
     num_layers: int = 4

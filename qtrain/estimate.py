@@ -42,6 +42,7 @@ from qtrain.kernels.nf4_dispatch import DEFAULT_CROSSOVER, GEMV_MAX_M
 from qtrain.lora import LoRALinear, LoRASpec, swap_base_linears
 from qtrain.methods.lora import LoRA
 from qtrain.model import build_skeleton, tie_embeddings
+from qtrain.moe import active_intermediate, is_expert, swap_experts
 from qtrain.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
 
 GiB = 2**30
@@ -141,6 +142,7 @@ def meta_model(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> 
     tie_embeddings(model, config)  # as load_base does: a tied lm_head is no second tensor
     with torch.device("meta"):
         swap_base_linears(model, quantize_base=w.quantize, backend="torch")
+        swap_experts(model, quantize_base=w.quantize, backend="torch")  # MoE experts: NF4, as loaded
         attach_methods(model, [replace(method) for method in with_lora(w, spec).methods], weights=False)
     return model
 
@@ -173,7 +175,10 @@ def weight_items(model: nn.Module, w: Workload) -> list[Item]:
     if dora:
         items.append(Item("weights", "DoRA: row norms of W", dora, "fp32, computed once at load"))
     groups = {"qkv": QKV, "gate_up": GATE_UP}
-    fused = [m for n, m in model.named_modules() if isinstance(m, LoRALinear) and any(n.endswith(x) for g in w.fused if g in groups for x in groups[g])]
+    fused = [
+        m for n, m in model.named_modules()
+        if isinstance(m, LoRALinear) and not is_expert(n) and any(n.endswith(x) for g in w.fused if g in groups for x in groups[g])
+    ]  # MoE experts are never fused (qtrain.moe)
     if w.quantize and fused:  # 4 bytes per 64 weights of the fused projections
         items.append(Item("weights", "fused projections' absmax", sum(m.in_features * m.out_features for m in fused) // 16, "fp32, qtrain.fused"))
     if w.quantize:
@@ -244,7 +249,7 @@ def layer_shape(model: nn.Module, config: PretrainedConfig, methods: tuple = ())
     return LayerShape(
         **family_shape(model, layer, c),
         D=c.hidden_size,
-        I=c.intermediate_size,
+        I=active_intermediate(c),
         H=c.num_attention_heads,
         K=c.num_key_value_heads,
         d=head,

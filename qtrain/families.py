@@ -19,6 +19,7 @@ TESTS = ("load", "train", "merge", "peft", "parity", "fused")  # what a family c
 ALL_OPS = ("rms_norm", "rope", "swiglu", "qkv", "gate_up", "varlen")  # = qtrain.fused.ops.OPS
 SILU = ("silu", "swish")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # a MoE's all-linear: experts only when named (qtrain.moe)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ FAMILIES: dict[str, Family] = {
     # is applied by qtrain's own loss (`qtrain.train.loss_sum`). tests/qtrain/test_gemma.py.
     "gemma2": Family("Gemma-2", "Gemma2Config", "gemma-2-9b, gemma-2-2b"),
     "gemma3_text": Family("Gemma-3 (text)", "Gemma3TextConfig", "gemma-3-1b, gemma-3-270m"),
+    "qwen3_moe": Family("Qwen3-MoE", "Qwen3MoeConfig", "Qwen3-30B-A3B", targets=ATTENTION),
+    "mixtral": Family("Mixtral", "MixtralConfig", "Mixtral-8x7B-v0.1", targets=ATTENTION),
 }
 
 

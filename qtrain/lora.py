@@ -336,16 +336,28 @@ class LoRALinear(nn.Module):
         )
 
 
+EXPERTS = "experts"  # in a target_modules list: every MoE expert's gate/up/down projection too
+
+
 def is_target(name: str, spec: LoRASpec) -> bool:
     """Whether module `name` gets an adapter, by PEFT's rule (peft.tuners.tuners_utils.
     check_target_module_exists): never an excluded one; a string target_modules is a full-match
     regex; a list takes a name equal to an entry, or one ending in '.<entry>' that is in
-    layers_to_transform (when given)."""
+    layers_to_transform (when given). A MoE expert's projection ('mlp.experts.3.up_proj', `qtrain.moe`)
+    is a target only of a list holding "experts" (or of a regex matching it): 'all-linear' and
+    'up_proj' leave the experts alone, as PEFT's do on a transformers 5 MoE, whose experts are 3-D
+    parameters, no linears."""
     if _matches(name, spec.exclude_modules):
         return False
     targets = spec.target_modules
     if isinstance(targets, str) and targets != "all-linear":
         return re.fullmatch(targets, name) is not None
+    from qtrain.moe import is_expert  # (qtrain.moe builds on this module)
+
+    if is_expert(name):  # a MoE expert's projection: only when the list names "experts" (not all-linear)
+        return targets != "all-linear" and EXPERTS in targets and _in_layers(
+            name, getattr(spec, "layers_to_transform", None), getattr(spec, "layers_pattern", None)
+        )
     if targets != "all-linear" and name in targets:
         return True
     found = targets == "all-linear" or any(name.endswith("." + t) for t in targets)

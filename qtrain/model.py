@@ -10,6 +10,9 @@ The PEFT methods (LoRA among them: `qtrain.methods.lora`) are applied to the loa
 `apply`. Peak host memory is about one tensor. The families of `qtrain.families.FAMILIES` load this
 way; any other decoder-only causal LM whose projections are `nn.Linear` too, with a one-line warning
 that it is untested (`check_loadable`); what cannot work is refused before a weight is read.
+The mixture-of-experts families (Qwen3-MoE, Mixtral) load the same way once their 3-D experts
+module is replaced by one NF4 linear per expert weight (`qtrain.moe.swap_experts`), which the per-expert checkpoint
+tensors (or a fused 3-D one, split per expert) are quantized into as they are read.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoT
 from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
 from qtrain.families import FAMILIES
 from qtrain.lora import LoRALinear, LoRASpec, swap_base_linears
+from qtrain.moe import PROJECTION_OF, fused_expert_parts, module_key, swap_experts
 from qtrain.nf4 import QUANT_STATE_KEY, from_bnb_state_dict
 
 SUPPORTED = tuple(FAMILIES)  # tested families; others load through the generic path (check_loadable)
@@ -94,7 +98,8 @@ def check_causal_lm(config: PretrainedConfig, model_dir: Path) -> None:
 def check_loadable(skeleton: nn.Module, config: PretrainedConfig, model_dir: Path) -> None:
     """Refuse, before any weight is read, a model whose meta skeleton has a weight-carrying module
     that is not `nn.Linear` or `nn.Embedding` (its projection would stay
-    unquantized and untrainable: GPT-2's Conv1D, 3-D expert tensors). A family outside
+    unquantized and untrainable: GPT-2's Conv1D, the 3-D experts of a MoE family not
+    registered; the registered ones are swapped by `qtrain.moe.swap_experts`). A family outside
     `FAMILIES` that passes loads with one warning line: it is untested."""
     model_type = config.model_type
     if model_type in FAMILIES:
@@ -199,6 +204,7 @@ def load_base(
     model = build_skeleton(config, compute_dtype)
     check_loadable(model, config, model_dir)
     swap_base_linears(model, quantize_base=quantize, backend=backend)
+    swap_experts(model, quantize_base=quantize, backend=backend)  # MoE: one NF4 LoRALinear per expert weight
     linears = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
     groups = bnb_groups(ckpt.keys(), bnb)  # {"...q_proj.weight": [its 5-7 keys]}
@@ -214,7 +220,10 @@ def load_base(
             if len(bnb_parts[prefix]) == len(groups[prefix]):
                 linears[prefix.rpartition(".")[0]].set_nf4_weight(from_bnb_state_dict(bnb_parts.pop(prefix), prefix))
             continue
-        module_name, _, attr = key.rpartition(".")
+        name = module_key(key)  # Mixtral's per-expert names -> the module's
+        if _load_fused_experts(linears, ckpt, key, name, device, compute_dtype):
+            continue
+        module_name, _, attr = name.rpartition(".")
         if module_name in linears:
             if attr not in ("weight", "bias") or (attr == "bias" and linears[module_name].bias is None):
                 raise ValueError(f"{model_dir}: unexpected tensor {key!r} for a linear layer; does config.json match?")
@@ -231,7 +240,7 @@ def load_base(
             del value
             release_host_memory()
             continue
-        expected = _existing_tensor(model, key)
+        expected = _existing_tensor(model, name)
         if expected is None:
             raise ValueError(
                 f"{model_dir}: checkpoint tensor {key!r} has no place in {type(model).__name__}; "
@@ -244,7 +253,7 @@ def load_base(
                 f"config.json expects {list(expected.shape)}"
             )
         value = ckpt.finite(key).to(device)
-        _set_tensor(model, key, value.to(compute_dtype) if value.is_floating_point() else value)
+        _set_tensor(model, name, value.to(compute_dtype) if value.is_floating_point() else value)
 
     no_bias = [f"{n}.bias" for n, m in linears.items() if m.bias is not None and n not in loaded_biases]
     if no_bias:
@@ -254,6 +263,20 @@ def load_base(
     for p in model.parameters():
         p.requires_grad = False
     return LoadedModel(model, config, model_dir, [], prequantized=bool(bnb))
+
+
+def _load_fused_experts(
+    linears: dict[str, LoRALinear], ckpt: SafetensorsCheckpoint, key: str, name: str, device, dtype: torch.dtype
+) -> bool:
+    """Quantize a fused 3-D expert tensor (one layer's experts, transformers 5's own layout) into the
+    per-expert linears, expert by expert; False when `name` is no such tensor."""
+    prefix, _, attr = name.rpartition(".")
+    if attr not in ("gate_up_proj", "down_proj") or f"{prefix}.0.{PROJECTION_OF[attr]}" not in linears:
+        return False
+    for part, weight in fused_expert_parts(name, ckpt.finite(key)):
+        linears[part.removesuffix(".weight")].set_base_weight(weight.to(device=device, dtype=dtype))
+    release_host_memory()
+    return True
 
 
 def bnb_groups(keys: list[str], prefixes: set[str]) -> dict[str, list[str]]:

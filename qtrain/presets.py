@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig, Gemma2Config, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
+from transformers import (
+    AutoConfig,
+    Gemma2Config,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3MoeConfig,
+)
 
 _LLAMA = dict(hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False, num_hidden_layers=32, hidden_size=4096)
 
@@ -32,6 +41,15 @@ PRESETS: dict[str, tuple[type, dict]] = {
                                        num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, vocab_size=256000,
                                        max_position_embeddings=8192, rope_theta=10000.0, sliding_window=4096,
                                        final_logit_softcapping=30.0, attn_logit_softcapping=50.0)),
+    # mixture-of-experts: every expert held in NF4 (qtrain.moe)
+    "qwen3-30b-a3b": (Qwen3MoeConfig, dict(hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False, num_hidden_layers=48,
+                                           hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                                           num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                                           max_position_embeddings=40960, rope_theta=1e6)),
+    "mixtral-8x7b": (MixtralConfig, dict(_LLAMA, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                                          num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+                                          max_position_embeddings=32768, rope_theta=1e6, sliding_window=None)),
 }  # fmt: skip
 
 # Hub ids with these architectures (base and instruct models share them).
@@ -48,6 +66,11 @@ HUB_IDS = {
     "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b",
     "google/gemma-2-9b": "gemma-2-9b",
     "google/gemma-2-9b-it": "gemma-2-9b",
+    "Qwen/Qwen3-30B-A3B": "qwen3-30b-a3b",
+    "Qwen/Qwen3-30B-A3B-Base": "qwen3-30b-a3b",
+    "Qwen/Qwen3-30B-A3B-Instruct-2507": "qwen3-30b-a3b",
+    "mistralai/Mixtral-8x7B-v0.1": "mixtral-8x7b",
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": "mixtral-8x7b",
 }
 
 

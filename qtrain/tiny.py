@@ -28,6 +28,20 @@ CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
 ARCHITECTURES = {model_type: family.config_class for model_type, family in FAMILIES.items()}  # config class names
 SLIDING_WINDOW = 16  # tiny Gemma's local layers see 16 tokens: shorter than the test rows, so the window matters
 
+TINY_EXPERTS, TINY_TOP_K = 4, 2  # mixture-of-experts: 4 experts, 2 per token
+
+
+def moe_kwargs(arch: str, intermediate_size: int) -> dict:
+    """A tiny MoE config's expert settings (every layer sparse, each expert `intermediate_size` wide);
+    {} for a dense family."""
+    if arch == "qwen3_moe":
+        return {"num_experts": TINY_EXPERTS, "num_experts_per_tok": TINY_TOP_K, "moe_intermediate_size": intermediate_size,
+                "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}
+    if arch == "mixtral":
+        return {"num_local_experts": TINY_EXPERTS, "num_experts_per_tok": TINY_TOP_K}
+    return {}
+
+
 # A minimal chat template (role headers, one turn per block) so chat data works with it too.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}"
@@ -89,6 +103,7 @@ def tiny_config(
         eos_token_id=2,
         pad_token_id=0,
         **family,
+        **moe_kwargs(arch, intermediate_size),
     )
 
 

@@ -76,6 +76,27 @@ def bnb_exact():
     return exact_bnb
 
 
+def copy_nf4_experts(ours, ref):
+    """Set each MoE experts module of `ref` (a transformers model: bitsandbytes leaves its 3-D experts
+    unquantized) to our NF4 experts' dequantization (`qtrain.moe.NF4Experts`), so the two models
+    differ only where the comparison is meant to look; a dense model is left as it is. Returns `ref`."""
+    from qtrain.moe import NF4Experts
+
+    with torch.no_grad():
+        for name, experts in ours.named_modules():
+            if isinstance(experts, NF4Experts):
+                gate_up, down = experts.dense_weights(ref.get_submodule(name).gate_up_proj.dtype)
+                ref.get_submodule(name).gate_up_proj.copy_(gate_up)
+                ref.get_submodule(name).down_proj.copy_(down)
+    return ref
+
+
+@pytest.fixture(scope="session")
+def nf4_experts_into():
+    """`nf4_experts_into(ours, ref)` -> ref, its MoE experts set to ours, dequantized (see `copy_nf4_experts`)."""
+    return copy_nf4_experts
+
+
 @pytest.fixture(scope="session")
 def bnb_nf4():
     """Factory: `bnb_nf4(path)` -> transformers + bitsandbytes NF4 (double quant, fp32 compute) of a

@@ -197,12 +197,14 @@ def mark_trainable(model: nn.Module, methods: list[PeftMethod]) -> list[str]:
 
 
 def base_linears(model: nn.Module) -> dict[str, LoRALinear]:
-    """{name: module} of the base's linears (`qtrain.lora.LoRALinear`: every linear but lm_head), in
+    """{name: module} of the base's linears (`qtrain.lora.LoRALinear`: every linear but lm_head, and
+    not a MoE's per-expert projections, which only LoRA adapts, when asked: `qtrain.moe`), in
     model order. The layer is imported here, not at the top: loading a config (which imports the
     method classes) imports no model code."""
     from qtrain.lora import LoRALinear
+    from qtrain.moe import is_expert
 
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear) and not is_expert(n)}
 
 
 def matches(name: str, targets: list[str]) -> bool:

@@ -128,12 +128,15 @@ class LoRA(LoRASpec, PeftMethod):
 
     def expected_trainable(self, config: PretrainedConfig) -> int:
         """r (in + out) per adapted linear (+ out for DoRA's magnitude)."""
+        from qtrain.lora import LoRALinear, is_target
         from qtrain.model import build_skeleton
+        from qtrain.moe import swap_experts
 
         skeleton = build_skeleton(config, torch.float32)  # on meta: free
+        with torch.device("meta"):
+            swap_experts(skeleton)  # MoE: one linear per expert weight, as the loader holds them
         out = skeleton.get_output_embeddings()
-        linears = [(n, m) for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and m is not out]
-        from qtrain.lora import is_target
+        linears = [(n, m) for n, m in skeleton.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) and m is not out]
 
         chosen = [m for n, m in linears if is_target(n, self)]
         return sum(self.rank * (m.in_features + m.out_features) + (m.out_features if self.use_dora else 0) for m in chosen)

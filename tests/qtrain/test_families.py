@@ -62,7 +62,7 @@ def test_readme_table_is_the_registry():
 
 
 @pytest.mark.parametrize("arch", TESTED["train"])
-def test_train_generate_merge_and_peft_loads_the_adapter(arch, tmp_path, capsys, bnb_exact):
+def test_train_generate_merge_and_peft_loads_the_adapter(arch, tmp_path, capsys, bnb_exact, nf4_experts_into):
     out = tmp_path / "run"
     assert main(["train", str(QUICKSTART), *TINY, f"model.tiny.arch={arch}", f"output_dir={out}"]) == 0
     adapter, base = out / "adapter", out / "base"
@@ -81,6 +81,7 @@ def test_train_generate_merge_and_peft_loads_the_adapter(arch, tmp_path, capsys,
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
     hf = bnb_exact(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb, device_map="cpu"))
+    nf4_experts_into(ours, hf)  # MoE: bitsandbytes leaves the experts unquantized; ours are NF4
     ref = peft.PeftModel.from_pretrained(hf, adapter).eval()
     ref.get_input_embeddings().weight.requires_grad_(True)  # bnb's dequantize + F.linear path (conftest)
     with torch.enable_grad():
