@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from qtrain.families import fused_support
-
 from qtrain.fused.architectures import ARCHITECTURES, Architecture
 from qtrain.fused.mlp import FusedMLP
 from qtrain.fused.norm import FusedRMSNorm

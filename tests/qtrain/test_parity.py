@@ -46,12 +46,13 @@ def test_losses_match_transformers_bnb_peft(tiny_checkpoint, tmp_path, arch, use
     # for rows whose length is a multiple of 16 but not 64 (tests/qtrain/test_model.py).
     path = tiny_checkpoint(arch, hidden_size=64, intermediate_size=192, num_layers=2, **PARITY_SETTINGS.get(arch, {}))
     spec = LoRASpec(rank=8, alpha=16, use_rslora=use_rslora, target_modules="all-linear")
-    assert_parity(arch, *parity_losses(path, tmp_path, spec, bnb_exact))
+    assert_parity(arch, *parity_losses(path, tmp_path, spec, bnb_exact, nf4_experts_into))
 
 
-def parity_losses(path, tmp_path, spec: LoRASpec, bnb_exact) -> tuple[list[float], list[float]]:
+def parity_losses(path, tmp_path, spec: LoRASpec, bnb_exact, nf4_experts_into) -> tuple[list[float], list[float]]:
     """20 steps of qtrain (NF4 + LoRA, checkpointed, its own chunked loss) and of transformers +
-    bitsandbytes + PEFT from our step-0 adapter, on the same batches: (our losses, theirs)."""
+    bitsandbytes + PEFT from our step-0 adapter, on the same batches: (our losses, theirs).
+    `nf4_experts_into` (the conftest fixture): MoE experts of the reference set to ours."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = _batches(tokenizer, STEPS)
     torch.manual_seed(0)
