@@ -42,7 +42,7 @@ from qtrain.kernels.nf4_dispatch import DEFAULT_CROSSOVER, GEMV_MAX_M
 from qtrain.lora import LoRALinear, LoRASpec, swap_base_linears
 from qtrain.methods.lora import LoRA
 from qtrain.model import build_skeleton, tie_embeddings
-from qtrain.moe import active_intermediate, is_expert, swap_experts
+from qtrain.moe import NF4Experts, active_intermediate, is_expert, swap_experts
 from qtrain.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
 
 GiB = 2**30
@@ -239,6 +239,8 @@ class LayerShape:
     qk_norm: bool = False  # RMSNorms on q and k per head (Gemma-3)
     eager: bool = False  # attention in eager mode: the [H, S] score rows are saved (Gemma-2: sdpa has no soft cap)
     score_cap: bool = False  # attention logit soft-capping: its tanh output is saved too (Gemma-2)
+    experts: int = 0  # routed experts per MoE layer (Qwen3-MoE, Mixtral); 0: a dense MLP
+    top_k: int = 0  # experts each token is routed to (then I = top_k x the expert width)
 
 
 def layer_shape(model: nn.Module, config: PretrainedConfig, methods: tuple = ()) -> LayerShape:
@@ -265,11 +267,14 @@ def family_shape(model: nn.Module, layer: nn.Module, c: PretrainedConfig) -> dic
     `score_cap`), read from the (meta) model transformers built: the RMSNorms beside the layer's
     attention and MLP, the q/k norms, the attention implementation it runs."""
     norms = sum(type(m).__name__.endswith("RMSNorm") for m in layer.children())
+    experts = next((m for m in layer.modules() if isinstance(m, NF4Experts)), None)
     return {
         "norms": norms or 2,
         "qk_norm": hasattr(layer.self_attn, "q_norm"),
         "eager": getattr(model.config, "_attn_implementation", None) == "eager",
         "score_cap": getattr(c, "attn_logit_softcapping", None) is not None,
+        "experts": experts.num_experts if experts is not None else 0,
+        "top_k": c.num_experts_per_tok if experts is not None else 0,
     }
 
 
@@ -294,8 +299,8 @@ def layer_saved_bytes(s: LayerShape, w: Workload) -> int:
     e = torch.finfo(w.dtype).bits // 8
     a = e if w.autocast and e < 4 else 4  # the adapter's X @ A^T: autocast dtype, else fp32
     has = s.ranks.keys()
-    attn_in = e * s.D if has & {"q_proj", "k_proj", "v_proj"} else 0
-    mlp_in = e * s.D if has & {"gate_proj", "up_proj"} else 0
+    attn_in = e * s.D if has & {"q_proj", "k_proj", "v_proj", "qkv_proj"} else 0  # Phi-3: qkv_proj, gate_up_proj
+    mlp_in = e * s.D * max(s.top_k, 1) if has & {"gate_proj", "up_proj", "gate_up_proj"} else 0  # MoE: each expert's gather
     down_in = e * s.I if "down_proj" in has else 0
     # the stock RMSNorm keeps an fp32 copy of x, qtrain's kernel x itself and an fp32 scale per row; the
     # stock MLP keeps gate, up and silu(gate), qtrain's SwiGLU kernel gate and up (it recomputes silu)
@@ -306,7 +311,20 @@ def layer_saved_bytes(s: LayerShape, w: Workload) -> int:
     methods = sum(m.saved_bytes_per_token(s, e) for m in w.methods)
     if s.dropout > 0:  # each adapter saves its own dropped input instead of the shared one
         attn_in = mlp_in = down_in = 0
-    return norms + attn_in + mlp_in + attention + mlp + down_in + a * sum(s.ranks.values()) + dora + methods + dropout_saved_bytes(s, w)
+    adapters = a * sum(s.ranks.values()) + dora + methods + dropout_saved_bytes(s, w)
+    return norms + attn_in + mlp_in + attention + mlp + down_in + adapters + router_saved_bytes(s, w)
+
+
+def router_saved_bytes(s: LayerShape, w: Workload) -> int:
+    """Per token, what a MoE layer's routing saves beyond its experts' MLPs (`qtrain.moe.NF4Experts`):
+    the router's fp32 softmax over the E experts (4E), the top-k indices and renormalized weights
+    (8k + 4k, and their sum, 4); per routed token (k of them) its int64 position (8), its fp32 weight
+    (4) and two copies of the expert's output, e·D each (the product with the weight and its cast).
+    Measured per saved tensor on CPU (tests/qtrain/test_estimate.py, the MoE settings)."""
+    if not s.experts:
+        return 0
+    e = torch.finfo(w.dtype).bits // 8
+    return 4 * s.experts + 12 * s.top_k + 4 + s.top_k * (12 + 2 * e * s.D)
 
 
 def family_attention_bytes(s: LayerShape, w: Workload) -> int:
