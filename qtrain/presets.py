@@ -16,8 +16,10 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    Phi3Config,
     PretrainedConfig,
     Qwen2Config,
+    Qwen3Config,
     Qwen3MoeConfig,
 )
 
@@ -41,6 +43,16 @@ PRESETS: dict[str, tuple[type, dict]] = {
                                        num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, vocab_size=256000,
                                        max_position_embeddings=8192, rope_theta=10000.0, sliding_window=4096,
                                        final_logit_softcapping=30.0, attn_logit_softcapping=50.0)),
+    "qwen3-8b": (Qwen3Config, dict(hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False, num_hidden_layers=36,
+                                    hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
+                                    head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6)),
+    # Phi-4-mini: fused qkv_proj/gate_up_proj, tied 200k vocabulary, rotary on 3/4 of each head (its long-context
+    # rope scaling changes no shape or byte, so it is left out)
+    "phi-4-mini": (Phi3Config, dict(hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=True, num_hidden_layers=32,
+                                     hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
+                                     vocab_size=200064, max_position_embeddings=131072, rope_theta=10000.0,
+                                     partial_rotary_factor=0.75, pad_token_id=199999, bos_token_id=199999,
+                                     eos_token_id=199999)),
     # mixture-of-experts: every expert held in NF4 (qtrain.moe)
     "qwen3-30b-a3b": (Qwen3MoeConfig, dict(hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False, num_hidden_layers=48,
                                            hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
@@ -66,6 +78,10 @@ HUB_IDS = {
     "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b",
     "google/gemma-2-9b": "gemma-2-9b",
     "google/gemma-2-9b-it": "gemma-2-9b",
+    "Qwen/Qwen3-8B": "qwen3-8b",
+    "Qwen/Qwen3-8B-Base": "qwen3-8b",
+    "microsoft/Phi-4-mini-instruct": "phi-4-mini",
+    "microsoft/Phi-4-mini-reasoning": "phi-4-mini",
     "Qwen/Qwen3-30B-A3B": "qwen3-30b-a3b",
     "Qwen/Qwen3-30B-A3B-Base": "qwen3-30b-a3b",
     "Qwen/Qwen3-30B-A3B-Instruct-2507": "qwen3-30b-a3b",

@@ -164,7 +164,7 @@ def test_paged_state_is_outside_the_allocator_on_cuda_only():
 @pytest.mark.parametrize(
     "name,params_b",
     [("llama-2-7b", 6.74), ("llama-3.1-8b", 8.03), ("mistral-7b", 7.25), ("qwen2.5-7b", 7.62), ("gemma-2-9b", 9.24),
-     ("qwen3-30b-a3b", 30.53), ("mixtral-8x7b", 46.70)],
+     ("qwen3-8b", 8.19), ("phi-4-mini", 3.84), ("qwen3-30b-a3b", 30.53), ("mixtral-8x7b", 46.70)],
 )
 def test_presets_have_the_published_parameter_counts(name, params_b):
     config = preset_config(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,22 @@ def test_config_headers_quote_the_estimate(config, capsys):
         quoted.append(f"offloaded activations {data['host_bytes'] / GiB:.2f}")
     missing = [q for q in quoted if q not in text]
     assert not missing, (config.name, missing)
+
+
+def test_readme_config_table_gives_each_configs_estimate(capsys):
+    """The README's table of ready configs has a row for every GPU config, whose last column is the
+    estimator's GPU total for it, in GiB with one decimal."""
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        m = re.match(r"\| `configs/([\w.-]+\.yaml)` \|.*\| ([\d.]+) GiB \|$", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    configs = sorted(p for p in (REPO / "configs").glob("*.yaml") if "Memory, ESTIMATED" in header(p))
+    assert sorted(rows) == [p.name for p in configs]
+    for config in configs:
+        assert main(["memory", "estimate", str(config), "--json"]) == 0
+        total = json.loads(capsys.readouterr().out)["device_total_bytes"] / GiB
+        assert rows[config.name] == f"{total:.1f}", config.name
 
 
 def test_estimate_without_model_is_a_usage_error(capsys):
