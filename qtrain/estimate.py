@@ -237,6 +237,7 @@ class LayerShape:
     dropout: float = 0.0  # the adapters' LoRA dropout (the largest): > 0 saves each projection's dropped input
     norms: int = 2  # RMSNorms per layer: Llama's 2; Gemma's 4 (pre and post attention and MLP)
     qk_norm: bool = False  # RMSNorms on q and k per head (Gemma-3)
+    post_norm: bool = False  # an RMSNorm on the MLP's output (Gemma, OLMo-2): the layer's backward starts with it
     eager: bool = False  # attention in eager mode: the [H, S] score rows are saved (Gemma-2: sdpa has no soft cap)
     score_cap: bool = False  # attention logit soft-capping: its tanh output is saved too (Gemma-2)
     experts: int = 0  # routed experts per MoE layer (Qwen3-MoE, Mixtral); 0: a dense MLP
@@ -263,14 +264,15 @@ def layer_shape(model: nn.Module, config: PretrainedConfig, methods: tuple = ())
 
 
 def family_shape(model: nn.Module, layer: nn.Module, c: PretrainedConfig) -> dict:
-    """What a family's stock layer keeps beyond Llama's (`LayerShape.norms`, `qk_norm`, `eager`,
-    `score_cap`), read from the (meta) model transformers built: the RMSNorms beside the layer's
+    """What a family's stock layer keeps beyond Llama's (`LayerShape.norms`, `qk_norm`, `post_norm`,
+    `eager`, `score_cap`, MoE `experts`, `top_k`), read from the (meta) model transformers built: the RMSNorms beside the layer's
     attention and MLP, the q/k norms, the attention implementation it runs."""
     norms = sum(type(m).__name__.endswith("RMSNorm") for m in layer.children())
     experts = next((m for m in layer.modules() if isinstance(m, NF4Experts)), None)
     return {
         "norms": norms or 2,
         "qk_norm": hasattr(layer.self_attn, "q_norm"),
+        "post_norm": hasattr(layer, "post_feedforward_layernorm"),
         "eager": getattr(model.config, "_attn_implementation", None) == "eager",
         "score_cap": getattr(c, "attn_logit_softcapping", None) is not None,
         "experts": experts.num_experts if experts is not None else 0,
@@ -410,6 +412,14 @@ def dequant_buffer_bytes(s: LayerShape, w: Workload) -> int:
     return largest_projection(s, w) * (torch.finfo(w.dtype).bits // 8)
 
 
+# Bytes per token and hidden unit that the stock RMSNorm's backward adds at its worst: fp32
+# temporaries of the upcast gradient, its product with the weight and the normalized input's terms.
+# A norm alone allocates 20 (`qtrain.memprof.cpu_peak_bytes`, Llama's, Gemma-3's and OLMo-2's norms
+# alike), its bf16 dX included; inside a layer 16 matches the measured peaks of Gemma-2, Gemma-3 and
+# OLMo-2 (tests/qtrain/test_estimate.py: 0.99-1.06 of measured; 20 over-counts OLMo-2 by 10%).
+POST_NORM_BACKWARD = 16
+
+
 def layer_backward_bytes(s: LayerShape, w: Workload) -> int:
     """Per token: the gradients alive at the worst moment of one decoder layer's backward, beyond the
     layer's saved set (counted whole: "recomputed layer"), which each op releases as its backward ends.
@@ -421,8 +431,11 @@ def layer_backward_bytes(s: LayerShape, w: Workload) -> int:
     concatenation, 2 x 2I, when SwiGLU's saved gate, up (2I; stock silu: 3I) and down's saved input
     (I, if adapted) are released. With fused q/k/v the same for 2 (H + 2K)d, attention's q, k, v and
     output (2(H + K)d) released. (Slicing instead of one concatenation added a zero-filled fused-
-    width gradient per block.) The adapters' rank-r temporaries are negligible. Measured on CPU
-    (tests/qtrain/test_estimate.py, stock and fused projections): within the estimate's 10%."""
+    width gradient per block.) A family with a norm on the MLP's output (Gemma, OLMo-2) starts its
+    layer backward there, the whole saved set alive: the stock RMSNorm's fp32 temporaries,
+    `POST_NORM_BACKWARD` bytes per hidden unit, when they exceed the above. The adapters' rank-r
+    temporaries are negligible. Measured on CPU (tests/qtrain/test_estimate.py, stock and fused
+    projections, every family): within the estimate's 10%."""
     e = torch.finfo(w.dtype).bits // 8
     moments = [s.I]
     if "gate_up" in w.fused:
@@ -430,7 +443,8 @@ def layer_backward_bytes(s: LayerShape, w: Workload) -> int:
         moments.append(2 * 2 * s.I - released)
     if "qkv" in w.fused:
         moments.append(2 * (s.H + 2 * s.K) * s.d - 2 * (s.H + s.K) * s.d)
-    return e * (s.D + max(moments))
+    post_norm = POST_NORM_BACKWARD * s.D if s.post_norm else 0
+    return e * s.D + max(e * max(moments), post_norm)
 
 
 @dataclass(frozen=True)

@@ -77,11 +77,7 @@ SETTINGS = [
     ("fused, fp32, no checkpointing", {}, {"dtype": torch.float32, "gradient_checkpointing": False, "fused": ("qkv", "gate_up")}, LoRASpec(rank=8)),
 ]
 # Settings the estimate misses today, with what was measured (strict: a fix must remove the entry).
-KNOWN_GAPS = {
-    "gemma3_text (q/k norms)": "checkpointed Gemma-3 layer backward: estimate 0.89 of the measured peak; the saved "
-    "set (+3.4 KB/token over Llama, measured per tensor) and the layer's own backward (+0.2 KB/token) are counted, "
-    "another ~1.7 KB/token of the recompute + backward is not yet placed",
-}
+KNOWN_GAPS: dict[str, str] = {}
 MODEL = {"hidden_size": 192, "intermediate_size": 512, "num_layers": 3, "num_heads": 6, "num_kv_heads": 2, "vocab_size": 1024}
 BASE = Workload(batch_size=4, seq_len=128, dtype=torch.bfloat16, backend="torch", optimizer="adamw", device="cpu")
 
