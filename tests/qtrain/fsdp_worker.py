@@ -1,0 +1,81 @@
+"""One rank of tests/qtrain/test_fsdp.py: python fsdp_worker.py RANK WORLD PORT OUT CKPT [CKPT ...].
+
+For each tiny checkpoint: the same LoRA model twice (same seed), one kept whole as the reference, one
+sharded with `qtrain.fsdp.shard_model`; rank r trains on rows [r*b, (r+1)*b) of a batch the reference
+sees whole (equal lengths: the mean of the ranks' mean losses is the batch's). Writes what the test
+compares to OUT/<rank>.json. Run from outside the repository (its kernels/ folder shadows a package).
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+torch.set_num_threads(1)
+
+
+def lora_model(path):
+    from qtrain.lora import LoRASpec
+    from qtrain.model import load_model
+
+    torch.manual_seed(0)
+    spec = LoRASpec(rank=4, alpha=8, target_modules="all-linear")
+    model = load_model(path, spec, compute_dtype=torch.float32, backend="torch").model
+    with torch.no_grad():  # B = 0 would leave A without gradient: give B values (same on every rank)
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_b" in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    return model
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def compare(path, rank, world):
+    from qtrain.fsdp import nf4_bytes, shard_model
+
+    ref, shd = lora_model(path), lora_model(path)
+    shard_model(shd, world)
+    local, total = nf4_bytes(shd)
+    ids = torch.randint(3, 60, (2 * world, 12), generator=torch.Generator().manual_seed(7))
+    mine = ids[2 * rank : 2 * rank + 2]
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (ref, shd)]
+    out = dict(nf4_local=local, nf4_total=total, loss=[], grad=0.0, params=[])
+    for step in range(3):
+        loss_ref = ref(input_ids=ids, labels=ids).loss
+        loss_ref.backward()
+        loss = shd(input_ids=mine, labels=mine).loss
+        loss.backward()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        out["loss"].append([loss_ref.item(), mean.item() / world])
+        grads = dict(shd.named_parameters())
+        names = [n for n, p in ref.named_parameters() if p.requires_grad]
+        if step == 0:
+            out["grad"] = max((full(grads[n].grad) - p.grad).abs().max().item() for n, p in ref.named_parameters() if p.requires_grad)
+            out["grad_norm"] = max(p.grad.abs().max().item() for n, p in ref.named_parameters() if p.requires_grad)
+            out["trainable"] = len(names)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        out["params"].append(max((full(grads[n]) - p).abs().max().item() for n, p in ref.named_parameters() if p.requires_grad))
+    return out
+
+
+def main():
+    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {path: compare(path, rank, world) for path in sys.argv[5:]}
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()

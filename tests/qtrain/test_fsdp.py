@@ -1,0 +1,98 @@
+"""FSDP2-QLoRA (`qtrain.fsdp`): the NF4 base sharded by rows with its absmax, on CPU with gloo.
+
+Two processes (`fsdp_worker.py`, a subprocess each, with a timeout) shard tiny Llama and Qwen2
+models loaded through `qtrain.model.load_model` and compare them with the same model kept whole."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtrain.fsdp import fsdp_refusal
+from qtrain.lora import LoRALinear, LoRASpec
+from qtrain.methods import METHODS
+from qtrain.model import load_model
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(world: int, tmp_path: Path, *args: str, timeout: float = 150) -> list[dict]:
+    """Start `world` worker processes, wait (killing all on timeout), return each rank's JSON."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), port, str(tmp_path), *args],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(world)
+    ]  # fmt: skip
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_checkpoint, tmp_path_factory):
+    paths = [str(tiny_checkpoint(arch, hidden_size=64, intermediate_size=128, num_layers=2)) for arch in ("llama", "qwen2")]
+    return paths, run_ranks(2, tmp_path_factory.mktemp("fsdp"), *paths)
+
+
+def test_sharded_training_equals_the_whole_model(two_ranks):
+    paths, ranks = two_ranks
+    for path in paths:
+        for out in (r[path] for r in ranks):
+            assert out["trainable"] == 28  # LoRA on the 7 linears of 2 layers, A and B
+            for whole, sharded in out["loss"]:  # 3 AdamW steps, rank r on its half of the batch
+                assert sharded == pytest.approx(whole, abs=1e-5)
+            assert out["grad_norm"] > 1e-3  # the gradients compared are not all zero
+            assert out["grad"] < 1e-5  # every adapter gradient, all-gathered, equals the whole model's
+            assert max(out["params"]) < 1e-5  # and so do the adapters after each AdamW step
+
+
+def test_each_rank_holds_half_of_the_nf4_base(two_ranks):
+    paths, ranks = two_ranks
+    for path in paths:
+        for out in (r[path] for r in ranks):
+            # codes + absmax, counted by storage: 1/2 of the whole (tiny rows split evenly: no padding)
+            assert out["nf4_total"] > 30_000
+            assert out["nf4_local"] == pytest.approx(out["nf4_total"] / 2, rel=0.02)
+
+
+def test_rows_hold_the_same_nf4_weight(tiny_checkpoint):
+    """`hold_nf4_in_rows` keeps the bytes (views) and the layer's output, and refuses rows that split blocks."""
+    path = tiny_checkpoint("llama", hidden_size=64, intermediate_size=128, num_layers=2)
+    model = load_model(str(path), LoRASpec(rank=4, target_modules="all-linear"), compute_dtype=torch.float32).model
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, layer.in_features)
+    before, ptr = layer(x), layer.nf4_packed.data_ptr()
+    layer.hold_nf4_in_rows()
+    assert isinstance(layer.nf4_packed, torch.nn.Parameter) and not layer.nf4_packed.requires_grad
+    assert layer.nf4_packed.shape == (layer.out_features, layer.in_features // 2)
+    assert layer.nf4_absmax.shape == (layer.out_features, layer.in_features // 64)
+    assert layer.nf4_packed.data_ptr() == ptr
+    assert torch.equal(layer(x), before)
+    odd = LoRALinear(96, 8, rank=0)
+    odd.set_base_weight(torch.randn(8, 96))
+    with pytest.raises(ValueError, match="in_features=96 is not a multiple of the NF4 block size 64"):
+        odd.hold_nf4_in_rows()
+
+
+def test_fsdp_refuses_methods_that_read_parameters_outside_the_forward():
+    refused = {name for name, cls in METHODS.items() if fsdp_refusal([cls()]) is not None}
+    assert refused == {"adalora", "adapter_fusion"}
+    message = fsdp_refusal([METHODS["lora"](), METHODS["adalora"]()])
+    assert "'adalora'" in message and "fsdp" in message and "ddp" in message
