@@ -48,13 +48,17 @@ def run_ranks(world: int, tmp_path: Path, *args: str, timeout: float = 150) -> l
 @pytest.fixture(scope="module")
 def two_ranks(tiny_checkpoint, tmp_path_factory):
     paths = [str(tiny_checkpoint(arch, hidden_size=64, intermediate_size=128, num_layers=2)) for arch in ("llama", "qwen2")]
-    return paths, run_ranks(2, tmp_path_factory.mktemp("fsdp"), *paths)
+    return [f"{mode} {path}" for mode in MODES for path in paths], run_ranks(2, tmp_path_factory.mktemp("fsdp"), ",".join(MODES), *paths)
+
+
+MODES = ("shard", "load")  # a model loaded whole then `shard_model`-ed; one `load_sharded` (rows read per rank)
 
 
 def test_sharded_training_equals_the_whole_model(two_ranks):
-    paths, ranks = two_ranks
-    for path in paths:
-        for out in (r[path] for r in ranks):
+    runs, ranks = two_ranks
+    for run in runs:
+        for out in (r[run] for r in ranks):
+            assert out["nf4_same"]  # all-gathered, the NF4 codes/absmax/double-quant state are one process's
             assert out["trainable"] == 28  # LoRA on the 7 linears of 2 layers, A and B
             for whole, sharded in out["loss"]:  # 3 AdamW steps, rank r on its half of the batch
                 assert sharded == pytest.approx(whole, abs=1e-5)
@@ -64,12 +68,22 @@ def test_sharded_training_equals_the_whole_model(two_ranks):
 
 
 def test_each_rank_holds_half_of_the_nf4_base(two_ranks):
-    paths, ranks = two_ranks
-    for path in paths:
-        for out in (r[path] for r in ranks):
+    runs, ranks = two_ranks
+    for run in runs:
+        for out in (r[run] for r in ranks):
             # codes + absmax, counted by storage: 1/2 of the whole (tiny rows split evenly: no padding)
             assert out["nf4_total"] > 30_000
             assert out["nf4_local"] == pytest.approx(out["nf4_total"] / 2, rel=0.02)
+
+
+def test_each_rank_reads_only_the_rows_it_keeps(two_ranks):
+    runs, ranks = two_ranks
+    for run in runs:
+        for out in (r[run] for r in ranks):
+            if run.startswith("load"):  # the decoder linears' rows: half each; the rest whole, once
+                assert out["read"] == out["ckpt"] - out["linear"] // 2
+            else:
+                assert out["read"] == out["ckpt"]
 
 
 def test_rows_hold_the_same_nf4_weight(tiny_checkpoint):
