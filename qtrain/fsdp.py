@@ -2,7 +2,7 @@
 sharding over a `DeviceMesh`), so that N cards hold 1/N of the 4-bit base each (Llama-3.1-70B on
 two 24 GB cards, as answer.ai's FSDP+QLoRA).
 
-    shard_model(model, world)      every decoder layer, then the root, `fully_shard`-ed
+    shard_model(model, world)      every decoder layer, then the decoder, `fully_shard`-ed
     load_sharded(path, methods, ...)   the same, built while loading: each rank reads its rows only
     fsdp_refusal(methods)          the PEFT method that cannot be sharded, before anything is loaded
 
@@ -97,8 +97,8 @@ def shard_model(
 ) -> nn.Module:
     """Shard `model` in place across the ranks of `world` (a DeviceMesh, its size, or None: the
     default process group) with FSDP2: each NF4 base in rows together with its absmax
-    (`LoRALinear.hold_nf4_in_rows`), then every decoder layer, then the root (embeddings, norms,
-    lm_head). Call it once the methods are applied and trainable parameters marked, before the
+    (`LoRALinear.hold_nf4_in_rows`), then every decoder layer, then the decoder (embeddings, final
+    norm; `shard_decoder`: lm_head stays whole). Call it once the methods are applied and trainable parameters marked, before the
     optimizer is made (the optimizer must see the sharded parameters). `param_dtype`: FSDP's
     all-gather dtype for float parameters (None keeps theirs; NF4 codes are never cast). Returns
     `model` (its class becomes FSDP's subclass of it, as `fully_shard` does)."""
@@ -110,8 +110,19 @@ def shard_model(
     policy = MixedPrecisionPolicy(param_dtype=param_dtype)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    shard_decoder(model, mesh, policy)
     return model
+
+
+def shard_decoder(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
+    """The last FSDP unit: the decoder (`get_decoder()`: embeddings, final norm), not the CausalLM
+    root, because the recipe (`qtrain.train.loss_sum`) calls the decoder and then reads lm_head's
+    weight itself for the chunked loss, outside any forward FSDP could hook. lm_head (frozen) stays a
+    whole, replicated 16-bit parameter on every rank; so does a tied embedding (it is lm_head's)."""
+    head = model.get_output_embeddings()
+    decoder = model.get_decoder()
+    tied = {head.weight} if head is not None and any(p is head.weight for p in decoder.parameters()) else None
+    fully_shard(decoder, mesh=mesh, mp_policy=policy, ignored_params=tied)
 
 
 def nf4_bytes(model: nn.Module) -> tuple[int, int]:
@@ -201,11 +212,11 @@ def load_sharded(
     70B one is 140 GB of bf16; the largest linear 0.47 GB, 0.23 GB per rank of two); the only
     traffic is the fp32 absmaxes (1/32 of the bytes read). Embeddings, norms, biases and lm_head are
     read whole by every rank, one at a time (the largest tensor: Llama-3.1-70B's 2.1 GB embedding),
-    and sharded with the root.
+    and sharded with the decoder (lm_head stays whole: `shard_decoder`).
 
     Order: the methods are applied to the meta skeleton first (LoRA's A and B are drawn on the CPU
     in module order, the same numbers as one process: loading draws none), then layer by layer its
-    tensors are loaded, then the layer is `fully_shard`-ed; last the root. bitsandbytes 4-bit
+    tensors are loaded, then the layer is `fully_shard`-ed; last the decoder. bitsandbytes 4-bit
     checkpoints and mixture-of-experts models are refused here (load them in one process)."""
     from qtrain.builder import attach_methods
     from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
@@ -270,5 +281,5 @@ def load_sharded(
     _tie_or_check(model, config, model_dir)
     model.to(device)
     mark_trainable(model, list(methods))
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    shard_decoder(model, mesh, policy)
     return LoadedModel(model, config, Path(model_dir), [], prequantized=False)

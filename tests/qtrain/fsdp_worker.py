@@ -74,6 +74,7 @@ def nf4_same(ref, shd):
 def compare(path, rank, world, mode):
     import qtrain.checkpoint
     from qtrain.fsdp import nf4_bytes, shard_model
+    from qtrain.train import loss_sum
 
     ref = lora_model(path)
     read, qtrain.checkpoint.read_tensor = qtrain.checkpoint.read_tensor, counting(qtrain.checkpoint.read_tensor)
@@ -93,9 +94,10 @@ def compare(path, rank, world, mode):
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (ref, shd)]
     out = dict(nf4_local=local, nf4_total=total, read=READ[0], linear=linear, ckpt=ckpt, nf4_same=same, loss=[], grad=0.0, params=[])
     for step in range(3):
-        loss_ref = ref(input_ids=ids, labels=ids).loss
+        # the recipe's forward: the decoder, then lm_head's weight read for the chunked loss
+        loss_ref = loss_sum(ref, {"input_ids": ids, "labels": ids}) / (ids.shape[0] * (ids.shape[1] - 1))
         loss_ref.backward()
-        loss = shd(input_ids=mine, labels=mine).loss
+        loss = loss_sum(shd, {"input_ids": mine, "labels": mine}) / (mine.shape[0] * (mine.shape[1] - 1))
         loss.backward()
         mean = loss.detach().clone()
         dist.all_reduce(mean)

@@ -1,7 +1,8 @@
 """FSDP2-QLoRA (`qtrain.fsdp`): the NF4 base sharded by rows with its absmax, on CPU with gloo.
 
 Two processes (`fsdp_worker.py`, a subprocess each, with a timeout) shard tiny Llama and Qwen2
-models loaded through `qtrain.model.load_model` and compare them with the same model kept whole."""
+models (loaded whole through `qtrain.model.load_model` then sharded, or loaded sharded) and compare
+them with the same model kept whole, through the recipe's forward (`qtrain.train.loss_sum`)."""
 
 import json
 import socket
@@ -47,7 +48,11 @@ def run_ranks(world: int, tmp_path: Path, *args: str, timeout: float = 150) -> l
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_checkpoint, tmp_path_factory):
-    paths = [str(tiny_checkpoint(arch, hidden_size=64, intermediate_size=128, num_layers=2)) for arch in ("llama", "qwen2")]
+    # Qwen2 with lm_head tied to the embeddings: the tied weight stays whole (`shard_decoder`)
+    paths = [
+        str(tiny_checkpoint("llama", hidden_size=64, intermediate_size=128, num_layers=2)),
+        str(tiny_checkpoint("qwen2", hidden_size=64, intermediate_size=128, num_layers=2, tie_word_embeddings=True)),
+    ]
     return [f"{mode} {path}" for mode in MODES for path in paths], run_ranks(2, tmp_path_factory.mktemp("fsdp"), ",".join(MODES), *paths)
 
 
