@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -44,14 +46,22 @@ def test_estimate_json_from_a_config_with_flags(capsys):
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_fits_the_card_it_is_written_for(config, capsys):
-    """The GPU configs say in their name (or 24 GB by default) what they fit; the estimate agrees."""
-    assert main(["memory", "estimate", str(config), "--json"]) == 0
+    """The GPU configs say in their name (or 24 GB by default) what they fit; the estimate (per rank
+    for a multi-GPU config: the flags its header's estimate command gives) agrees."""
+    assert main(["memory", "estimate", str(config), *estimate_flags(config), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     if config.name == "quickstart.yaml":
         assert data["model"] == "tiny llama"
         return
     card = 8 if config.name.endswith("8gb.yaml") else 16 if config.name.endswith("16gb.yaml") else 24
     assert data["device_total_bytes"] < card * GiB, (config.name, data["device_total_bytes"] / GiB)
+
+
+def estimate_flags(config: Path) -> list[str]:
+    """The flags of the `qtrain memory estimate CONFIG ...` command a config's header quotes
+    (`--nproc 2 --strategy fsdp` for a multi-GPU config; none for the others)."""
+    found = re.search(r"ESTIMATED by `qtrain memory estimate [^`\s]+([^`]*)`", header(config))
+    return shlex.split(found.group(1)) if found else []
 
 
 def header(config: Path) -> str:
@@ -72,7 +82,7 @@ def test_config_headers_quote_the_estimate(config, capsys):
     if "Memory, ESTIMATED" not in text:
         assert config.name == "quickstart.yaml"
         return
-    assert main(["memory", "estimate", str(config), "--json"]) == 0
+    assert main(["memory", "estimate", str(config), *estimate_flags(config), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     items = [i for i in data["items"] if i["bytes"] >= 0.005 * GiB]  # rows that print as 0.00 are left out
     weights = sum(i["bytes"] for i in data["items"] if i["category"] == "weights")
