@@ -201,3 +201,19 @@ def test_gpu_check_is_quiet_when_it_fits(monkeypatch):
     console = Console(record=True, width=200)
     recipe.check_memory(cfg, "meta-llama/Llama-3.1-8B-Instruct", torch.device("cuda"), console)
     assert "estimated" in console.export_text() and "needs about" not in console.export_text()
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_readme_quotes_the_70b_per_rank_estimates(nproc, capsys):
+    """The README's FSDP table: the 70B config's per-rank GPU total and NF4 share on 2 and 4 cards."""
+    config = REPO / "configs" / "llama-3.1-70b-2x24gb.yaml"
+    assert main(["memory", "estimate", str(config), "--nproc", str(nproc), "--strategy", "fsdp", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    nf4 = next(i["bytes"] for i in data["items"] if i["name"] == "NF4 linears")
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `configs/llama-3.1-70b-2x24gb.yaml`"))
+    assert f"{data['device_total_bytes'] / GiB:.2f} GiB" in row and f"{nf4 / GiB:.2f}" in row
+
+
+def test_nproc_needs_a_strategy(capsys):
+    assert main(["memory", "estimate", "--model", "llama-3.1-70b", "--nproc", "2"]) == 2
+    assert "--strategy" in capsys.readouterr().err
