@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtrain.fsdp import fsdp_refusal
+from qtrain.fsdp import fsdp_refusal, own_rows
 from qtrain.lora import LoRALinear, LoRASpec
 from qtrain.methods import METHODS
 from qtrain.model import load_model
@@ -115,3 +115,23 @@ def test_fsdp_refuses_methods_that_read_parameters_outside_the_forward():
     assert refused == {"adalora", "adapter_fusion"}
     message = fsdp_refusal([METHODS["lora"](), METHODS["adalora"]()])
     assert "'adalora'" in message and "fsdp" in message and "ddp" in message
+
+
+def test_three_ranks_uneven_rows(tiny_checkpoint, tmp_path):
+    """3 ranks: 64 output rows split 22/22/20 (FSDP pads the last shard); the rows each rank reads
+    (`own_rows`) must be the ones FSDP keeps there, or the all-gathered codes would be wrong."""
+    path = str(tiny_checkpoint("llama", hidden_size=64, intermediate_size=128, num_layers=2))
+    for out in (r[f"load {path}"] for r in run_ranks(3, tmp_path, "load", path)):
+        assert out["nf4_same"]
+        assert all(sharded == pytest.approx(whole, abs=1e-5) for whole, sharded in out["loss"])
+        assert out["grad"] < 1e-5 and max(out["params"]) < 1e-5
+        assert out["nf4_local"] == pytest.approx(out["nf4_total"] / 3, rel=0.1)  # padded to ceil(rows / 3)
+
+
+def test_own_rows_are_torch_chunk_s():
+    for out, world in [(64, 3), (5, 4), (2, 3), (8192, 2)]:
+        chunks = torch.arange(out).chunk(world)
+        for rank in range(world):
+            start, stop = own_rows(out, rank, world)
+            expected = chunks[rank].tolist() if rank < len(chunks) else []
+            assert list(range(start, stop)) == expected
