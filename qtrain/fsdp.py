@@ -2,7 +2,7 @@
 sharding over a `DeviceMesh`), so that N cards hold 1/N of the 4-bit base each (Llama-3.1-70B on
 two 24 GB cards, as answer.ai's FSDP+QLoRA).
 
-    shard_model(model, world)      every decoder layer, then the decoder, `fully_shard`-ed
+    shard_model(model, world)      every decoder layer, then embedding and decoder, `fully_shard`-ed
     load_sharded(path, methods, ...)   the same, built while loading: each rank reads its rows only
     fsdp_refusal(methods)          the PEFT method that cannot be sharded, before anything is loaded
 
@@ -97,9 +97,9 @@ def shard_model(
 ) -> nn.Module:
     """Shard `model` in place across the ranks of `world` (a DeviceMesh, its size, or None: the
     default process group) with FSDP2: each NF4 base in rows together with its absmax
-    (`LoRALinear.hold_nf4_in_rows`), then every decoder layer, then the decoder (embeddings, final
-    norm; `shard_decoder`: lm_head stays whole). Call it once the methods are applied and trainable parameters marked, before the
-    optimizer is made (the optimizer must see the sharded parameters). `param_dtype`: FSDP's
+    (`LoRALinear.hold_nf4_in_rows`), then every decoder layer, then the embedding and the decoder
+    (`shard_decoder`: lm_head stays whole). Call it once the methods are applied and trainable
+    parameters marked, before the optimizer is made (the optimizer must see the sharded parameters). `param_dtype`: FSDP's
     all-gather dtype for float parameters (None keeps theirs; NF4 codes are never cast). Returns
     `model` (its class becomes FSDP's subclass of it, as `fully_shard` does)."""
     device = next(model.parameters()).device
@@ -115,13 +115,18 @@ def shard_model(
 
 
 def shard_decoder(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
-    """The last FSDP unit: the decoder (`get_decoder()`: embeddings, final norm), not the CausalLM
-    root, because the recipe (`qtrain.train.loss_sum`) calls the decoder and then reads lm_head's
-    weight itself for the chunked loss, outside any forward FSDP could hook. lm_head (frozen) stays a
-    whole, replicated 16-bit parameter on every rank; so does a tied embedding (it is lm_head's)."""
+    """The last FSDP units: the input embedding, then the decoder (`get_decoder()`: the final norm),
+    not the CausalLM root, because the recipe (`qtrain.train.loss_sum`) calls the decoder and then
+    reads lm_head's weight itself for the chunked loss, outside any forward FSDP could hook. lm_head
+    (frozen) stays a whole, replicated 16-bit parameter on every rank; so does a tied embedding (it is
+    lm_head's). The embedding is a unit of its own because FSDP keeps the root's parameters gathered
+    from the forward to the end of the backward (Llama-3.1-70B's embedding: 2.1 GB); alone, it is
+    gathered for the lookup only (its output needs no gradient: nothing gathers it in the backward)."""
     head = model.get_output_embeddings()
     decoder = model.get_decoder()
     tied = {head.weight} if head is not None and any(p is head.weight for p in decoder.parameters()) else None
+    if tied is None:
+        fully_shard(model.get_input_embeddings(), mesh=mesh, mp_policy=policy)
     fully_shard(decoder, mesh=mesh, mp_policy=policy, ignored_params=tied)
 
 
@@ -246,7 +251,8 @@ def load_sharded(
         raise ValueError(f"{model_dir}: mixture-of-experts models ({config.model_type}) cannot be loaded sharded yet")
     attach_methods(model, methods)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    layers = {name: m for name, m in model.named_modules() if m in set(decoder_layers(model))}
+    units = set(decoder_layers(model))
+    layers = {name: m for name, m in model.named_modules() if m in units}
 
     def load(key: str) -> None:
         module_name, _, attr = key.rpartition(".")

@@ -245,6 +245,11 @@ class LoRALinear(nn.Module):
             **self._nf4_meta,
         )
 
+    @property
+    def nf4_in_rows(self) -> bool:
+        """Whether the NF4 codes are held as row parameters, to be sharded (`hold_nf4_in_rows`)."""
+        return "nf4_packed" in self._parameters
+
     def hold_nf4_in_rows(self) -> None:
         """Hold the 4-bit codes [out, in/2] and the block absmax [out, in/blocksize] as frozen parameters
         with one row per output feature, so that FSDP2, which shards parameters (never buffers) along

@@ -1,7 +1,7 @@
 """One rank of tests/qtrain/test_fsdp.py: python fsdp_worker.py RANK WORLD PORT OUT MODES CKPT [CKPT ...].
 
 For each tiny checkpoint: the same LoRA model twice (same seed), one kept whole as the reference, one
-sharded (MODES, comma-separated: shard, loaded whole, then `qtrain.fsdp.shard_model`; load: `qtrain.fsdp.load_sharded`); rank r trains on rows [r*b, (r+1)*b) of a batch the reference
+sharded (MODES, comma-separated: shard, loaded whole, then `qtrain.fsdp.shard_model`; load (load-dora: with DoRA): `qtrain.fsdp.load_sharded`); rank r trains on rows [r*b, (r+1)*b) of a batch the reference
 sees whole (equal lengths: the mean of the ranks' mean losses is the batch's). Writes what the test
 compares to OUT/<rank>.json. Run from outside the repository (its kernels/ folder shadows a package).
 """
@@ -27,7 +27,7 @@ def counting(read):
     return read_tensor
 
 
-def lora_model(path, sharded_load=False):
+def lora_model(path, sharded_load=False, dora=False):
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     from qtrain.fsdp import load_sharded
@@ -36,7 +36,7 @@ def lora_model(path, sharded_load=False):
     from qtrain.model import load_model
 
     torch.manual_seed(0)
-    spec = LoRASpec(rank=4, alpha=8, target_modules="all-linear")
+    spec = LoRASpec(rank=4, alpha=8, target_modules="all-linear", use_dora=dora)
     if sharded_load:
         model = load_sharded(path, [LoRA.from_spec(spec)], compute_dtype=torch.float32, backend="torch").model
     else:
@@ -76,11 +76,12 @@ def compare(path, rank, world, mode):
     from qtrain.fsdp import nf4_bytes, shard_model
     from qtrain.train import loss_sum
 
-    ref = lora_model(path)
+    dora = mode.endswith("-dora")  # DoRA: ||W||_row summed from every rank's rows at load
+    ref = lora_model(path, dora=dora)
     read, qtrain.checkpoint.read_tensor = qtrain.checkpoint.read_tensor, counting(qtrain.checkpoint.read_tensor)
     READ[0] = 0
     try:
-        shd = lora_model(path, sharded_load=mode == "load")
+        shd = lora_model(path, sharded_load=mode.startswith("load"), dora=dora)
     finally:
         qtrain.checkpoint.read_tensor = read
     if mode == "shard":

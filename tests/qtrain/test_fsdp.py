@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from qtrain.fsdp import fsdp_refusal, own_rows
+from qtrain.fused.projection import fusable
 from qtrain.lora import LoRALinear, LoRASpec
 from qtrain.methods import METHODS
 from qtrain.model import load_model
@@ -104,6 +105,9 @@ def test_rows_hold_the_same_nf4_weight(tiny_checkpoint):
     assert layer.nf4_absmax.shape == (layer.out_features, layer.in_features // 64)
     assert layer.nf4_packed.data_ptr() == ptr
     assert torch.equal(layer(x), before)
+    mlp = model.model.layers[0].mlp
+    mlp.gate_proj.hold_nf4_in_rows()
+    assert "sharded across ranks" in fusable([mlp.gate_proj, mlp.up_proj])  # no fused gate/up over sharded codes
     odd = LoRALinear(96, 8, rank=0)
     odd.set_base_weight(torch.randn(8, 96))
     with pytest.raises(ValueError, match="in_features=96 is not a multiple of the NF4 block size 64"):
@@ -119,9 +123,11 @@ def test_fsdp_refuses_methods_that_read_parameters_outside_the_forward():
 
 def test_three_ranks_uneven_rows(tiny_checkpoint, tmp_path):
     """3 ranks: 64 output rows split 22/22/20 (FSDP pads the last shard); the rows each rank reads
-    (`own_rows`) must be the ones FSDP keeps there, or the all-gathered codes would be wrong."""
+    (`own_rows`) must be the ones FSDP keeps there, or the all-gathered codes would be wrong. With
+    DoRA, whose row norms ||W||_row (a replicated buffer) are summed from every rank's rows."""
     path = str(tiny_checkpoint("llama", hidden_size=64, intermediate_size=128, num_layers=2))
-    for out in (r[f"load {path}"] for r in run_ranks(3, tmp_path, "load", path)):
+    for out in (r[f"load-dora {path}"] for r in run_ranks(3, tmp_path, "load-dora", path)):
+        assert out["trainable"] == 42  # A, B and the magnitude of 14 linears
         assert out["nf4_same"]
         assert all(sharded == pytest.approx(whole, abs=1e-5) for whole, sharded in out["loss"])
         assert out["grad"] < 1e-5 and max(out["params"]) < 1e-5
