@@ -221,15 +221,26 @@ def load_sharded(
 
     Order: the methods are applied to the meta skeleton first (LoRA's A and B are drawn on the CPU
     in module order, the same numbers as one process: loading draws none), then layer by layer its
-    tensors are loaded, then the layer is `fully_shard`-ed; last the decoder. bitsandbytes 4-bit
-    checkpoints and mixture-of-experts models are refused here (load them in one process)."""
+    tensors are loaded, then the layer is `fully_shard`-ed; last the decoder. Refused here: methods
+    whose parameters take the base's device when applied (they would be made on meta: bottleneck
+    adapters, prompt/prefix tuning, LLaMA-Adapter; LoRA, DoRA, (IA)^3 and BitFit load sharded),
+    bitsandbytes 4-bit checkpoints and mixture-of-experts models."""
     from qtrain.builder import attach_methods
     from qtrain.checkpoint import SafetensorsCheckpoint, resolve_model_dir
     from qtrain.lora import swap_base_linears
     from qtrain.methods import mark_trainable
     from qtrain.model import (
-        IGNORED_KEYS, LoadedModel, _existing_tensor, _set_tensor, _tie_or_check, bnb_prefixes, build_skeleton,
-        check_causal_lm, check_loadable, read_config, release_host_memory,
+        IGNORED_KEYS,
+        LoadedModel,
+        _existing_tensor,
+        _set_tensor,
+        _tie_or_check,
+        bnb_prefixes,
+        build_skeleton,
+        check_causal_lm,
+        check_loadable,
+        read_config,
+        release_host_memory,
     )  # fmt: skip
     from qtrain.moe import swap_experts
 
@@ -250,6 +261,13 @@ def load_sharded(
     if swap_experts(model, quantize_base=True, backend=backend):
         raise ValueError(f"{model_dir}: mixture-of-experts models ({config.model_type}) cannot be loaded sharded yet")
     attach_methods(model, methods)
+    for name, p in model.named_parameters():
+        owner = next((m for m in methods if m.owns(name)), None)
+        if owner is not None and p.device.type == "meta":
+            raise ValueError(
+                f"method {type(owner).name!r} makes {name} from the base's weights, which load_sharded reads after "
+                "attaching the methods; load the model whole and call qtrain.fsdp.shard_model"
+            )
     linears = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     units = set(decoder_layers(model))
     layers = {name: m for name, m in model.named_modules() if m in units}
@@ -271,7 +289,7 @@ def load_sharded(
             _set_tensor(model, key, value.to(compute_dtype) if value.is_floating_point() else value)
         release_host_memory()
 
-    keys = [k for k in ckpt.keys() if not k.endswith(IGNORED_KEYS)]
+    keys = [k for k in ckpt.entries if not k.endswith(IGNORED_KEYS)]
     policy = MixedPrecisionPolicy()
     for name, layer in layers.items():
         for key in [k for k in keys if k.startswith(name + ".")]:

@@ -93,7 +93,8 @@ def compare(path, rank, world, mode):
     ids = torch.randint(3, 60, (2 * world, 12), generator=torch.Generator().manual_seed(7))
     mine = ids[2 * rank : 2 * rank + 2]
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (ref, shd)]
-    out = dict(nf4_local=local, nf4_total=total, read=READ[0], linear=linear, ckpt=ckpt, nf4_same=same, loss=[], grad=0.0, params=[])
+    out = {"nf4_local": local, "nf4_total": total, "read": READ[0], "linear": linear, "ckpt": ckpt, "nf4_same": same}
+    out |= {"loss": [], "grad": 0.0, "params": []}
     for step in range(3):
         # the recipe's forward: the decoder, then lm_head's weight read for the chunked loss
         loss_ref = loss_sum(ref, {"input_ids": ids, "labels": ids}) / (ids.shape[0] * (ids.shape[1] - 1))

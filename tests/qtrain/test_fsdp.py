@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtrain.fsdp import fsdp_refusal, own_rows
+from qtrain.fsdp import fsdp_refusal, load_sharded, own_rows
 from qtrain.fused.projection import fusable
 from qtrain.lora import LoRALinear, LoRASpec
 from qtrain.methods import METHODS
@@ -141,3 +141,21 @@ def test_own_rows_are_torch_chunk_s():
             start, stop = own_rows(out, rank, world)
             expected = chunks[rank].tolist() if rank < len(chunks) else []
             assert list(range(start, stop)) == expected
+
+
+@pytest.fixture
+def one_rank():
+    """A single-process gloo group in this process, torn down after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield
+    dist.destroy_process_group()
+
+
+def test_load_sharded_refuses_methods_built_from_the_base(tiny_checkpoint, one_rank):
+    """load_sharded attaches the methods to the empty (meta) model; a method whose parameters take the
+    base's device there (bottleneck adapters, prompt/prefix tuning, LLaMA-Adapter) is refused by name."""
+    path = str(tiny_checkpoint("llama", hidden_size=64, intermediate_size=128, num_layers=2))
+    with pytest.raises(ValueError, match="method 'houlsby' makes model.layers.0.adapter_attn"):
+        load_sharded(path, [METHODS["houlsby"]()], compute_dtype=torch.float32, backend="torch")
