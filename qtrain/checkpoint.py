@@ -124,6 +124,16 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
     return out
 
 
+def read_rows(entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor (dim 0), reading only their bytes: rows are contiguous in the
+    file (row-major), so a rank of a sharded run reads the rows it keeps and nothing else."""
+    if not entry.shape or not 0 <= start <= stop <= entry.shape[0]:
+        raise ValueError(f"{entry.file}: rows {start}:{stop} of a tensor of shape {list(entry.shape)}")
+    row = math.prod(entry.shape[1:]) * entry.dtype.itemsize
+    part = TensorEntry(entry.file, entry.dtype, (stop - start, *entry.shape[1:]), entry.start + start * row, entry.start + stop * row)
+    return read_tensor(part)
+
+
 CORRUPT_CHECKPOINT = "the checkpoint is corrupt; re-download or re-convert it"
 CORRUPT_ADAPTER = "the adapter is corrupt (did its training diverge?); use an earlier checkpoint's adapter"
 
@@ -170,6 +180,10 @@ class SafetensorsCheckpoint:
     def finite(self, name: str) -> torch.Tensor:
         """The tensor `name`, refused when it holds NaN or inf (a corrupt checkpoint: NF4 of it is NaN)."""
         return require_finite(self[name], self.entries[name].file, name)
+
+    def finite_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `name` (`read_rows`), refused when they hold NaN or inf."""
+        return require_finite(read_rows(self.entries[name], start, stop), self.entries[name].file, name)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) in file order, so reads stream through each shard front to back."""

@@ -105,7 +105,11 @@ def _memory_estimate(args: argparse.Namespace) -> int:
         "optimizer": args.optimizer,
         "gradient_checkpointing": False if args.no_checkpointing else None,
         "offload_activations": True if args.offload else None,
+        "ranks": args.nproc,
+        "strategy": args.strategy,
     }
+    if args.nproc is not None and (args.nproc < 1 or (args.nproc > 1 and args.strategy is None)):
+        raise ValueError(f"--nproc {args.nproc}: give a number of processes >= 1, and with more than one --strategy ddp or fsdp")
     w = replace(w, **{k: v for k, v in flags.items() if v is not None})
     w = replace(w, attention_mask=carries_mask(cfg.data.packing, w.batch_size, w.fused))
     est = estimate(config, None, w)
@@ -118,6 +122,7 @@ def _memory_estimate(args: argparse.Namespace) -> int:
     what = f"{model}: {method}, batch {w.batch_size} x {w.seq_len} tokens, {str(w.dtype).removeprefix('torch.')}, "
     what += f"{'NF4' if w.quantize else '16-bit'} base, {w.backend} kernels, checkpointing {'on' if w.gradient_checkpointing else 'off'}"
     what += (", offload on" if w.offload_activations else "") + f", {w.optimizer}, on {w.device}"
+    what += f", per rank of {w.ranks} ({w.strategy})" if w.ranks > 1 else ""
     console.print(what, soft_wrap=True)  # one line, however long
     console.print(estimate_table(est, title=None))
     table = Table(title=f"longest seq_len that fits (batch {w.batch_size})", title_justify="left")
@@ -340,6 +345,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--no-checkpointing", action="store_true", help="gradient checkpointing off")
     e.add_argument("--offload", action="store_true", help="offload checkpointed activations to CPU RAM")
     e.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where training runs (default cuda)")
+    e.add_argument("--nproc", type=int, help="processes (GPUs) of a torchrun launch: the estimate is per rank")
+    e.add_argument("--strategy", choices=("ddp", "fsdp"), help="with --nproc: ddp (the model on every rank) or fsdp (sharded)")
     e.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS_GIB), metavar="GIB", help="GPU sizes for the max seq_len table")
     e.add_argument("--json", action="store_true", help="print the estimate as JSON")
     e.set_defaults(func=_memory_estimate)

@@ -72,6 +72,8 @@ class Workload:
     device: str = "cuda"
     methods: tuple = ()  # the PEFT methods (qtrain.methods, LoRA among them): their parameters and memory facts
     fused: tuple = ()  # what qtrain.fused changes: "qkv", "gate_up" (an fp32 absmax each), "rms_norm", "swiglu", "varlen"
+    ranks: int = 1  # processes (GPUs) of a torchrun launch; the estimate is per rank
+    strategy: str = "single"  # "single" | "ddp" (everything on each rank) | "fsdp" (qtrain.fsdp: base, adapters, moments in 1/ranks)
 
     @property
     def tokens(self) -> int:
@@ -487,6 +489,9 @@ def model_facts(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) ->
 def estimate(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> Estimate:
     """The estimate of a training step of `w` (its methods; `spec`: a LoRA beside them, see `with_lora`)."""
     w = with_lora(w, spec)
+    shards = w.ranks if w.strategy == "fsdp" else 1
+    if shards > 1:  # sharded, the fused q/k/v and gate/up projections fall back per call (qtrain.fsdp): no fused absmax
+        w = replace(w, fused=tuple(f for f in w.fused if f not in ("qkv", "gate_up")))
     facts = model_facts(config, None, w)
     c = config.get_text_config()
     s = facts.shape
@@ -495,10 +500,21 @@ def estimate(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> Es
     adapters = facts.adapters
     adapter_bytes = sum(_nbytes(p) for p in adapters)
     opt, paged = optimizer_bytes(adapters, w.optimizer, w.device)
-    static = list(facts.weights) + [
-        Item("adapters", "adapter parameters", adapter_bytes, f"{_count(sum(p.numel() for p in adapters))}, fp32"),
-        Item("optimizer", "Adam moments", opt, w.optimizer + (" (the rest is paged)" if paged else "")),
+    weights = list(facts.weights)
+    if shards > 1:
+        weights = fsdp_weights(weights, c, e, shards)
+        adapter_bytes, opt, paged = (math.ceil(b / shards) for b in (adapter_bytes, opt, paged))
+    of = f", 1/{shards} per rank" if shards > 1 else ""
+    static = weights + [
+        Item("adapters", "adapter parameters", adapter_bytes, f"{_count(sum(p.numel() for p in adapters))}, fp32{of}"),
+        Item("optimizer", "Adam moments", opt, w.optimizer + (" (the rest is paged)" if paged else "") + of),
     ]
+    if shards > 1:  # the layer computing, the one prefetched, and the prefetched one's all-gather output
+        nf4_layer = next(i.bytes for i in facts.weights if i.name == "NF4 linears") // L
+        gathered = 3 * (nf4_layer + (sum(_nbytes(p) for p in adapters) - facts.input_side) // L)
+        static.append(Item("other", "FSDP all-gather buffers", gathered, "3 layers of NF4 + adapters, unsharded"))
+    elif w.strategy == "ddp" and w.ranks > 1:
+        static.append(Item("gradients", "DDP gradient buckets", adapter_bytes, "the all-reduced copy of the adapter gradients"))
     if w.device == "cuda":
         static.append(Item("other", "cuBLAS workspace", CUBLAS_WORKSPACE))
     buffer = dequant_buffer_bytes(s, w)
@@ -549,11 +565,11 @@ def estimate(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> Es
     # The virtual-token encoders' gradients come after the whole decoder's backward.
     grads = Item("gradients", "adapter gradients", adapter_bytes)
     layer_grads = adapter_bytes - facts.input_side
-    first_layer_is_worse = layer_grads > sum(i.bytes for i in per_layer_kept)
+    first_layer_is_worse = layer_grads > sum(i.bytes for i in per_layer_kept) and shards == 1
     layer = "first layer's backward" if first_layer_is_worse else "last layer's backward"
     layer_backward = [
         *(replace(i, bytes=i.bytes // L) if first_layer_is_worse and i in per_layer_kept else i for i in kept),
-        Item("gradients", "adapter gradients", layer_grads if first_layer_is_worse else layer_grads // L),
+        Item("gradients", "adapter gradients", layer_grads if first_layer_is_worse else layer_grads * shards // L),
         Item("other", "layer backward buffers", layer_backward_bytes(s, w) * T, "gradients of the layer's activations"),
         Item("other", "dequantized weight (torch backend)", dequant_bytes(facts.largest_linear, w)),
     ]
@@ -580,6 +596,21 @@ def estimate(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> Es
         phases=totals,
         workload=w,
     )
+
+
+def fsdp_weights(weights: list[Item], c: PretrainedConfig, e: int, shards: int) -> list[Item]:
+    """The weight items of one rank of `shards` under FSDP (`qtrain.fsdp`): the NF4 base in rows,
+    1/shards each; of the 16-bit tensors, lm_head (or the tied embedding it reads) whole on every
+    rank (the recipe reads its weight outside a forward), the rest 1/shards."""
+    out = []
+    for item in weights:
+        if item.name == "NF4 linears":
+            item = replace(item, bytes=math.ceil(item.bytes / shards), note=item.note + f", 1/{shards} per rank")
+        elif item.name.startswith("16-bit embeddings"):
+            head = c.vocab_size * c.hidden_size * e
+            item = replace(item, bytes=head + math.ceil((item.bytes - head) / shards), note=item.note + f", lm_head whole, the rest 1/{shards}")
+        out.append(item)
+    return out
 
 
 def max_seq_len(config: PretrainedConfig, spec: LoRASpec | None, w: Workload, budget: int, limit: int = 1 << 20) -> int:

@@ -236,14 +236,37 @@ class LoRALinear(nn.Module):
     def nf4_weight(self) -> NF4Tensor:
         if not self._nf4_meta:
             raise RuntimeError("this LoRALinear has no NF4 weight loaded")
-        return NF4Tensor(
-            packed=self.nf4_packed,
-            absmax=self.nf4_absmax,
+        return NF4Tensor(  # flat views: FSDP holds the codes and absmax as rows (`hold_nf4_in_rows`)
+            packed=self.nf4_packed.reshape(-1),
+            absmax=self.nf4_absmax.reshape(-1),
             code=self.nf4_code,
             absmax_scale=self.nf4_absmax_scale,
             absmax_code=self.nf4_absmax_code,
             **self._nf4_meta,
         )
+
+    @property
+    def nf4_in_rows(self) -> bool:
+        """Whether the NF4 codes are held as row parameters, to be sharded (`hold_nf4_in_rows`)."""
+        return "nf4_packed" in self._parameters
+
+    def hold_nf4_in_rows(self) -> None:
+        """Hold the 4-bit codes [out, in/2] and the block absmax [out, in/blocksize] as frozen parameters
+        with one row per output feature, so that FSDP2, which shards parameters (never buffers) along
+        dim 0, cuts both at the same rows: a shard is whole rows, hence whole quantization blocks with
+        their own absmaxes (`qtrain.fsdp`). The bytes are the same (a view); `nf4_weight` flattens them
+        back. The double quantization's scales and code stay buffers (replicated: 4 bytes per 16,384
+        weights): one 8-bit scale block spans rows, and its offset is one number per weight."""
+        out, k = self.nf4_shape
+        if k % self.nf4_blocksize:
+            raise ValueError(
+                f"in_features={k} is not a multiple of the NF4 block size {self.nf4_blocksize}: blocks straddle rows, "
+                "so this layer's codes cannot be sharded by rows"
+            )
+        rows = {"packed": self.nf4_packed.view(out, k // 2), "absmax": self.nf4_absmax.view(out, k // self.nf4_blocksize)}
+        for name, value in rows.items():
+            del self._buffers[f"nf4_{name}"]
+            self.register_parameter(f"nf4_{name}", nn.Parameter(value, requires_grad=False))
 
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The base weight in 16/32-bit (dequantized when stored in NF4)."""

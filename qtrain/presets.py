@@ -1,4 +1,4 @@
-"""The architectures of common 7-8B models, from their config.json, so that memory estimates and the
+"""The architectures of common 7-8B models (and Llama-3.1-70B, for FSDP), from their config.json, so that memory estimates and the
 GPU memory benchmark need neither a download nor a Hub login (Llama repositories are gated).
 
 `resolve_config("meta-llama/Llama-3.1-8B-Instruct")` gives the preset when the name is a known Hub
@@ -33,6 +33,12 @@ PRESETS: dict[str, tuple[type, dict]] = {
                                         vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    # 70B: 80 layers of 8192, what FSDP across two 24 GB cards is for (qtrain.fsdp)
+    "llama-3.1-70b": (LlamaConfig, dict(_LLAMA, num_hidden_layers=80, hidden_size=8192, intermediate_size=28672,
+                                         num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                         max_position_embeddings=131072, rope_theta=500000.0,
+                                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
     "mistral-7b": (MistralConfig, dict(_LLAMA, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                                         vocab_size=32768, max_position_embeddings=32768, rope_theta=1e6, sliding_window=None)),
     "qwen2.5-7b": (Qwen2Config, dict(hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False, num_hidden_layers=28,
@@ -72,6 +78,9 @@ HUB_IDS = {
     "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
     "meta-llama/Meta-Llama-3.1-8B": "llama-3.1-8b",
     "meta-llama/Meta-Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "meta-llama/Llama-3.1-70B": "llama-3.1-70b",
+    "meta-llama/Llama-3.1-70B-Instruct": "llama-3.1-70b",
+    "meta-llama/Meta-Llama-3.1-70B-Instruct": "llama-3.1-70b",
     "mistralai/Mistral-7B-v0.3": "mistral-7b",
     "mistralai/Mistral-7B-Instruct-v0.3": "mistral-7b",
     "Qwen/Qwen2.5-7B": "qwen2.5-7b",

@@ -56,6 +56,8 @@ def fusable(linears: list[nn.Module]) -> str | None:
         return "not all projections are qtrain LoRALinear layers"
     if not all(m.quantize_base and m.has_nf4 for m in linears):
         return "the base is not NF4-quantized (quantize=False): stock projections"
+    if any(m.nf4_in_rows for m in linears):
+        return "the NF4 base is sharded across ranks (qtrain.fsdp): each projection keeps its own rows"
     first = linears[0]
     for m in linears:
         if m.in_features != first.in_features or len(m.nf4_shape) != 2:

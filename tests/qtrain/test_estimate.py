@@ -160,7 +160,7 @@ def test_paged_state_is_outside_the_allocator_on_cuda_only():
 @pytest.mark.parametrize(
     "name,params_b",
     [("llama-2-7b", 6.74), ("llama-3.1-8b", 8.03), ("mistral-7b", 7.25), ("qwen2.5-7b", 7.62), ("gemma-2-9b", 9.24),
-     ("qwen3-8b", 8.19), ("phi-4-mini", 3.84), ("qwen3-30b-a3b", 30.53), ("mixtral-8x7b", 46.70)],
+     ("qwen3-8b", 8.19), ("phi-4-mini", 3.84), ("qwen3-30b-a3b", 30.53), ("mixtral-8x7b", 46.70), ("llama-3.1-70b", 70.55)],
 )
 def test_presets_have_the_published_parameter_counts(name, params_b):
     config = preset_config(name)
@@ -186,6 +186,29 @@ def test_llama_3_1_8b_qlora_at_2048_is_estimated_under_8_gib():
     assert est.peak < 8 * GiB and est.device_total < 8 * GiB
     full = estimate(config, spec, Workload(batch_size=1, seq_len=2048, loss_chunk=0))
     assert full.peak > est.peak + 2 * GiB  # [2048, 128256] fp32 logits and their gradient
+
+
+def test_fsdp_estimate_is_per_rank():
+    """FSDP (qtrain.fsdp): base, adapters and Adam moments 1/N per rank (lm_head whole), plus the
+    all-gather buffers of unsharded layers; DDP: everything on each rank plus its gradient buckets."""
+    config, spec = preset_config("llama-3.1-70b"), LoRASpec(rank=16, alpha=32)
+    w = Workload(batch_size=1, seq_len=1024, optimizer="adamw", fused=("qkv", "gate_up"))
+    one = estimate(config, spec, w)
+    items = {n: {i.name: i.bytes for i in estimate(config, spec, replace(w, ranks=n, strategy="fsdp")).items} for n in (2, 4)}
+    whole = {i.name: i.bytes for i in one.items}
+    assert "fused projections' absmax" in whole and "fused projections' absmax" not in items[2]  # sharded: not fused
+    head = config.vocab_size * config.hidden_size * 2
+    for n in (2, 4):
+        assert items[n]["NF4 linears"] == math.ceil(whole["NF4 linears"] / n)
+        assert items[n]["16-bit embeddings, lm_head, norms"] == head + math.ceil((whole["16-bit embeddings, lm_head, norms"] - head) / n)
+        assert items[n]["adapter parameters"] == math.ceil(whole["adapter parameters"] / n)
+        assert items[n]["Adam moments"] == math.ceil(whole["Adam moments"] / n)
+        layer = whole["NF4 linears"] // 80 + whole["adapter parameters"] // 80
+        assert items[n]["FSDP all-gather buffers"] == pytest.approx(3 * layer, rel=1e-3)
+    assert 32 * GiB < one.device_total and estimate(config, spec, replace(w, ranks=4, strategy="fsdp")).device_total < 24 * GiB
+    assert estimate(config, spec, replace(w, ranks=1, strategy="fsdp")).peak == one.peak
+    ddp = {i.name: i.bytes for i in estimate(config, spec, replace(w, ranks=2, strategy="ddp")).items}
+    assert ddp["NF4 linears"] == whole["NF4 linears"] and ddp["DDP gradient buckets"] == whole["adapter parameters"]
 
 
 def test_what_lowers_memory_lowers_the_estimate():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -45,14 +46,22 @@ def test_estimate_json_from_a_config_with_flags(capsys):
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_fits_the_card_it_is_written_for(config, capsys):
-    """The GPU configs say in their name (or 24 GB by default) what they fit; the estimate agrees."""
-    assert main(["memory", "estimate", str(config), "--json"]) == 0
+    """The GPU configs say in their name (or 24 GB by default) what they fit; the estimate (per rank
+    for a multi-GPU config: the flags its header's estimate command gives) agrees."""
+    assert main(["memory", "estimate", str(config), *estimate_flags(config), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     if config.name == "quickstart.yaml":
         assert data["model"] == "tiny llama"
         return
     card = 8 if config.name.endswith("8gb.yaml") else 16 if config.name.endswith("16gb.yaml") else 24
     assert data["device_total_bytes"] < card * GiB, (config.name, data["device_total_bytes"] / GiB)
+
+
+def estimate_flags(config: Path) -> list[str]:
+    """The flags of the `qtrain memory estimate CONFIG ...` command a config's header quotes
+    (`--nproc 2 --strategy fsdp` for a multi-GPU config; none for the others)."""
+    found = re.search(r"ESTIMATED by `qtrain memory estimate [^`\s]+([^`]*)`", header(config))
+    return shlex.split(found.group(1)) if found else []
 
 
 def header(config: Path) -> str:
@@ -73,7 +82,7 @@ def test_config_headers_quote_the_estimate(config, capsys):
     if "Memory, ESTIMATED" not in text:
         assert config.name == "quickstart.yaml"
         return
-    assert main(["memory", "estimate", str(config), "--json"]) == 0
+    assert main(["memory", "estimate", str(config), *estimate_flags(config), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     items = [i for i in data["items"] if i["bytes"] >= 0.005 * GiB]  # rows that print as 0.00 are left out
     weights = sum(i["bytes"] for i in data["items"] if i["category"] == "weights")
@@ -92,7 +101,7 @@ def test_config_headers_quote_the_estimate(config, capsys):
 
 def test_readme_config_table_gives_each_configs_estimate(capsys):
     """The README's table of ready configs has a row for every GPU config, whose last column is the
-    estimator's GPU total for it, in GiB with one decimal."""
+    estimator's GPU total for it (per rank for a multi-GPU config), in GiB with one decimal."""
     rows = {}
     for line in (REPO / "README.md").read_text().splitlines():
         m = re.match(r"\| `configs/([\w.-]+\.yaml)` \|.*\| ([\d.]+) GiB \|$", line)
@@ -100,8 +109,8 @@ def test_readme_config_table_gives_each_configs_estimate(capsys):
             rows[m.group(1)] = m.group(2)
     configs = sorted(p for p in (REPO / "configs").glob("*.yaml") if "Memory, ESTIMATED" in header(p))
     assert sorted(rows) == [p.name for p in configs]
-    for config in configs:
-        assert main(["memory", "estimate", str(config), "--json"]) == 0
+    for config in configs:  # per rank for a multi-GPU config: the flags its header quotes
+        assert main(["memory", "estimate", str(config), *estimate_flags(config), "--json"]) == 0
         total = json.loads(capsys.readouterr().out)["device_total_bytes"] / GiB
         assert rows[config.name] == f"{total:.1f}", config.name
 
@@ -208,3 +217,19 @@ def test_gpu_check_is_quiet_when_it_fits(monkeypatch):
     console = Console(record=True, width=200)
     recipe.check_memory(cfg, "meta-llama/Llama-3.1-8B-Instruct", torch.device("cuda"), console)
     assert "estimated" in console.export_text() and "needs about" not in console.export_text()
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_readme_quotes_the_70b_per_rank_estimates(nproc, capsys):
+    """The README's FSDP table: the 70B config's per-rank GPU total and NF4 share on 2 and 4 cards."""
+    config = REPO / "configs" / "llama-3.1-70b-2x24gb.yaml"
+    assert main(["memory", "estimate", str(config), "--nproc", str(nproc), "--strategy", "fsdp", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    nf4 = next(i["bytes"] for i in data["items"] if i["name"] == "NF4 linears")
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `configs/llama-3.1-70b-2x24gb.yaml`:"))
+    assert f"{data['device_total_bytes'] / GiB:.2f} GiB" in row and f"{nf4 / GiB:.2f}" in row
+
+
+def test_nproc_needs_a_strategy(capsys):
+    assert main(["memory", "estimate", "--model", "llama-3.1-70b", "--nproc", "2"]) == 2
+    assert "--strategy" in capsys.readouterr().err
