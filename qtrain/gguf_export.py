@@ -295,9 +295,9 @@ def read_vocab(model_dir: Path, config: dict) -> Vocab:
                 tokens[i] = text.replace(" ", "\u2581")  # SentencePiece's space
     else:
         raise ValueError(f"{path}: a {model['type']} tokenizer has no GGUF form in qtrain (BPE, Unigram, 1-character WordLevel do)")
-    unk = model.get("unk_token")
-    if unk in vocab:
-        types[vocab[unk]] = int(tt.UNKNOWN)
+    unk_id = vocab.get(model.get("unk_token"), model.get("unk_id"))  # BPE/WordLevel name it, Unigram numbers it
+    if unk_id is not None:
+        types[unk_id] = int(tt.UNKNOWN)
     for role in ("bos", "eos", "unk", "pad"):
         value = tcfg.get(f"{role}_token")
         value = value.get("content") if isinstance(value, dict) else value
