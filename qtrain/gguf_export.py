@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qtrain.checkpoint import SafetensorsCheckpoint
+
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
 # transformers model_type -> llama.cpp architecture (gguf.MODEL_ARCH_NAMES values)
 GGUF_ARCH = {
@@ -72,19 +74,6 @@ class Entry:
     permute_heads: int = 0  # > 0: llama q/k permutation with this many heads
 
 
-def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
-    from safetensors import safe_open
-
-    index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    out = {}
-    for name in files:
-        with safe_open(model_dir / name, framework="pt") as f:
-            for key in f.keys():
-                out[key] = (tuple(f.get_slice(key).get_shape()), model_dir / name)
-    return out
-
-
 def plan(model_dir: Path, config: dict) -> list[Entry]:
     """The GGUF tensors of a merged checkpoint, in checkpoint order (expert groups at their first key)."""
     gguf = _gguf()
@@ -93,7 +82,8 @@ def plan(model_dir: Path, config: dict) -> list[Entry]:
     names = gguf.get_tensor_name_map(arch_enum, config["num_hidden_layers"])
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     entries: dict[str, Entry] = {}
-    for key, (shape, _) in _checkpoint_shapes(model_dir).items():
+    for key, tensor in SafetensorsCheckpoint(model_dir).entries.items():
+        shape = tuple(tensor.shape)
         if key.endswith("rotary_emb.inv_freq"):
             continue
         expert = _EXPERT.fullmatch(key)
@@ -396,19 +386,11 @@ def write_gguf(model_dir: Path, out: Path, ftype: str, name: str) -> Path:
 
 
 def _stream(model_dir: Path, entries: list[Entry]) -> Iterator[np.ndarray]:
-    from safetensors import safe_open
-
-    where = {k: f for k, (_, f) in _checkpoint_shapes(model_dir).items()}
-    handles = {}
-
-    def read(key: str) -> torch.Tensor:
-        f = where[key]
-        if f not in handles:
-            handles[f] = safe_open(f, framework="pt")
-        return handles[f].get_tensor(key)
-
+    """Each entry's data in turn, read with plain file reads (no mmap: the pages of a mapped
+    checkpoint would stay resident and count as the process's memory)."""
+    ckpt = SafetensorsCheckpoint(model_dir)
     for e in entries:
-        yield tensor_data(e, read)
+        yield tensor_data(e, ckpt.finite)
 
 
 # ---- Ollama ----
