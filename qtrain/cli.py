@@ -182,7 +182,7 @@ def _export(args: argparse.Namespace) -> int:
     print(f"exported to {r.out}: {', '.join(p.name for p in r.files)}")
     if r.logit_diff is not None:
         print(f"max |logit difference| merged ({args.base_weights} base) vs base + adapter: {r.logit_diff:.3g} "
-              f"(first {args.check_tokens} tokens, fp32)")  # fmt: skip
+              f"(first {args.check_tokens} tokens; merged weights in {args.dtype})")  # fmt: skip
     return 0
 
 

@@ -71,10 +71,17 @@ def export(
             result = tmp / "gguf"
             result.mkdir()
             _write_ggufs(merged, result, gguf_types, Path(adapter or base).resolve().name)
+        result.chmod(0o777 & ~_umask())  # mkdtemp's folders are private (0700); the export is a normal folder
         os.replace(result, out)  # onto a missing or empty folder: one rename
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # ours: made above
     return ExportResult(out, sorted(p for p in out.iterdir()), diff)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_ggufs(merged: Path, folder: Path, types: tuple[str, ...], name: str) -> None:
@@ -111,6 +118,7 @@ def logit_difference(base: str, adapter: str, merged: Path, n_tokens: int) -> fl
 
     from qtrain.adapter import load_adapter_weights, read_adapter_config, read_training_info
     from qtrain.model import load_model
+    from qtrain.tiny import _no_progress_bars
 
     ids = AutoTokenizer.from_pretrained(merged)(CHECK_TEXT, return_tensors="pt")["input_ids"][:, :n_tokens]
     spec = read_adapter_config(adapter)
@@ -121,5 +129,6 @@ def logit_difference(base: str, adapter: str, merged: Path, n_tokens: int) -> fl
     with torch.no_grad():
         want = loaded.model.eval()(ids).logits.float()
         del loaded
-        got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(ids).logits.float()
+        with _no_progress_bars():
+            got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(ids).logits.float()
     return float((got - want).abs().max())

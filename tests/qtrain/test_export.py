@@ -111,6 +111,9 @@ def test_export_into_an_empty_folder(tiny_checkpoint, tmp_path):
     (tmp_path / "out").mkdir()
     r = export(str(base), None, tmp_path / "out", "hf")
     assert (r.out / "model.safetensors").exists() and r.logit_diff is None
+    mask = os.umask(0)
+    os.umask(mask)
+    assert r.out.stat().st_mode & 0o777 == 0o777 & ~mask  # a normal folder, not mkdtemp's private one
 
 
 def test_cli_export_gguf_prints_files_and_the_logit_difference(tiny_checkpoint, tmp_path, capsys):
