@@ -70,12 +70,18 @@ def export(
         else:
             result = tmp / "gguf"
             result.mkdir()
-            _write_ggufs(merged, result, gguf_types, Path(adapter or base).resolve().name)
+            _write_ggufs(merged, result, gguf_types, _model_name(adapter or base))
         result.chmod(0o777 & ~_umask())  # mkdtemp's folders are private (0700); the export is a normal folder
         os.replace(result, out)  # onto a missing or empty folder: one rename
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # ours: made above
     return ExportResult(out, sorted(p for p in out.iterdir()), diff)
+
+
+def _model_name(folder: str) -> str:
+    """The GGUF's name: the folder's, or the run's for qtrain's runs/NAME/adapter."""
+    path = Path(folder).resolve()
+    return path.parent.name if path.name == "adapter" else path.name
 
 
 def _umask() -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -395,7 +396,7 @@ def _stream(model_dir: Path, entries: list[Entry]) -> Iterator[np.ndarray]:
 
 # ---- Ollama ----
 
-_MARK = {"system": "\x00SYSTEM\x00", "user": "\x00USER\x00", "assistant": "\x00ASSISTANT\x00"}
+_MARK = {"system": "\x00S\x00", "user": "\x00U1\x00", "assistant": "\x00A1\x00", "user2": "\x00U2\x00"}
 
 
 def modelfile(gguf_name: str, template: str | None, tokens: dict[str, str]) -> str:
@@ -418,27 +419,50 @@ def modelfile(gguf_name: str, template: str | None, tokens: dict[str, str]) -> s
 
 
 def _turn_parts(template: str, tokens: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """{role: (text before its content, text after)} from renders of one-message conversations."""
+    """{role: (text before its content, text after)} from one render of a marked conversation
+    (system, user, assistant, user): between two contents stand one role's end and the next one's
+    start; the user's start is what follows both the system and the assistant turn (their longest
+    common suffix), the assistant's start is the generation prompt. A template that refuses or moves
+    the system message (Gemma, Mistral) is rendered without one."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    tpl = env.from_string(template)
-    render_args = {k: v for k, v in tokens.items() if v is not None}
-    parts = {}
-    for role in ("system", "user", "assistant"):
-        messages = [{"role": "user", "content": "x"}] if role == "assistant" else []
-        messages.append({"role": role, "content": _MARK[role]})
+    tpl = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+    args = {k: v for k, v in tokens.items() if v is not None}
+
+    def render(roles: list[str], gen: bool = False) -> str:
+        messages = [{"role": r.removesuffix("2"), "content": _MARK[r]} for r in roles]
+        return tpl.render(messages=messages, add_generation_prompt=gen, **args)
+
+    for roles in (["system", "user", "assistant", "user2"], ["user", "assistant", "user2"]):
         try:
-            text = tpl.render(messages=messages, add_generation_prompt=False, **render_args)
-        except Exception:  # noqa: BLE001 - a template may refuse a role (Gemma: no system); that role is left out
+            text = render(roles)
+        except Exception:  # noqa: BLE001 - a template may raise on a role it refuses (Gemma: no system)
             continue
-        if _MARK[role] not in text:
-            continue
-        before, _, after = text.partition(_MARK[role])
-        if role == "assistant":
-            prompt = tpl.render(messages=messages[:1], add_generation_prompt=True, **render_args)
-            before = prompt[len(tpl.render(messages=messages[:1], add_generation_prompt=False, **render_args)):]
-        else:
-            before = before.removeprefix(render_args.get("bos_token", ""))
-        parts[role] = (before, after)
+        at = [text.find(_MARK[r]) for r in roles]
+        if all(a >= 0 for a in at) and at == sorted(at):
+            break
+    else:
+        raise ValueError("the chat template does not render a user/assistant conversation; write the Modelfile TEMPLATE by hand")
+    seg = re.split("|".join(re.escape(_MARK[r]) for r in roles), text)  # len(roles) + 1 pieces
+    seg[0] = seg[0].removeprefix(args.get("bos_token", ""))
+    upto_user = roles[: roles.index("user") + 1]
+    plain, prompted = render(upto_user), render(upto_user, gen=True)
+    gen = prompted[len(_shared_start(plain, prompted)) :]
+    i = roles.index("user")
+    user_after, assistant_before = (seg[i + 1][: -len(gen)], gen) if gen and seg[i + 1].endswith(gen) else (seg[i + 1], "")
+    last = render(roles[: i + 2]).partition(_MARK["assistant"])[2]  # the assistant's end (+ the conversation's)
+    assistant_after = _shared_start(last, seg[i + 2])
+    user_before = seg[i + 2][len(assistant_after) :]
+    parts = {"user": (user_before, user_after), "assistant": (assistant_before, assistant_after)}
+    if roles[0] == "system":
+        system_after = seg[1][: len(seg[1]) - len(user_before)] if seg[1].endswith(user_before) else seg[1]
+        parts = {"system": (seg[0], system_after)} | parts
     return parts
+
+
+def _shared_start(a: str, b: str) -> str:
+    """The common start of `a` and `b`, not ending inside a special token ('<|end|>\n<|' -> '<|end|>\n')."""
+    p = os.path.commonprefix([a, b])
+    if len(p) < min(len(a), len(b)) and "<" in p and ">" not in p[p.rindex("<") :]:
+        p = p[: p.rindex("<")]
+    return p

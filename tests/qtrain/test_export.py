@@ -123,7 +123,7 @@ def test_cli_export_gguf_prints_files_and_the_logit_difference(tiny_checkpoint, 
                "--format", "gguf", "--gguf-type", "q8_0", "f16", "--check-tokens", "6"])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "adapter-Q8_0.gguf" in out and "Modelfile" in out
+    assert f"{tmp_path.name}-Q8_0.gguf" in out and "Modelfile" in out  # runs/NAME/adapter -> NAME-Q8_0.gguf
     assert "max |logit difference| merged (nf4 base) vs base + adapter" in out
     assert float(out.rsplit("adapter: ", 1)[1].split()[0]) < 0.05  # bf16 merged weights: ~bf16 rounding
 
@@ -353,3 +353,41 @@ def test_llama_cpp_runs_the_gguf_like_transformers(merged_and_ggufs):
     got = np.array(llm.scores[: len(ids)])
     assert np.abs(got - want).max() < 0.05  # f16 weights, llama.cpp's f16/f32 math
     assert (got.argmax(-1) == want.argmax(-1)).all()  # the same greedy tokens
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates"
+TEMPLATES = {  # fixture: (bos, eos, the turn-ending stop token)
+    "qwen2": ("<bos>", "<|im_end|>", "<|im_end|>"),
+    "llama31": ("<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
+    "gemma2": ("<bos>", "<eos>", "<end_of_turn>"),
+    "phi35": ("<s>", "<|endoftext|>", "<|end|>"),
+}
+
+
+def go_render(modelfile: str, messages: list[dict]) -> str:
+    """What Ollama's TEMPLATE makes of `messages` + the generation prompt: the template that
+    `modelfile` writes is a range over messages with one `if eq .Role` branch per role."""
+    import re
+
+    text = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    body, _, tail = text.removeprefix("{{- range .Messages }}").rpartition("{{ end }}{{ end }}")
+    branches = dict(re.findall(r'\{\{ (?:else )?if eq \.Role "(\w+)" \}\}(.*?)(?=\{\{ else if|\Z)', body, re.S))
+    return "".join(branches[m["role"]].replace("{{ .Content }}", m["content"]) for m in messages) + tail
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_modelfile_template_renders_as_the_chat_template(name):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from qtrain.gguf_export import modelfile
+
+    bos, eos, stop = TEMPLATES[name]
+    template = (FIXTURES / f"{name}.jinja").read_text()
+    text = modelfile("m.gguf", template, {"bos_token": bos, "eos_token": eos})
+    system = [] if name == "gemma2" else [{"role": "system", "content": "Be brief."}]
+    messages = [*system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "2+2?"}]  # fmt: skip
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    want = env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    assert go_render(text, messages) == want.removeprefix(bos)  # llama.cpp adds the BOS itself
+    assert f'PARAMETER stop "{stop}"' in text and f'PARAMETER stop "{eos}"' in text
