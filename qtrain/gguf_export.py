@@ -299,12 +299,15 @@ def read_vocab(model_dir: Path, config: dict) -> Vocab:
 
 
 def _post_processor_adds_bos(tok: dict, tcfg: dict) -> bool:
-    """Whether tokenizer.json's post-processor puts the BOS token before every text."""
+    """Whether tokenizer.json's post-processor (or one in its Sequence: Llama 3) puts BOS before every text."""
     bos = tcfg.get("bos_token")
     bos = bos.get("content") if isinstance(bos, dict) else bos
-    single = (tok.get("post_processor") or {}).get("single") or []
-    first = single[0].get("SpecialToken", {}).get("id") if single else None
-    return bos is not None and first == bos
+    post = tok.get("post_processor") or {}
+    for p in post.get("processors", [post]):
+        single = p.get("single") or []
+        if bos is not None and single and single[0].get("SpecialToken", {}).get("id") == bos:
+            return True
+    return False
 
 
 def chat_template(model_dir: Path) -> str | None:

@@ -319,6 +319,13 @@ def test_byte_level_bpe_and_unigram_tokenizers(tmp_path):
     saved = json.loads((tmp_path / "tokenizer.json").read_text())["model"]
     assert v.model == "gpt2" and len(v.merges) == len(saved["merges"]) > 10
     assert v.tokens[bpe.token_to_id("Ġthe")] == "Ġthe" and v.special["eos"] == 0 and v.types[0] == gguf.TokenType.CONTROL
+    # Llama 3's post-processor: ByteLevel then a template that puts BOS first -> add_bos_token
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    saved["post_processor"] = {"type": "Sequence", "processors": [{"type": "ByteLevel"}, {"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]}]}  # fmt: skip
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>"}))
+    assert read_vocab(tmp_path, {"vocab_size": bpe.get_vocab_size()}).add_bos is True
     uni = Tokenizer(models.Unigram())
     uni.train_from_iterator(text, trainers.UnigramTrainer(vocab_size=60, special_tokens=["<unk>"], unk_token="<unk>"))
     uni.save(str(tmp_path / "tokenizer.json"))
