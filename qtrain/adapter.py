@@ -28,7 +28,15 @@ from transformers import PretrainedConfig
 
 from qtrain.checkpoint import CORRUPT_ADAPTER, SafetensorsCheckpoint, require_finite, resolve_model_dir
 from qtrain.lora import EXPERTS, LoRALinear, LoRASpec, PeftLoRASpec, lora_modules
-from qtrain.model import IGNORED_KEYS, bnb_groups, bnb_prefixes, build_skeleton, read_config, read_json_object
+from qtrain.model import (
+    IGNORED_KEYS,
+    bnb_groups,
+    bnb_prefixes,
+    build_skeleton,
+    read_config,
+    read_json_object,
+    release_host_memory,
+)
 from qtrain.moe import is_expert, module_key, swap_experts
 from qtrain.nf4 import dequantize_nf4, from_bnb_state_dict, quantize_nf4
 
@@ -510,6 +518,7 @@ class _ShardWriter:
         save_file(self.pending, self.directory / f"shard-{index:05d}.safetensors", metadata={"format": "pt"})
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
+        release_host_memory()  # the shard's freed tensors back to the OS, or RSS climbs shard by shard
 
     def close(self) -> None:
         if self.pending or not self.shards:

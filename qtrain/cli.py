@@ -176,6 +176,29 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from qtrain.config import DTYPES
+    from qtrain.export import export
+
+    r = export(
+        args.base, args.adapter, args.out, fmt=args.format, gguf_types=tuple(args.gguf_type), dtype=DTYPES[args.dtype],
+        base_weights=args.base_weights, check_tokens=args.check_tokens,
+    )  # fmt: skip
+    print(f"exported to {r.out}: {', '.join(p.name for p in r.files)}")
+    if r.logit_diff is not None:
+        print(f"max |logit difference| merged ({args.base_weights} base) vs base + adapter: {r.logit_diff:.3g} "
+              f"(first {args.check_tokens} tokens; merged weights in {args.dtype})")  # fmt: skip
+    return 0
+
+
+BASE_WEIGHTS_HELP = (
+    "nf4 (default): merge into the base as training saw it, every linear layer but lm_head "
+    "NF4-quantized and dequantized (the merged model computes what the trained one did); "
+    "original: merge into the checkpoint's own 16-bit weights (what most users expect, but the adapter was "
+    "not trained against them: outputs shift by about the NF4 error; the command reports by how much)"
+)
+
+
 def _generate(args: argparse.Namespace) -> int:
     import json
 
@@ -395,6 +418,39 @@ def parser() -> argparse.ArgumentParser:
         "the rest stays",
     )
     m.set_defaults(func=_merge)
+
+    x = sub.add_parser(
+        "export",
+        help="base + adapter -> a merged Hugging Face checkpoint, or GGUF files + an Ollama Modelfile",
+        description="qtrain export --base PATH --adapter DIR --out DIR [--format hf|gguf]: hf writes the merged "
+        "16-bit checkpoint (sharded safetensors + index, config, tokenizer, chat template, generation config) "
+        "that transformers, vLLM and TGI load; gguf writes one GGUF per --gguf-type (tokenizer and chat template "
+        "inside) and an Ollama Modelfile, for llama.cpp, Ollama (ollama create NAME -f OUT/Modelfile) and LM "
+        "Studio. Streamed: host RAM stays about one tensor plus one shard. OUT must be new or empty. Only LoRA "
+        "and DoRA adapters merge; others are refused by name. Without --adapter the base itself is exported.",
+    )
+    x.add_argument("--base", required=True, metavar="PATH_OR_ID", help="base model directory or Hub id")
+    x.add_argument("--adapter", metavar="DIR", help="LoRA/DoRA adapter directory (omit: convert the base alone)")
+    x.add_argument("--out", required=True, metavar="DIR", help="output folder: new or empty")
+    x.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf (default) or gguf")
+    x.add_argument(
+        "--gguf-type",
+        nargs="+",
+        choices=("f16", "bf16", "q8_0", "q4_0"),
+        default=["q8_0"],
+        help="GGUF types to write (default q8_0); q4_0 keeps embeddings and output in q8_0",
+    )
+    x.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="dtype of the merged weights (default bf16)")
+    x.add_argument("--base-weights", choices=("nf4", "original"), default="nf4", help=BASE_WEIGHTS_HELP)
+    x.add_argument(
+        "--check-tokens",
+        type=int,
+        default=8,
+        metavar="N",
+        help="at the end, run base + adapter and the merged model on N tokens on the CPU and print the largest "
+        "logit difference (default 8; 0: skip, e.g. when the model does not fit twice in host RAM)",
+    )
+    x.set_defaults(func=_export)
 
     g = sub.add_parser(
         "generate",
