@@ -124,7 +124,7 @@ def logit_difference(base: str, adapter: str, merged: Path, n_tokens: int) -> fl
 
     from qtrain.adapter import load_adapter_weights, read_adapter_config, read_training_info
     from qtrain.model import load_model
-    from qtrain.tiny import _no_progress_bars
+    from qtrain.tiny import no_progress_bars
 
     ids = AutoTokenizer.from_pretrained(merged)(CHECK_TEXT, return_tensors="pt")["input_ids"][:, :n_tokens]
     spec = read_adapter_config(adapter)
@@ -135,6 +135,6 @@ def logit_difference(base: str, adapter: str, merged: Path, n_tokens: int) -> fl
     with torch.no_grad():
         want = loaded.model.eval()(ids).logits.float()
         del loaded
-        with _no_progress_bars():
+        with no_progress_bars():
             got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(ids).logits.float()
     return float((got - want).abs().max())

@@ -138,7 +138,7 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    with _no_progress_bars():  # a tiny model: no "Writing model shards" bar on the console
+    with no_progress_bars():  # a tiny model: no "Writing model shards" bar on the console
         model.save_pretrained(path, max_shard_size=max_shard_size)
     char_tokenizer().save_pretrained(path)
     return path
@@ -186,7 +186,7 @@ def check_tiny_model(path: Path, spec: dict) -> None:
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
+def no_progress_bars():
     """transformers' progress bars off for the block, then as they were."""
     from transformers.utils import logging as hf_logging
 
