@@ -30,43 +30,14 @@ prompt/completion pairs of the batch, detached, clamped at 0.) Each matches TRL 
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from qtrain.config import OBJECTIVES, PreferenceConfig
 from qtrain.kernels.linear_cross_entropy import default_chunk_size
 
 IGNORE_INDEX = -100
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto")
-REFERENCE_OBJECTIVES = ("dpo", "kto")  # the objectives that compare against pi_ref
-
-
-@dataclass
-class PreferenceConfig:
-    """The `preference:` config section: the objectives' hyper-parameters (`objective:` picks one)."""
-
-    beta: float = 0.1  # DPO/KTO: the KL penalty's inverse temperature; ORPO: lambda; SimPO: beta (paper: 2.0)
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"  # DPO's variant
-    label_smoothing: float = 0.0  # DPO sigmoid (cDPO) and robust: the probability that a pair's labels are flipped
-    simpo_gamma: float = 0.5  # SimPO's target reward margin gamma (TRL's simpo_gamma)
-    desirable_weight: float = 1.0  # KTO: weight of the desirable (label true) examples' losses
-    undesirable_weight: float = 1.0  # KTO: weight of the undesirable examples' losses
-    reference_free: bool = False  # DPO: pi_ref = uniform (log-ratios are the policy's log-probs)
-
-    def check(self, objective: str) -> None:
-        """ValueError naming the key of a setting that is out of range for `objective`."""
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"preference.beta: must be > 0 and finite, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"preference.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-        for key in ("desirable_weight", "undesirable_weight"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"preference.{key}: must be > 0, got {getattr(self, key)}")
-        if self.reference_free and objective != "dpo":
-            raise ValueError(f"preference.reference_free: only for objective=dpo (objective is {objective}; orpo and simpo need no reference)")
 
 
 # ---- per-token log-probs through a chunked lm_head ----

@@ -131,7 +131,7 @@ def kto_example(tokenizer, row: dict, max_length: int) -> tuple[KTOExample, Rend
     prompt_ids, (c,), chat = render_prompt_response(tokenizer, row["prompt"], [completion])
     keep = max(max_length - len(prompt_ids), 0)
     prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False) if chat else row["prompt"]
-    return KTOExample(prompt_ids[:max_length], c[:keep], row["label"]), Rendered([(prompt_text, False), (completion, True)], prompt_text, completion, chat)
+    return KTOExample(prompt_ids[:max_length], c[:keep], row["label"]), Rendered([(prompt_text, False), (completion, True)], prompt_text, completion if row["label"] else None, chat)
 
 
 def build_preference(table: Table, objective: str, tokenizer, max_length: int) -> Dataset:
