@@ -26,7 +26,7 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 # the ready GPU configs (QLoRA on a 7-8B model): 24 GB cards, then the 16 GB and 8 GB variants
 GPU_24GB = ["llama-3.1-8b.yaml", "llama-2-7b.yaml", "mistral-7b.yaml", "qwen2.5-7b.yaml"]
 GPU_16GB, GPU_8GB = "llama-3.1-8b-16gb.yaml", "llama-3.1-8b-8gb.yaml"
-GPU_CONFIGS = [p for p in CONFIGS if p != QUICKSTART]
+GPU_CONFIGS = [p for p in CONFIGS if not p.name.startswith("quickstart")]  # quickstart*.yaml: the CPU configs
 # a config with only the one required choice (which model) set: everything else is the default
 MINIMAL = ["model.name_or_path=some/model"]
 
