@@ -291,3 +291,24 @@ def reward_means(sums: dict[str, float], units: int) -> dict[str, float]:
         c, r = sums["rewards_chosen"] / d, sums["rewards_rejected"] / u
         return {"rewards_chosen": c, "rewards_rejected": r, "rewards_margins": c - r, "rewards_accuracy": sums["rewards_accuracy"] / units, "kl": sums["kl"] / units}
     return {k: sums[k] / units for k in METRICS}
+
+
+# ---- memory (qtrain.estimate) ----
+
+PAIR_OBJECTIVES = ("dpo", "orpo", "simpo")  # a batch of B examples is 2B rows
+
+
+def token_logps_bytes(n_tokens: int, vocab: int, hidden_size: int, chunk: int | None, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(saved, forward workspace, backward workspace) bytes of `token_logps` over N labelled tokens,
+    from the code above (e = dtype's itemsize, f = e for 16-bit dtypes and 0 for fp32: the fp32 copy
+    of fp32 logits is the same tensor; C = the chunk):
+
+        saved     e*N*D + 4*N + 8*N    the hidden states (kept for the backward), log-sum-exp, rows
+        forward   C*V*(e + f + 4)      a chunk's logits, their fp32 copy, logsumexp's exp
+        backward  e*N*D + C*V*(e + f + 4 + f)   dH, then per chunk the logits, their fp32 copy,
+                                                 dz (fp32) and dz cast to W's dtype
+    """
+    n, v, d, e = n_tokens, vocab, hidden_size, dtype.itemsize
+    f = 0 if dtype == torch.float32 else e
+    c = min(n, chunk or default_chunk_size(max(n, 1), v, d))
+    return e * n * d + 12 * n, c * v * (e + f + 4), e * n * d + c * v * (e + 2 * f + 4)

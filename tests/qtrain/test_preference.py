@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qtrain.config import ConfigError, load_config
+from qtrain.config import ConfigError, PreferenceConfig, load_config
 from qtrain.preference import adapter_switched_off, token_logps
 from qtrain.preference_data import PreferenceBatches, collate_pairs, load_preference_data, pair_example
 from qtrain.train import Interrupted, train
@@ -183,3 +183,56 @@ def test_dpo_stop_and_resume_equals_straight_run(tmp_path):
     assert steps(tmp_path / "straight") == steps(out)
     a, b = load_file(Path(straight["adapter"]) / "adapter_model.safetensors"), load_file(Path(resumed["adapter"]) / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- memory: the estimate against a measured preference step ----
+
+ESTIMATE_SETTINGS = [  # (objective, workload changes)
+    ("dpo", {}),
+    ("dpo", {"dtype": torch.float32}),
+    ("orpo", {"gradient_checkpointing": False}),
+    ("dpo", {"vocab": 8192}),
+]
+
+
+@pytest.mark.parametrize(("objective", "changes"), ESTIMATE_SETTINGS, ids=lambda x: str(x))
+def test_estimate_within_10_percent_of_a_measured_preference_step(tiny_checkpoint, objective, changes):
+    from dataclasses import replace
+
+    from qtrain.estimate import Workload, estimate
+    from qtrain.lora import LoRASpec
+    from qtrain.memprof import MemoryProfiler, peak_sample
+    from qtrain.methods.lora import LoRA
+    from qtrain.model import enable_checkpointing, load_model
+    from qtrain.presets import resolve_config
+    from qtrain.train import preference_step
+
+    torch.set_num_threads(1)
+    changes = dict(changes)
+    vocab = changes.pop("vocab", 1024)
+    path = tiny_checkpoint("llama", hidden_size=192, intermediate_size=512, num_layers=3, num_heads=6, num_kv_heads=2, vocab_size=vocab)
+    w = replace(Workload(batch_size=2, seq_len=128, dtype=torch.bfloat16, backend="torch", optimizer="adamw", device="cpu", objective=objective), **changes)
+    spec = LoRASpec(rank=8)
+    model = load_model(str(path), spec, compute_dtype=w.dtype, backend="torch").model
+    if w.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, vocab, (2 * w.batch_size, w.seq_len), generator=g)  # B pairs: 2B rows
+    labels = ids.clone()
+    labels[:, : w.seq_len // 2] = -100  # the prompt half
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "pairs": torch.tensor(w.batch_size)}
+    autocast = torch.autocast("cpu", dtype=w.dtype) if w.dtype != torch.float32 else None
+    args = (model, [batch], optimizer, trainable, 1.0, "cpu", objective, PreferenceConfig(), autocast)
+    preference_step(*args, methods=[LoRA()])  # creates the optimizer state
+    profiler = MemoryProfiler(model, optimizer, torch.device("cpu"))
+    with profiler.step(2):
+        preference_step(*args, on_phase=profiler.phase, methods=[LoRA()])
+    samples = profiler.samples()
+    profiler.detach()
+    est = estimate(resolve_config(str(path)), spec, w)
+    peak = peak_sample(samples)
+    print(f"{objective} {changes}: estimate / measured = {est.peak / peak.peak:.3f}")
+    assert abs(est.peak / peak.peak - 1) < 0.10, (est.peak, peak.peak, est.phases)
