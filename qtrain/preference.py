@@ -96,7 +96,9 @@ class TokenLogps(torch.autograd.Function):
         return g_hidden, None if g_weight is None else g_weight.to(weight.dtype), None, None, None, None
 
 
-def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None, softcap: float | None = None) -> torch.Tensor:
+def token_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None, softcap: float | None = None
+) -> torch.Tensor:
     """Per-token log-probs [B, S] (0 where labels == IGNORE_INDEX): hidden [B, S, D] at the positions
     that predict `labels` [B, S] (already shifted), lm_head `weight` [V, D]. Under autocast the
     matmuls run in the autocast dtype, the softmax in fp32 (as `linear_cross_entropy`)."""
@@ -126,7 +128,8 @@ def sequence_logps(model, batch: dict, chunk: int | None = None, offload=None) -
         ).last_hidden_state  # [R, S, D]
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None:
-        raise ValueError(f"preference objectives need a plain linear lm_head without bias; this model's is {type(head).__name__}")
+        what = type(head).__name__
+        raise ValueError(f"preference objectives need a plain linear lm_head without bias; this model's is {what}")
     next_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # [R, S]: token t predicts t+1
     per_token = token_logps(hidden, head.weight, next_labels, chunk, logit_softcap(model))  # [R, S]
     return per_token.sum(1), (next_labels != IGNORE_INDEX).sum(1)
@@ -168,7 +171,8 @@ def dpo_losses(chosen, rejected, ref_chosen, ref_rejected, beta: float, loss_typ
     if loss_type == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
     if loss_type == "robust":
-        clean, flipped = -(1 - label_smoothing) * F.logsigmoid(beta * delta), -label_smoothing * F.logsigmoid(-beta * delta)
+        clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
+        flipped = -label_smoothing * F.logsigmoid(-beta * delta)
         return (clean - flipped) / (1 - 2 * label_smoothing)
     if loss_type == "hinge":
         return torch.relu(1 - beta * delta)
@@ -289,7 +293,8 @@ def reward_means(sums: dict[str, float], units: int) -> dict[str, float]:
     if "desirable" in sums:
         d, u = max(sums["desirable"], 1), max(units - sums["desirable"], 1)
         c, r = sums["rewards_chosen"] / d, sums["rewards_rejected"] / u
-        return {"rewards_chosen": c, "rewards_rejected": r, "rewards_margins": c - r, "rewards_accuracy": sums["rewards_accuracy"] / units, "kl": sums["kl"] / units}
+        accuracy, kl = sums["rewards_accuracy"] / units, sums["kl"] / units
+        return {"rewards_chosen": c, "rewards_rejected": r, "rewards_margins": c - r, "rewards_accuracy": accuracy, "kl": kl}
     return {k: sums[k] / units for k in METRICS}
 
 
@@ -298,7 +303,9 @@ def reward_means(sums: dict[str, float], units: int) -> dict[str, float]:
 PAIR_OBJECTIVES = ("dpo", "orpo", "simpo")  # a batch of B examples is 2B rows
 
 
-def token_logps_bytes(n_tokens: int, vocab: int, hidden_size: int, chunk: int | None, dtype: torch.dtype) -> tuple[int, int, int]:
+def token_logps_bytes(
+    n_tokens: int, vocab: int, hidden_size: int, chunk: int | None, dtype: torch.dtype
+) -> tuple[int, int, int]:
     """(saved, forward workspace, backward workspace) bytes of `token_logps` over N labelled tokens,
     from the code above (e = dtype's itemsize, f = e for 16-bit dtypes and 0 for fp32: the fp32 copy
     of fp32 logits is the same tensor; C = the chunk):

@@ -74,8 +74,9 @@ def _response_text(response, where: str) -> str:
     """A response as text: a string, or a list holding one assistant message."""
     if isinstance(response, str):
         return response
-    if isinstance(response, list) and len(response) == 1 and isinstance(response[0], dict) and response[0].get("role") == "assistant" and isinstance(response[0].get("content"), str):
-        return response[0]["content"]
+    turn = response[0] if isinstance(response, list) and len(response) == 1 else None
+    if isinstance(turn, dict) and turn.get("role") == "assistant" and isinstance(turn.get("content"), str):
+        return turn["content"]
     raise ValueError(f"{where!r} must be a string or [{{role: assistant, content: str}}], got {response!r}")
 
 
@@ -83,7 +84,10 @@ def _messages(prompt) -> list[dict] | None:
     """The prompt's messages when it is a chat prompt, None when it is text."""
     if isinstance(prompt, str):
         return None
-    if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
+    def is_message(m) -> bool:
+        return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+
+    if not isinstance(prompt, list) or not prompt or not all(is_message(m) for m in prompt):
         raise ValueError(f"'prompt' must be a string or a non-empty list of {{role, content}} messages, got {prompt!r}")
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
@@ -117,7 +121,8 @@ def pair_example(tokenizer, row: dict, max_length: int) -> tuple[PairExample, Re
     prompt_ids, (c, r), chat = render_prompt_response(tokenizer, row["prompt"], [chosen, rejected])
     keep = max(max_length - len(prompt_ids), 0)
     prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False) if chat else row["prompt"]
-    return PairExample(prompt_ids[:max_length], c[:keep], r[:keep]), Rendered([(prompt_text, False), (chosen, True)], prompt_text, chosen, chat)
+    rendered = Rendered([(prompt_text, False), (chosen, True)], prompt_text, chosen, chat)
+    return PairExample(prompt_ids[:max_length], c[:keep], r[:keep]), rendered
 
 
 def kto_example(tokenizer, row: dict, max_length: int) -> tuple[KTOExample, Rendered]:
@@ -131,7 +136,9 @@ def kto_example(tokenizer, row: dict, max_length: int) -> tuple[KTOExample, Rend
     prompt_ids, (c,), chat = render_prompt_response(tokenizer, row["prompt"], [completion])
     keep = max(max_length - len(prompt_ids), 0)
     prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False) if chat else row["prompt"]
-    return KTOExample(prompt_ids[:max_length], c[:keep], row["label"]), Rendered([(prompt_text, False), (completion, True)], prompt_text, completion if row["label"] else None, chat)
+    answer = completion if row["label"] else None  # exact match scores desirable completions only
+    rendered = Rendered([(prompt_text, False), (completion, True)], prompt_text, answer, chat)
+    return KTOExample(prompt_ids[:max_length], c[:keep], row["label"]), rendered
 
 
 def build_preference(table: Table, objective: str, tokenizer, max_length: int) -> Dataset:
@@ -245,9 +252,14 @@ class PreferenceBatches(Batches):
 
     def __init__(self, examples: list, batch_size: int, pad_id: int, seed: int, mode: str = "pad"):
         if mode == "pack":
-            raise ValueError("data.packing: preference data is not packed (each row's log-prob is summed on its own); set data.packing=false")
+            raise ValueError(
+                "data.packing: preference data is not packed (each row's log-prob is summed on its own); set data.packing=false"
+            )
         if examples and isinstance(examples[0], KTOExample) and batch_size < 2:
-            raise ValueError("train.batch_size: KTO needs at least 2 examples a batch (its KL estimate pairs each prompt with another row's completion)")
+            raise ValueError(
+                "train.batch_size: KTO needs at least 2 examples a batch "
+                "(its KL estimate pairs each prompt with another row's completion)"
+            )
         super().__init__(examples, batch_size, pad_id, seed, mode)
 
     def __next__(self) -> dict[str, torch.Tensor]:

@@ -66,7 +66,7 @@ from qtrain.methods.io import load_method, save_methods
 from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
 from qtrain.model import check_tokenizer, enable_checkpointing
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
-from qtrain.preference import preference_loss, reward_means, step_totals
+from qtrain.preference import PAIR_OBJECTIVES, preference_loss, reward_means, step_totals
 from qtrain.preference_data import PreferenceBatches, eval_preference_batches, load_preference_data
 from qtrain.progress import TrainProgress
 from qtrain.resume import last_good_checkpoint, resolve_resume, save_checkpoint, set_rng_state
@@ -778,6 +778,8 @@ def _memory_report(cfg, profiler, loaded, methods, device, shapes, report_dir: P
     b, s, packed, padded = max(shapes, key=lambda shape: shape[0] * shape[1])
     backend = resolve_on_device("nf4_lora", cfg.model.backend, device)
     w = workload_for(cfg, device.type, backend, loaded.config)
+    if cfg.objective in PAIR_OBJECTIVES:  # the measured rows are the pairs' chosen and rejected: B pairs
+        b //= 2
     w = replace(w, batch_size=b, seq_len=s, attention_mask=padded or (packed and "varlen" not in w.fused))  # varlen: no mask
     est = estimate(loaded.config, None, w)
     info = {
