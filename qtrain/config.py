@@ -93,6 +93,7 @@ class PreferenceConfig:
     desirable_weight: float = 1.0  # KTO: weight of the desirable (label true) examples' losses
     undesirable_weight: float = 1.0  # KTO: weight of the undesirable examples' losses
     reference_free: bool = False  # DPO: pi_ref = uniform (log-ratios are the policy's log-probs)
+    precompute_reference: bool = False  # DPO: pi_ref's log-probs of every pair in one pass before training, cached in output_dir/reference_logps.safetensors
 
     def check(self, objective: str) -> None:
         """ValueError naming the key of a setting that is out of range for `objective`."""
@@ -103,6 +104,8 @@ class PreferenceConfig:
         for key in ("desirable_weight", "undesirable_weight"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"preference.{key}: must be > 0, got {getattr(self, key)}")
+        if self.precompute_reference and (objective != "dpo" or self.reference_free):
+            raise ValueError("preference.precompute_reference: only for objective=dpo with a reference (KTO's KL pairs change with every batch)")
         if self.reference_free and objective != "dpo":
             raise ValueError(f"preference.reference_free: only for objective=dpo (objective is {objective}; orpo and simpo need no reference)")
 

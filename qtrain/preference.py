@@ -30,6 +30,10 @@ prompt/completion pairs of the batch, detached, clamped at 0.) Each matches TRL 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +165,45 @@ def reference_logps(model, methods, batch: dict, chunk: int | None = None) -> to
         return sequence_logps(model, batch, chunk)[0]
 
 
+def data_fingerprint(examples) -> str:
+    """sha256 of the pairs' token ids: a cached reference pass belongs to exactly this data."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.prompt_ids, e.chosen_ids, e.rejected_ids]).encode())
+    return digest.hexdigest()
+
+
+def precompute_reference(model, methods, examples, pad_id: int, batch_size: int, device, autocast, chunk, path: Path, model_id: str) -> torch.Tensor:
+    """pi_ref's log-probs [N, 2] (chosen, rejected) of every pair, in one no-grad pass before training,
+    cached at `path` as safetensors (never pickled) with the data's fingerprint and the model: a run
+    that resumes reads it back; a cache of other data or another model is computed again."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qtrain.preference_data import collate_pairs
+
+    meta = {"fingerprint": data_fingerprint(examples), "model": model_id}
+    if path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            if f.metadata() == meta:
+                return f.get_tensor("ref_logps")
+    out = []
+    was_training = model.training
+    model.eval()  # no dropout anywhere in the base
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate_pairs(examples[start : start + batch_size], pad_id).items()}
+            with autocast or contextlib.nullcontext():
+                out.append(reference_logps(model, methods, batch, chunk).view(2, -1).T.cpu())  # [b, 2]
+    finally:
+        model.train(was_training)
+    ref = torch.cat(out)  # [N, 2]
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"ref_logps": ref.contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # atomic: a crash leaves the old file or none
+    return ref
+
+
 # ---- the objectives: per-pair (per-example) losses [B] ----
 
 
@@ -229,7 +272,9 @@ def preference_loss(model, methods, batch: dict, objective: str, p: PreferenceCo
     if objective == "kto":
         return _kto_loss(model, methods, batch, p, totals, chunk, offload)
     b = int(batch["pairs"])
-    if objective == "dpo" and not p.reference_free:
+    if "ref_logps" in batch:  # precomputed (`precompute_reference`): [B, 2] chosen, rejected
+        ref_c, ref_r = batch["ref_logps"].unbind(1)
+    elif objective == "dpo" and not p.reference_free:
         ref_c, ref_r = reference_logps(model, methods, batch, chunk).split(b)
     logps, counts = sequence_logps(model, batch, chunk, offload)
     (c, r), (n_c, n_r) = logps.split(b), counts.split(b)

@@ -265,9 +265,9 @@ class PreferenceBatches(Batches):
     def __next__(self) -> dict[str, torch.Tensor]:
         while self.index >= len(self.plan()):
             self.epoch, self.index = self.epoch + 1, 0
-        rows = [self.examples[s[0]] for s in self.plan()[self.index]]
+        ids = [s[0] for s in self.plan()[self.index]]
         self.index += 1
-        return collate(rows, self.pad_id)
+        return collate([self.examples[i] for i in ids], self.pad_id) | {"index": torch.tensor(ids)}
 
 
 def collate(rows: list, pad_id: int) -> dict[str, torch.Tensor]:

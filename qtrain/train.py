@@ -7,6 +7,7 @@ one `TrainState` (the step and the counters a checkpoint keeps):
     setup_batches   batches; open_folder: the run's first files
     setup_optimizer optimizer, schedule, precision
     resume          adapter, optimizer, schedule, scaler, data position, RNG, counters
+    setup_reference DPO with preference.precompute_reference: the reference log-probs, one pass, cached
     score_before    exact match before training
     train_loop      one `train_one_step` per step (step, log, eval, checkpoint), final eval + checkpoint
     finish          adapter, score after, summary
@@ -66,7 +67,7 @@ from qtrain.methods.io import load_method, save_methods
 from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
 from qtrain.model import check_tokenizer, enable_checkpointing
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
-from qtrain.preference import PAIR_OBJECTIVES, preference_loss, reward_means, step_totals
+from qtrain.preference import PAIR_OBJECTIVES, precompute_reference, preference_loss, reward_means, step_totals
 from qtrain.preference_data import PreferenceBatches, eval_preference_batches, load_preference_data
 from qtrain.progress import TrainProgress
 from qtrain.resume import last_good_checkpoint, resolve_resume, save_checkpoint, set_rng_state
@@ -366,6 +367,7 @@ class Recipe:
         self.state = TrainState()
         self.start = 0  # the step this session starts after
         self.memory_report: Path | None = None
+        self.reference: torch.Tensor | None = None  # preference.precompute_reference: pi_ref's log-probs [N, 2]
         self.rewards: dict[str, float] | None = None  # the last step's implicit-reward metrics (preference objectives)
 
     def run(self) -> dict:
@@ -379,6 +381,7 @@ class Recipe:
         self.open_folder()
         self.setup_optimizer()
         self.resume()
+        self.setup_reference()
         self.score_before()
         profiled = self.train_loop()
         return profiled if profiled is not None else self.finish()
@@ -501,6 +504,20 @@ class Recipe:
         _warn_config_changes(self.console, meta["config"], to_dict(self.cfg), self.start)
         self.console.print(f"[bold]resumed[/] from {ckpt} at step {self.start}")
 
+    def setup_reference(self) -> None:
+        """DPO with preference.precompute_reference: pi_ref's log-probs of every train pair, one pass
+        (adapter off, no-grad), cached in the output folder (a resumed run reads them back)."""
+        cfg = self.cfg
+        if not (cfg.objective == "dpo" and cfg.preference.precompute_reference):
+            return
+        t0 = time.perf_counter()
+        path = self.out / "reference_logps.safetensors"
+        self.reference = precompute_reference(
+            self.model, self.methods, self.train_data.examples, self.tokenizer.pad_token_id, cfg.eval.batch_size,
+            self.device, self.autocast, cfg.train.loss_chunk_tokens, path, str(self.path),
+        )  # fmt: skip
+        self.console.print(f"[bold]reference[/] log-probs of {len(self.reference)} pairs in {path} ({time.perf_counter() - t0:.1f}s)")
+
     # -- 6. score before
 
     def score_before(self) -> None:
@@ -562,6 +579,8 @@ class Recipe:
         try:
             with profiler.step(step) if measure else contextlib.nullcontext():
                 if cfg.objective != "sft":
+                    if self.reference is not None:  # the precomputed pi_ref log-probs of these pairs
+                        micro = [b | {"ref_logps": self.reference[b["index"]]} for b in micro]
                     loss, n_tok, self.rewards = preference_step(
                         self.model, micro, self.optimizer, self.trainable, cfg.train.max_grad_norm, self.device, cfg.objective, cfg.preference,
                         self.autocast, self.scaler, self.offload, on_phase=profiler.phase if measure else None,

@@ -236,3 +236,20 @@ def test_estimate_within_10_percent_of_a_measured_preference_step(tiny_checkpoin
     peak = peak_sample(samples)
     print(f"{objective} {changes}: estimate / measured = {est.peak / peak.peak:.3f}")
     assert abs(est.peak / peak.peak - 1) < 0.10, (est.peak, peak.peak, est.phases)
+
+
+def test_precomputed_reference_is_cached_and_gives_the_same_run(tmp_path):
+    on_the_fly = train(config(tmp_path / "fly", "lora.dropout=0.0"))
+    out = tmp_path / "pre"
+    with pytest.raises(Interrupted):
+        train(config(out, "lora.dropout=0.0", "preference.precompute_reference=true"), should_stop=lambda step: step == 3)
+    cache = out / "reference_logps.safetensors"
+    ref = load_file(cache)["ref_logps"]
+    assert ref.shape == (16, 2) and (ref < 0).all()  # log-probs of (chosen, rejected), one row per train pair
+    written = cache.stat().st_mtime_ns
+    pre = train(config(out, "lora.dropout=0.0", "preference.precompute_reference=true", "checkpoint.resume=auto"))
+    assert cache.stat().st_mtime_ns == written  # the resumed run read it back
+    fly = [r["loss"] for r in records(tmp_path / "fly") if "rewards_margins" in r and "eval_loss" not in r]
+    got = [r["loss"] for r in records(out) if "rewards_margins" in r and "eval_loss" not in r]
+    assert got == pytest.approx(fly, abs=1e-5)  # the same reference, batched differently
+    assert pre["eval_rewards_accuracy"] == pytest.approx(on_the_fly["eval_rewards_accuracy"])
