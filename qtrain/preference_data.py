@@ -145,7 +145,7 @@ def build_preference(table: Table, objective: str, tokenizer, max_length: int) -
     """Every row of `table` as a pair (KTO: an example), or its reason in `.skipped`; rows whose
     prompt fills max_length are counted in `.too_long`."""
     make = kto_example if objective == "kto" else pair_example
-    ds = Dataset([], [], "kto" if objective == "kto" else "preference", table.source, list(table.skipped))
+    ds = Dataset([], [], "prompt_completion", table.source, list(table.skipped))
     for row, where in zip(table.rows, table.where):
         try:
             example, rendered = make(tokenizer, row, max_length)
@@ -159,6 +159,8 @@ def build_preference(table: Table, objective: str, tokenizer, max_length: int) -
         ds.examples.append(example)
         ds.rendered.append(rendered)
     ds.skipped.sort(key=lambda bad: _line(bad.where))
+    if any(r.chat for r in ds.rendered):  # how `qtrain generate` renders a prompt for this adapter (qtrain.json)
+        ds.format = "chat"
     return ds
 
 
@@ -205,6 +207,8 @@ def load_preference_data(cfg, tokenizer, objective: str) -> tuple[Dataset, Datas
     if cfg.eval:
         held_out = read_table(cfg.eval, cfg.eval_split, cfg.subset, bad_rows="skip")
     train_ds = build_preference(train, objective, tokenizer, cfg.max_length)
+    if cfg.train == "synthetic":  # the prompts are alpaca prompts
+        train_ds.format = "alpaca"
     has_eval = held_out is not None and (held_out.rows or held_out.skipped)
     eval_ds = build_preference(held_out, objective, tokenizer, cfg.max_length) if has_eval else None
     if cfg.bad_rows != "skip":

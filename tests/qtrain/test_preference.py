@@ -253,3 +253,9 @@ def test_precomputed_reference_is_cached_and_gives_the_same_run(tmp_path):
     got = [r["loss"] for r in records(out) if "rewards_margins" in r and "eval_loss" not in r]
     assert got == pytest.approx(fly, abs=1e-5)  # the same reference, batched differently
     assert pre["eval_rewards_accuracy"] == pytest.approx(on_the_fly["eval_rewards_accuracy"])
+
+
+def test_the_adapter_records_how_generate_renders_prompts(tmp_path):
+    result = train(config(tmp_path / "run", "train.max_steps=1"))
+    info = json.loads((Path(result["adapter"]) / "qtrain.json").read_text())
+    assert info["data_format"] == "alpaca"  # the synthetic pairs' prompts are alpaca prompts
