@@ -114,8 +114,13 @@ def _memory_estimate(args: argparse.Namespace) -> int:
     w = replace(w, attention_mask=carries_mask(cfg.data.packing, w.batch_size, w.fused))
     est = estimate(config, None, w)
     fits = {b: max_seq_len(config, None, w, b * GiB) for b in args.budgets}
+    beside = {}  # a preference objective: the SFT step of the same examples and the two-model stack beside it
+    if w.objective != "sft":
+        beside = {"sft_device_total_bytes": estimate(config, None, replace(w, objective="sft")).device_total}
+        if w.objective in ("dpo", "kto"):
+            beside["two_model_device_total_bytes"] = estimate(config, None, replace(w, reference_copy=True)).device_total
     if args.json:
-        print(json.dumps({"model": model, **est.to_dict(), "max_seq_len": {f"{b}GiB": n for b, n in fits.items()}}, indent=2))
+        print(json.dumps({"model": model, **est.to_dict(), **beside, "max_seq_len": {f"{b}GiB": n for b, n in fits.items()}}, indent=2))
         return 0
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # files and pipes: no wrapping
     method = " + ".join(m.describe() for m in w.methods)
@@ -125,6 +130,13 @@ def _memory_estimate(args: argparse.Namespace) -> int:
     what += f", per rank of {w.ranks} ({w.strategy})" if w.ranks > 1 else ""
     console.print(what, soft_wrap=True)  # one line, however long
     console.print(estimate_table(est, title=None))
+    if beside:
+        rows = "2 x " if w.objective in ("dpo", "orpo", "simpo") else ""
+        line = f"{w.objective}: {fmt_gib(est.device_total)} GPU total for {w.batch_size} x {rows}{w.seq_len} tokens (reference: the adapter switched off); "
+        line += f"SFT of {w.batch_size} x {w.seq_len} tokens {fmt_gib(beside['sft_device_total_bytes'])}"
+        if "two_model_device_total_bytes" in beside:
+            line += f"; with a second copy of the base as the reference model {fmt_gib(beside['two_model_device_total_bytes'])}"
+        console.print(line, soft_wrap=True)
     table = Table(title=f"longest seq_len that fits (batch {w.batch_size})", title_justify="left")
     table.add_column("GPU memory")
     table.add_column("max seq_len", justify="right")

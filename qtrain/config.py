@@ -78,6 +78,38 @@ class DataConfig:
     bad_rows: Literal["error", "skip"] = "error"  # malformed rows stop the run, listed with file + line, or are skipped and counted
 
 
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto")  # qtrain.preference
+REFERENCE_OBJECTIVES = ("dpo", "kto")  # the objectives that compare against the reference policy (adapter off)
+
+
+@dataclass
+class PreferenceConfig:
+    """The `preference:` config section: the objectives' hyper-parameters (`objective:` picks one)."""
+
+    beta: float = 0.1  # DPO/KTO: the KL penalty's inverse temperature; ORPO: lambda; SimPO: beta (paper: 2.0)
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"  # DPO's variant
+    label_smoothing: float = 0.0  # DPO sigmoid (cDPO) and robust: the probability that a pair's labels are flipped
+    simpo_gamma: float = 0.5  # SimPO's target reward margin gamma (TRL's simpo_gamma)
+    desirable_weight: float = 1.0  # KTO: weight of the desirable (label true) examples' losses
+    undesirable_weight: float = 1.0  # KTO: weight of the undesirable examples' losses
+    reference_free: bool = False  # DPO: pi_ref = uniform (log-ratios are the policy's log-probs)
+    precompute_reference: bool = False  # DPO: pi_ref's log-probs of every pair in one pass before training, cached in output_dir/reference_logps.safetensors
+
+    def check(self, objective: str) -> None:
+        """ValueError naming the key of a setting that is out of range for `objective`."""
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"preference.beta: must be > 0 and finite, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"preference.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        for key in ("desirable_weight", "undesirable_weight"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"preference.{key}: must be > 0, got {getattr(self, key)}")
+        if self.precompute_reference and (objective != "dpo" or self.reference_free):
+            raise ValueError("preference.precompute_reference: only for objective=dpo with a reference (KTO's KL pairs change with every batch)")
+        if self.reference_free and objective != "dpo":
+            raise ValueError(f"preference.reference_free: only for objective=dpo (objective is {objective}; orpo and simpo need no reference)")
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 100  # optimizer steps
@@ -142,6 +174,8 @@ class Config:
     # one section per registered method (qtrain.methods.METHODS), named after it: cfg.lora, cfg.ia3, ...
     method_sections: dict[str, PeftMethod] = field(default_factory=lambda: default_sections())
     data: DataConfig = field(default_factory=DataConfig)
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = "sft"  # sft: next-token loss; the others: preference tuning (qtrain.preference)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # the preference objectives' settings
     kernels: FusedOps = field(default_factory=FusedOps)  # fused Triton ops (auto: on CUDA); see qtrain.fused
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -246,10 +280,33 @@ class Config:
             raise ConfigError(f"data.format: {d.format!r}, but data.train=synthetic holds alpaca rows; use auto or alpaca")
         if t.optimizer.startswith("paged") and self.device == "cpu":
             raise ConfigError(f"train.optimizer: {t.optimizer} needs a CUDA GPU; with device=cpu use adamw (or auto)")
+        self._validate_objective()
         if t.offload_activations and not t.gradient_checkpointing:
             raise ConfigError(
                 "train.offload_activations needs train.gradient_checkpointing=true (it offloads the checkpointed activations)"
             )
+
+
+    def _validate_objective(self) -> None:
+        """Preference objectives: their section's ranges, no packing, and for DPO/KTO methods that
+        can be switched off (the reference is the model with its adapter off)."""
+        if self.objective == "sft":
+            return
+        try:
+            self.preference.check(self.objective)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.data.packing:
+            raise ConfigError(f"data.packing: objective={self.objective} scores each row on its own and is not packed; set data.packing=false")
+        if self.data.format not in ("auto",):
+            raise ConfigError(f"data.format: {self.data.format!r}; preference rows are read by their columns (prompt, chosen, rejected / completion, label): leave it auto")
+        if self.objective in REFERENCE_OBJECTIVES and not self.preference.reference_free:
+            for name in self.methods():
+                if type(self.method_sections[name]).switched_off is PeftMethod.switched_off:
+                    raise ConfigError(
+                        f"method: {name} cannot be switched off to give objective={self.objective} its reference model; "
+                        "use method=lora, objective=orpo or simpo (no reference), or preference.reference_free=true (dpo)"
+                    )
 
 
 def default_sections() -> dict[str, PeftMethod]:

@@ -35,6 +35,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from qtrain.builder import attach_methods
+from qtrain.config import REFERENCE_OBJECTIVES
 from qtrain.families import ALL_OPS, fused_support
 from qtrain.fused import GATE_UP, QKV
 from qtrain.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_workspace_bytes
@@ -44,6 +45,7 @@ from qtrain.methods.lora import LoRA
 from qtrain.model import build_skeleton, tie_embeddings
 from qtrain.moe import NF4Experts, active_intermediate, is_expert, swap_experts
 from qtrain.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
+from qtrain.preference import PAIR_OBJECTIVES, token_logps_bytes
 
 GiB = 2**30
 CUDA_CONTEXT = 512 * 2**20  # CUDA context + kernels (not in torch's allocator); 0.3-0.6 GiB in practice
@@ -71,6 +73,8 @@ class Workload:
     attention_mask: bool = False  # padded or packed batches carry a [B, 1, S, S] mask
     device: str = "cuda"
     methods: tuple = ()  # the PEFT methods (qtrain.methods, LoRA among them): their parameters and memory facts
+    objective: str = "sft"  # sft, or a preference objective: dpo/orpo/simpo run 2 rows a pair (qtrain.preference)
+    reference_copy: bool = False  # a second NF4 copy of the base as DPO's reference model (the usual stack; qtrain switches the adapter off instead)
     fused: tuple = ()  # what qtrain.fused changes: "qkv", "gate_up" (an fp32 absmax each), "rms_norm", "swiglu", "varlen"
     ranks: int = 1  # processes (GPUs) of a torchrun launch; the estimate is per rank
     strategy: str = "single"  # "single" | "ddp" (everything on each rank) | "fsdp" (qtrain.fsdp: base, adapters, moments in 1/ranks)
@@ -488,10 +492,12 @@ def model_facts(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) ->
 
 def estimate(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> Estimate:
     """The estimate of a training step of `w` (its methods; `spec`: a LoRA beside them, see `with_lora`)."""
-    w = with_lora(w, spec)
+    asked = w = with_lora(w, spec)
     shards = w.ranks if w.strategy == "fsdp" else 1
     if shards > 1:  # sharded, the fused q/k/v and gate/up projections fall back per call (qtrain.fsdp): no fused absmax
         w = replace(w, fused=tuple(f for f in w.fused if f not in ("qkv", "gate_up")))
+    if w.objective in PAIR_OBJECTIVES:  # chosen and rejected concatenated: 2B rows in one forward
+        w = replace(w, batch_size=2 * w.batch_size)
     facts = model_facts(config, None, w)
     c = config.get_text_config()
     s = facts.shape
@@ -515,6 +521,8 @@ def estimate(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> Es
         static.append(Item("other", "FSDP all-gather buffers", gathered, "3 layers of NF4 + adapters, unsharded"))
     elif w.strategy == "ddp" and w.ranks > 1:
         static.append(Item("gradients", "DDP gradient buckets", adapter_bytes, "the all-reduced copy of the adapter gradients"))
+    if w.reference_copy:
+        static.append(Item("weights", "reference model (a second copy)", sum(i.bytes for i in facts.weights), "frozen, as the policy's base"))
     if w.device == "cuda":
         static.append(Item("other", "cuBLAS workspace", CUBLAS_WORKSPACE))
     buffer = dequant_buffer_bytes(s, w)
@@ -546,7 +554,13 @@ def estimate(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> Es
     final_norm = Item("activations", "final norm input", (4 * s.D + 4) * T, "fp32")
 
     # the loss: lm_head + cross-entropy, on full logits or chunked over tokens
-    if w.loss_chunk == 0:
+    if w.objective != "sft":  # sequence log-probs through the chunked lm_head (qtrain.preference.token_logps)
+        note = f"log-probs of {T_loss} tokens, {'2 rows a pair' if w.objective in PAIR_OBJECTIVES else 'one row an example'}"
+        saved, fwd, bwd = token_logps_bytes(T_loss, V, s.D, w.loss_chunk or None, w.dtype)
+        loss_saved = Item("activations", "hidden states for the log-prob backward", saved, note)
+        loss_fwd = Item("other", "lm_head log-prob chunk", fwd, note)
+        loss_bwd = Item("other", "log-prob backward (dH + a chunk)", bwd, note)
+    elif w.loss_chunk == 0:
         note = f"full logits [{T_loss}, {V}]"
         loss_saved = Item("activations", "log-softmax (saved)", 4 * V * T_loss, note)
         loss_fwd = Item("other", "logits and their fp32 copy", (e + 4) * V * T_loss, note)
@@ -585,6 +599,8 @@ def estimate(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> Es
     }
     if loss_bwd:
         phases["loss backward"] = kept + [final_norm, loss_saved, loss_bwd]
+    if w.objective in REFERENCE_OBJECTIVES:  # pi_ref under no-grad, before the policy's forward
+        phases["reference forward"] = [Item("activations", "reference hidden states (no grad)", e * s.D * T_loss), loss_fwd]
     totals = {name: sum(i.bytes for i in static + items) for name, items in phases.items()}
     phase = max(totals, key=totals.get)
     return Estimate(
@@ -594,7 +610,7 @@ def estimate(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> Es
         paged=paged,
         host=host,
         phases=totals,
-        workload=w,
+        workload=asked,
     )
 
 
@@ -661,6 +677,7 @@ def workload_for(
         attention_mask=carries_mask(d.packing, t.batch_size, fused),
         device=device,
         methods=methods,
+        objective=cfg.objective,
         fused=fused,
     )
 

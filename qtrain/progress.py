@@ -57,7 +57,7 @@ class TrainProgress:
         self._t0 = self._clock()
         if self._bar:
             self._bar.__enter__()
-            self._task = self._bar.add_task("train", total=self.total, completed=self.start, loss=float("nan"), lr=0.0, tps=0.0, mem=0.0)
+            self._task = self._bar.add_task("train", total=self.total, completed=self.start, loss=float("nan"), lr=0.0, tps=0.0, mem=0.0, extra="")
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -65,9 +65,12 @@ class TrainProgress:
             self._bar.__exit__(*exc)
         return False
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mem_gib: float) -> None:
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mem_gib: float, rewards: dict | None = None) -> None:
+        """`rewards`: a preference objective's implicit-reward metrics of this step (accuracy and
+        margin are shown after the loss)."""
+        extra = _rewards(rewards)
         if self._bar:
-            self._bar.update(self._task, completed=step, loss=loss, lr=lr, tps=tokens_per_s, mem=mem_gib)
+            self._bar.update(self._task, completed=step, loss=loss, lr=lr, tps=tokens_per_s, mem=mem_gib, extra=extra)
             return
         now = self._clock()
         self._losses.append(loss)
@@ -78,6 +81,8 @@ class TrainProgress:
         mean_loss = sum(self._losses) / len(self._losses)
         self._losses.clear()
         line = self.line(step, mean_loss, lr, tokens_per_s, mem_gib, now - self._t0)
+        if extra:
+            line = line.replace(f" lr {lr:.2e}", f"{extra} lr {lr:.2e}", 1)
         self._console.print(line, highlight=False, markup=False, soft_wrap=True)  # one line, however narrow
 
     def line(self, step: int, loss: float, lr: float, tokens_per_s: float, mem_gib: float, elapsed: float) -> str:
@@ -90,11 +95,18 @@ class TrainProgress:
         )
 
 
+def _rewards(rewards: dict | None) -> str:
+    """" reward acc 0.75 margin 0.123" (the step's pairs), or "" without a preference objective."""
+    if not rewards:
+        return ""
+    return f" reward acc {rewards['rewards_accuracy']:.2f} margin {rewards['rewards_margins']:.3f}"
+
+
 def _bar(console: Console, mem_name: str) -> Progress:
     return Progress(
         BarColumn(bar_width=16),
         TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f} lr {task.fields[lr]:.1e} {task.fields[tps]:.0f} tok/s " + mem_name + " {task.fields[mem]:.2f}G"),
+        TextColumn("loss {task.fields[loss]:.3f}{task.fields[extra]} lr {task.fields[lr]:.1e} {task.fields[tps]:.0f} tok/s " + mem_name + " {task.fields[mem]:.2f}G"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),

@@ -7,6 +7,7 @@ one `TrainState` (the step and the counters a checkpoint keeps):
     setup_batches   batches; open_folder: the run's first files
     setup_optimizer optimizer, schedule, precision
     resume          adapter, optimizer, schedule, scaler, data position, RNG, counters
+    setup_reference DPO with preference.precompute_reference: the reference log-probs, one pass, cached
     score_before    exact match before training
     train_loop      one `train_one_step` per step (step, log, eval, checkpoint), final eval + checkpoint
     finish          adapter, score after, summary
@@ -43,7 +44,7 @@ from rich.console import Console
 
 from qtrain.advice import check_memory, oom_advice
 from qtrain.builder import build_model, model_path, recorded_kernels
-from qtrain.config import DTYPES, Config, to_dict
+from qtrain.config import DTYPES, Config, PreferenceConfig, to_dict
 from qtrain.data import (
     IGNORE_INDEX,
     Batches,
@@ -66,6 +67,8 @@ from qtrain.methods.io import load_method, save_methods
 from qtrain.metrics import MetricsLogger, plot_loss, read_metrics, summary_table
 from qtrain.model import check_tokenizer, enable_checkpointing
 from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optimizer
+from qtrain.preference import PAIR_OBJECTIVES, precompute_reference, preference_loss, reward_means, step_totals
+from qtrain.preference_data import PreferenceBatches, eval_preference_batches, load_preference_data
 from qtrain.progress import TrainProgress
 from qtrain.resume import last_good_checkpoint, resolve_resume, save_checkpoint, set_rng_state
 from qtrain.rundir import RunLock, atomic_write_text, check_fresh, move_aside
@@ -73,7 +76,7 @@ from qtrain.threads import ThreadGovernor
 
 __all__ = [  # the recipe, one step, and what tests and benchmarks import from here
     "Interrupted", "OutOfMemory", "Recipe", "RunOptions", "StorageError", "TrainState", "causal_lm_loss_sum",
-    "check_memory", "eval_loss", "loss_sum", "model_path", "oom_advice", "pick_device", "train", "train_step",
+    "check_memory", "eval_loss", "loss_sum", "model_path", "oom_advice", "pick_device", "preference_step", "train", "train_step",
 ]  # fmt: skip
 
 GiB = 2**30
@@ -193,6 +196,54 @@ def train_step(
         (scaler.scale(loss) if scaler else loss).backward()
         loss_total += loss.item()
         tokens += n_tokens(batch)
+    update(model, optimizer, trainable, max_grad_norm, scaler, methods, step, total_steps, loss_total, phase)
+    return loss_total, tokens
+
+
+
+def preference_step(
+    model,
+    micro_batches: list[dict],
+    optimizer,
+    trainable: list,
+    max_grad_norm: float,
+    device,
+    objective: str,
+    preference: PreferenceConfig,
+    autocast: contextlib.AbstractContextManager | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    offload: OffloadActivations | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    loss_chunk: int | None = None,
+    methods: Sequence[PeftMethod] = (),
+    step: int = 0,
+    total_steps: int = 0,
+) -> tuple[float, int, dict[str, float]]:
+    """`train_step` for a preference objective (`qtrain.preference`): the loss is the mean over the
+    step's pairs (KTO: examples), so accumulation equals a larger batch; each micro-batch runs the
+    reference (adapter off, no-grad) and then its chosen and rejected rows in one forward. Returns
+    (loss, tokens processed, the implicit-reward metrics: `qtrain.preference.reward_means`)."""
+    phase = on_phase or (lambda name: None)
+    totals = step_totals(micro_batches, objective)
+    loss_total, tokens, sums = 0.0, 0, {}
+    for batch in micro_batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        phase("forward")
+        with autocast or contextlib.nullcontext():
+            loss, batch_sums = preference_loss(model, methods, batch, objective, preference, totals, loss_chunk, offload)
+        phase("backward")
+        (scaler.scale(loss) if scaler else loss).backward()
+        loss_total += loss.item()
+        tokens += n_tokens(batch)
+        sums = {k: sums.get(k, 0.0) + v for k, v in batch_sums.items()}
+    update(model, optimizer, trainable, max_grad_norm, scaler, methods, step, total_steps, loss_total, phase)
+    return loss_total, tokens, reward_means(sums, totals["units"])
+
+def update(model, optimizer, trainable: list, max_grad_norm: float, scaler, methods: Sequence[PeftMethod], step: int,
+           total_steps: int, loss_total: float, phase: Callable[[str], None]) -> None:  # fmt: skip
+    """The end of every step, once the micro-batches' gradients are in: the methods' regularisers,
+    the NaN/inf check (FloatingPointError before the update), clipping, the optimizer (through the
+    fp16 scaler), the methods' `after_step`, zeroed gradients."""
     reg = regularization(model, methods)
     if reg is not None:
         (scaler.scale(reg) if scaler else reg).backward()
@@ -214,7 +265,6 @@ def train_step(
         method.after_step(model, step, total_steps)
     optimizer.zero_grad(set_to_none=True)
     phase("end")
-    return loss_total, tokens
 
 
 def regularization(model, methods: Sequence[PeftMethod]) -> torch.Tensor | None:
@@ -317,6 +367,8 @@ class Recipe:
         self.state = TrainState()
         self.start = 0  # the step this session starts after
         self.memory_report: Path | None = None
+        self.reference: torch.Tensor | None = None  # preference.precompute_reference: pi_ref's log-probs [N, 2]
+        self.rewards: dict[str, float] | None = None  # the last step's implicit-reward metrics (preference objectives)
 
     def run(self) -> dict:
         """The phases in order; a resumed run that had finished returns its result at once."""
@@ -329,6 +381,7 @@ class Recipe:
         self.open_folder()
         self.setup_optimizer()
         self.resume()
+        self.setup_reference()
         self.score_before()
         profiled = self.train_loop()
         return profiled if profiled is not None else self.finish()
@@ -355,7 +408,10 @@ class Recipe:
     def setup_data(self) -> None:
         self.path = model_path(self.cfg, self.out)
         self.tokenizer = check_tokenizer(self.path)
-        self.train_data, self.eval_data = load_data(self.cfg.data, self.tokenizer)
+        if self.cfg.objective == "sft":
+            self.train_data, self.eval_data = load_data(self.cfg.data, self.tokenizer)
+        else:  # {prompt, chosen, rejected} pairs, or KTO's {prompt, completion, label}
+            self.train_data, self.eval_data = load_preference_data(self.cfg.data, self.tokenizer, self.cfg.objective)
 
     # -- 2. model: NF4 base, LoRA adapters on the targets, the other methods, the fused modules
 
@@ -388,7 +444,10 @@ class Recipe:
     def setup_batches(self) -> None:
         cfg, train_data, eval_data = self.cfg, self.train_data, self.eval_data
         mode = "pack" if cfg.data.packing else "group" if cfg.data.group_by_length else "pad"
-        self.data = Batches(train_data.examples, cfg.train.batch_size, self.tokenizer.pad_token_id, cfg.data.seed, mode, cfg.data.max_length)
+        if cfg.objective == "sft":
+            self.data = Batches(train_data.examples, cfg.train.batch_size, self.tokenizer.pad_token_id, cfg.data.seed, mode, cfg.data.max_length)
+        else:  # each batch: B pairs as 2B rows, chosen first (qtrain.preference_data)
+            self.data = PreferenceBatches(train_data.examples, cfg.train.batch_size, self.tokenizer.pad_token_id, cfg.data.seed, mode)
         self.eval_examples = eval_data.examples[: cfg.eval.max_rows] if eval_data else []
         self.eval_rendered = eval_data.rendered[: cfg.eval.max_rows] if eval_data else []
         self.console.print(
@@ -444,6 +503,20 @@ class Recipe:
         self.start = self.state.step
         _warn_config_changes(self.console, meta["config"], to_dict(self.cfg), self.start)
         self.console.print(f"[bold]resumed[/] from {ckpt} at step {self.start}")
+
+    def setup_reference(self) -> None:
+        """DPO with preference.precompute_reference: pi_ref's log-probs of every train pair, one pass
+        (adapter off, no-grad), cached in the output folder (a resumed run reads them back)."""
+        cfg = self.cfg
+        if not (cfg.objective == "dpo" and cfg.preference.precompute_reference):
+            return
+        t0 = time.perf_counter()
+        path = self.out / "reference_logps.safetensors"
+        self.reference = precompute_reference(
+            self.model, self.methods, self.train_data.examples, self.tokenizer.pad_token_id, cfg.eval.batch_size,
+            self.device, self.autocast, cfg.train.loss_chunk_tokens, path, str(self.path),
+        )  # fmt: skip
+        self.console.print(f"[bold]reference[/] log-probs of {len(self.reference)} pairs in {path} ({time.perf_counter() - t0:.1f}s)")
 
     # -- 6. score before
 
@@ -505,6 +578,15 @@ class Recipe:
         cfg, profiler = self.cfg, self.profiler
         try:
             with profiler.step(step) if measure else contextlib.nullcontext():
+                if cfg.objective != "sft":
+                    if self.reference is not None:  # the precomputed pi_ref log-probs of these pairs
+                        micro = [b | {"ref_logps": self.reference[b["index"]]} for b in micro]
+                    loss, n_tok, self.rewards = preference_step(
+                        self.model, micro, self.optimizer, self.trainable, cfg.train.max_grad_norm, self.device, cfg.objective, cfg.preference,
+                        self.autocast, self.scaler, self.offload, on_phase=profiler.phase if measure else None,
+                        loss_chunk=cfg.train.loss_chunk_tokens, methods=self.methods, step=step, total_steps=cfg.train.max_steps,
+                    )  # fmt: skip
+                    return loss, n_tok
                 return train_step(
                     self.model, micro, self.optimizer, self.trainable, cfg.train.max_grad_norm, self.device, self.autocast, self.scaler, self.offload,
                     on_phase=profiler.phase if measure else None, loss_chunk=cfg.train.loss_chunk_tokens,
@@ -544,8 +626,8 @@ class Recipe:
             "tokens_per_s": self.tokens_here / elapsed,
             "peak_mem_gib": peak_memory_bytes(self.device) / GiB,
         }
-        self.logger.log(step, record)
-        self.progress.update(step, loss, record["lr"], record["tokens_per_s"], record["peak_mem_gib"])
+        self.logger.log(step, record | (self.rewards or {}))
+        self.progress.update(step, loss, record["lr"], record["tokens_per_s"], record["peak_mem_gib"], self.rewards)
         if step % self.cfg.train.log_every == 0:
             self.logger.flush()
         return elapsed
@@ -572,6 +654,8 @@ class Recipe:
         return {}
 
     def evaluate(self, step: int, console: Console) -> dict:
+        if self.cfg.objective != "sft":
+            return _evaluate_preference(self.cfg, self.model, self.methods, self.eval_examples, self.tokenizer.pad_token_id, self.device, self.autocast, self.logger, step, console)
         return _evaluate(self.cfg, self.model, self.tokenizer, self.eval_examples, self.train_data.format, self.device, self.autocast, self.logger, step, console)
 
     def save(self, step: int) -> Path:
@@ -713,6 +797,8 @@ def _memory_report(cfg, profiler, loaded, methods, device, shapes, report_dir: P
     b, s, packed, padded = max(shapes, key=lambda shape: shape[0] * shape[1])
     backend = resolve_on_device("nf4_lora", cfg.model.backend, device)
     w = workload_for(cfg, device.type, backend, loaded.config)
+    if cfg.objective in PAIR_OBJECTIVES:  # the measured rows are the pairs' chosen and rejected: B pairs
+        b //= 2
     w = replace(w, batch_size=b, seq_len=s, attention_mask=padded or (packed and "varlen" not in w.fused))  # varlen: no mask
     est = estimate(loaded.config, None, w)
     info = {
@@ -735,6 +821,29 @@ def _memory_report(cfg, profiler, loaded, methods, device, shapes, report_dir: P
     for line in summary_lines(path):  # the ratio, and each phase the estimate under-estimates
         console.print(f"[bold]memory[/] {line}", highlight=False)
     return path
+
+
+@torch.no_grad()
+def _evaluate_preference(cfg, model, methods, examples, pad_id, device, autocast, logger, step, console) -> dict:
+    """The objective's loss and implicit-reward metrics over the eval pairs (KTO: examples), logged at `step`."""
+    was_training = model.training
+    model.eval()
+    total, units, sums = 0.0, 0, {}
+    try:
+        for batch in eval_preference_batches(examples, cfg.eval.batch_size, pad_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            totals = step_totals([batch], cfg.objective)
+            with autocast or contextlib.nullcontext():
+                loss, batch_sums = preference_loss(model, methods, batch, cfg.objective, cfg.preference, totals, cfg.train.loss_chunk_tokens)
+            total += loss.item() * totals["units"]
+            units += totals["units"]
+            sums = {k: sums.get(k, 0.0) + v for k, v in batch_sums.items()}
+    finally:
+        model.train(was_training)
+    metrics = {"eval_loss": total / max(units, 1)} | {f"eval_{k}": v for k, v in reward_means(sums, max(units, 1)).items()}
+    logger.log(step, metrics)
+    console.print(f"[bold]eval[/] step {step}: loss {metrics['eval_loss']:.4f}, reward accuracy {metrics['eval_rewards_accuracy']:.1%}, margin {metrics['eval_rewards_margins']:.3f}")
+    return metrics
 
 
 def _evaluate(cfg, model, tokenizer, examples, data_format, device, autocast, logger, step, console) -> dict:

@@ -19,6 +19,7 @@ names can be produced by a fixed mapping.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -88,6 +89,12 @@ class PeftMethod:
 
     def load_trainer_state(self, model: nn.Module, state: dict) -> None:
         """Restore what `trainer_state` returned (the method is applied and its parameters loaded)."""
+
+    def switched_off(self, model: nn.Module) -> contextlib.AbstractContextManager | None:
+        """A context manager under which `model` computes as if this method were not applied (the
+        reference policy of DPO and KTO, `qtrain.preference`); None: this method cannot be switched
+        off (the default), and reference-based objectives refuse it by name."""
+        return None
 
     # ---- the optimizer ----
 

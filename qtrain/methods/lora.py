@@ -16,6 +16,7 @@ the adapted modules (`targets`) are runtime state, set by `apply`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -61,6 +62,21 @@ class PeftLoRASpec(LoRASpec):
     layers_to_transform: list[int] | None = None  # None: every layer
     layers_pattern: list[str] | None = None  # the name of the layer list ("layers"); None: any
 
+
+
+@contextlib.contextmanager
+def _lora_switched_off(model: nn.Module):
+    from qtrain.lora import LoRALinear  # the layer (qtrain.lora imports this module)
+
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and m.rank]  # the fused modules hold the same layers
+    saved = [(m.scale, m.dropout, m.use_dora) for m in layers]
+    try:
+        for m in layers:
+            m.scale, m.dropout, m.use_dora = 0.0, 0.0, False
+        yield model
+    finally:
+        for m, (scale, dropout, use_dora) in zip(layers, saved):
+            m.scale, m.dropout, m.use_dora = scale, dropout, use_dora
 
 
 def is_lora_parameter(name: str) -> bool:
@@ -122,6 +138,11 @@ class LoRA(LoRASpec, PeftMethod):
 
     def owns(self, param_name: str) -> bool:
         return is_lora_parameter(param_name)
+
+    def switched_off(self, model: nn.Module):
+        """Every adapted linear computes W x (+ bias) alone: scale 0, no dropout, no DoRA rescaling;
+        the adapter's weights are untouched and everything is restored on exit."""
+        return _lora_switched_off(model)
 
     def lr_scaled(self, param_name: str) -> bool:
         return ".lora_b." in param_name  # LoRA+: B learns best with a larger step than A

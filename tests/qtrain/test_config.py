@@ -27,7 +27,7 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 # the ready GPU configs (QLoRA on a 7-8B model): 24 GB cards, then the 16 GB and 8 GB variants
 GPU_24GB = ["llama-3.1-8b.yaml", "llama-2-7b.yaml", "mistral-7b.yaml", "qwen2.5-7b.yaml"]
 GPU_16GB, GPU_8GB = "llama-3.1-8b-16gb.yaml", "llama-3.1-8b-8gb.yaml"
-GPU_CONFIGS = [p for p in CONFIGS if p != QUICKSTART]
+GPU_CONFIGS = [p for p in CONFIGS if not p.name.startswith("quickstart")]  # quickstart*.yaml: the CPU configs
 # a config with only the one required choice (which model) set: everything else is the default
 MINIMAL = ["model.name_or_path=some/model"]
 
@@ -101,10 +101,11 @@ def test_gpu_config_is_qlora_on_cuda(path):
     assert cfg.model.quantize is True and cfg.model.dtype == "bf16"
     assert cfg.train.gradient_checkpointing is True
     assert cfg.train.optimizer in ("paged_adamw_32bit", "paged_adamw_8bit")
-    assert cfg.train.lr == pytest.approx(2e-4) and cfg.train.schedule == "cosine" and cfg.train.warmup_steps > 0
+    sft = cfg.objective == "sft"  # preference tuning moves a trained model: a 10x smaller lr, pair rows
+    assert cfg.train.lr == pytest.approx(2e-4 if sft else 2e-5) and cfg.train.schedule == "cosine" and cfg.train.warmup_steps > 0
     assert cfg.eval.exact_match is False and cfg.eval.every > 0 and cfg.checkpoint.every > 0
     assert cfg.log.tensorboard is True
-    assert cfg.data.train == "data/train.jsonl"
+    assert cfg.data.train == ("data/train.jsonl" if sft else "data/pairs.jsonl")
     # the launch command shows where the user's data goes
     assert launch_overrides(path)[0].startswith("data.train=")
     # the header says what the memory numbers are worth

@@ -50,7 +50,7 @@ def test_every_config_fits_the_card_it_is_written_for(config, capsys):
     for a multi-GPU config: the flags its header's estimate command gives) agrees."""
     assert main(["memory", "estimate", str(config), *estimate_flags(config), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    if config.name == "quickstart.yaml":
+    if config.name.startswith("quickstart"):
         assert data["model"] == "tiny llama"
         return
     card = 8 if config.name.endswith("8gb.yaml") else 16 if config.name.endswith("16gb.yaml") else 24
@@ -80,7 +80,7 @@ def test_config_headers_quote_the_estimate(config, capsys):
     in GiB with two decimals, under the row's own name."""
     text = header(config)
     if "Memory, ESTIMATED" not in text:
-        assert config.name == "quickstart.yaml"
+        assert config.name.startswith("quickstart")  # the CPU configs quote no GPU memory
         return
     assert main(["memory", "estimate", str(config), *estimate_flags(config), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

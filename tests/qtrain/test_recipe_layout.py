@@ -15,6 +15,7 @@ PHASES = [
     "open_folder",
     "setup_optimizer",
     "resume",
+    "setup_reference",
     "score_before",
     "train_loop",
     "finish",
