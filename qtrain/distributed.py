@@ -58,16 +58,18 @@ def world_from_env(env: Mapping[str, str] | None = None) -> World:
     return world
 
 
-def init_world(world: World, device_type: str, timeout_s: float) -> None:
-    """Join the process group (gloo on CPU, nccl on CUDA) unless one process or already joined.
-    `timeout_s` bounds every collective: a rank that died never leaves the others waiting forever."""
+def init_world(world: World, device_type: str, timeout_s: float) -> bool:
+    """Join the process group (gloo on CPU, nccl on CUDA) unless one process or already joined; True
+    when this call joined it (and its caller leaves it). `timeout_s` bounds every collective: a rank
+    that died never leaves the others waiting forever."""
     if not world.distributed or dist.is_initialized():
-        return
+        return False
     for key in ("MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
             raise ValueError(f"WORLD_SIZE={world.size} but {key} is unset; launch with torchrun or accelerate launch")
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
 
 
 def teardown(world: World) -> None:

@@ -355,13 +355,14 @@ def train(
     strategy = resolve_strategy(cfg.distributed.strategy, world, lambda: _fits_one_card(cfg, device))
     check_strategy(cfg, strategy, world, profile_memory)
     recipe = Recipe(cfg, console, device, optimizer_name, RunOptions(should_stop, profile_memory, report_dir, profile_only, overwrite), world, strategy)
-    init_world(world, device.type, cfg.distributed.timeout_s)
+    joined = init_world(world, device.type, cfg.distributed.timeout_s)
     try:
         lock = RunLock(out, say=lambda text: console.print(f"[yellow]{text}[/]")) if world.is_main else contextlib.nullcontext()
         with lock, _resource_errors(out):
             return recipe.run()
     finally:
-        teardown(world)
+        if joined:
+            teardown(world)
 
 
 # PEFT methods DDP cannot run (none known): name -> why; refused before the model loads.

@@ -3,7 +3,7 @@ tests/qtrain/test_distributed.py with the environment torchrun sets (RANK, WORLD
 MASTER_ADDR, MASTER_PORT). Runs `qtrain.train.train` on the config the spec names and writes what
 the test compares to spec["report"] (per rank): the result, or the error that stopped the rank.
 
-spec: {"config": yaml, "overrides": [...], "report": dir, "fail": {"rank": r, "call": n, "kind": "nan"|"error"}}
+spec: {"config": yaml, "runs": [{"name", "overrides"}], "report": dir, "fail": {"rank": r, "call": n, "kind": "nan"|"error"}}
 The failure is injected into `qtrain.train.loss_sum` on one rank: its n-th forward returns NaN or raises.
 """
 
@@ -38,23 +38,30 @@ def inject(fail: dict, rank: int) -> None:
 
 
 def main() -> int:
+    """Each run of the spec in turn, in one process group (joined once: the imports and the group are
+    paid once per launch); the first failure ends the launch and leaves the group, so no rank waits."""
     torch.set_num_threads(1)
     spec = json.loads(sys.argv[1])
-    rank = int(os.environ.get("RANK", "0"))
     from qtrain.config import load_config
+    from qtrain.distributed import init_world, teardown, world_from_env
     from qtrain.train import Interrupted, train
 
-    inject(spec.get("fail", {}), rank)
-    cfg = load_config(Path(spec["config"]), spec["overrides"])
-    report = Path(spec["report"]) / f"rank{rank}.json"
+    world = world_from_env()
+    inject(spec.get("fail", {}), world.rank)
+    init_world(world, "cpu", 60)
+    report, code = {}, 0
     try:
-        result = train(cfg)
-        out, code = {"result": result}, 0
-    except Interrupted as e:
-        out, code = {"interrupted": e.step}, 130
-    except Exception as e:  # noqa: BLE001 - the test reads which error stopped each rank
-        out, code = {"error": f"{type(e).__name__}: {e}"}, 1
-    report.write_text(json.dumps(out, default=str))
+        for run in spec["runs"]:
+            try:
+                report[run["name"]] = {"result": train(load_config(Path(spec["config"]), run["overrides"]))}
+            except Interrupted as e:
+                report[run["name"]], code = {"interrupted": e.step}, 130
+            except Exception as e:  # noqa: BLE001 - the test reads which error stopped each rank
+                report[run["name"]], code = {"error": f"{type(e).__name__}: {e}"}, 1
+                break
+    finally:
+        teardown(world)
+        (Path(spec["report"]) / f"rank{world.rank}.json").write_text(json.dumps(report, default=str))
     return code
 
 
