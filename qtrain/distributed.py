@@ -78,6 +78,20 @@ def teardown(world: World) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def peer_failures(world: World):
+    """A collective that fails because another rank stopped (it closed its connection, or never came
+    back within distributed.timeout_s) → one line saying so: that rank's own error is the cause."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        gone = isinstance(e, dist.DistError) or any(s in text for s in ("closed by peer", "Connection reset", "timed out", "Timeout"))
+        if not world.distributed or not gone:
+            raise
+        raise RuntimeError(f"rank {world.rank}: another rank stopped (its own error says why); this rank stopped too ({text.splitlines()[0][:200]})") from None
+
+
 def device_for(world: World, device: torch.device) -> torch.device:
     """Each rank its own GPU (cuda:LOCAL_RANK); CPU ranks share the CPU."""
     if device.type == "cuda" and world.distributed:

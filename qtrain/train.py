@@ -66,6 +66,7 @@ from qtrain.distributed import (
     init_world,
     no_sync,
     on_main,
+    peer_failures,
     resolve_strategy,
     teardown,
     world_from_env,
@@ -358,7 +359,7 @@ def train(
     joined = init_world(world, device.type, cfg.distributed.timeout_s)
     try:
         lock = RunLock(out, say=lambda text: console.print(f"[yellow]{text}[/]")) if world.is_main else contextlib.nullcontext()
-        with lock, _resource_errors(out):
+        with lock, _resource_errors(out), peer_failures(world):
             return recipe.run()
     finally:
         if joined:

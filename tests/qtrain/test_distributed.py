@@ -128,3 +128,52 @@ def test_two_ranks_train_like_one_process_on_the_same_global_batch(tmp_path, tin
         assert ta.keys() == tb.keys()
         assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-4, arch  # Adam's normalised steps magnify rounding
     assert "2 per rank on 2 ranks (ddp)" in reports[0]["log"]
+
+
+# ---- 3. data: each row once per epoch across the ranks; packing and grouping still work ------
+
+
+def epoch_rows(stream: Batches) -> list[int]:
+    """The example ids in one epoch of `stream`, from its batches' tokens (example i is all i+1)."""
+    ids = []
+    for _ in range(len(stream.plan())):
+        batch = next(stream)
+        for row, mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+            ids += [t - 1 for t, prev in zip(row, [None, *row]) if t != 0 and t != prev]  # one id per run of equal tokens
+    return ids
+
+
+@pytest.mark.parametrize("mode", ["pad", "group", "pack"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_row_is_seen_once_per_epoch_across_the_ranks(mode, world):
+    from qtrain.data import Example
+
+    lengths = [5 + (7 * i) % 23 for i in range(60)]  # varied lengths: grouping and packing have work to do
+    examples = [Example([i + 1] * n, [-100] + [i + 1] * (n - 1)) for i, n in enumerate(lengths)]
+    single = Batches(examples, 2 * world, 0, seed=3, mode=mode, max_length=64)  # one process, the global batch
+    ranks = [Batches(examples, 2, 0, seed=3, mode=mode, max_length=64, rank=r, world=world) for r in range(world)]
+    seen = [epoch_rows(r) for r in ranks]
+    together = sorted(i for rows in seen for i in rows)
+    assert together == sorted(epoch_rows(single))  # the same rows as one process with the global batch
+    assert len(together) == len(set(together))  # each at most once
+    if mode != "pack":  # 60 rows, global batches of 4 or 6: every row, exactly once
+        assert together == list(range(60))
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(seen) for b in seen[i + 1 :])
+    assert len({r.state_dict()["index"] for r in ranks}) == 1  # the same position on every rank
+
+
+# ---- 4. stopping: a NaN, an exception or Ctrl-C on one rank stops every rank, no hang ----------
+
+
+@pytest.mark.parametrize("kind", ["nan", "error"])
+def test_a_failure_on_one_rank_stops_every_rank(tmp_path, tiny_checkpoint, kind):
+    run = {"fail": [*model_args(tiny_checkpoint, "llama"), "train.max_steps=6", "train.batch_size=2"]}
+    reports = Launch(tmp_path, 2, run, fail={"rank": 1, "call": 3, "kind": kind}).reports(timeout=90)
+    errors = [r["fail"].get("error", "") for r in reports]
+    print(errors)
+    assert all(r["code"] == 1 for r in reports), errors
+    if kind == "nan":  # every rank sees the all-reduced NaN at the same step
+        assert all(e.startswith("FloatingPointError: step 3: loss is nan") for e in errors), errors
+    else:
+        assert errors[1] == "RuntimeError: injected failure"
+        assert "another rank" in errors[0], errors
