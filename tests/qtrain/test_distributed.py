@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from qtrain.data import Batches
@@ -160,6 +161,44 @@ def test_each_row_is_seen_once_per_epoch_across_the_ranks(mode, world):
         assert together == list(range(60))
     assert all(set(a).isdisjoint(b) for i, a in enumerate(seen) for b in seen[i + 1 :])
     assert len({r.state_dict()["index"] for r in ranks}) == 1  # the same position on every rank
+
+
+# ---- 4. checkpoints: saved once by rank 0, per-rank RNG, bit-for-bit resume, across world sizes --
+
+
+def test_checkpoints_resume_bit_for_bit_and_across_world_sizes(tmp_path, tiny_checkpoint):
+    """Dropout on (each rank's RNG matters), constant schedule: 2 ranks x (4 steps, then resumed to 8)
+    equals 2 ranks x 8 steps exactly; a 2-rank checkpoint resumes in one process and a 1-process one
+    on 2 ranks, each with a warning naming what changed; the adapter loads in PEFT."""
+    common = [*model_args(tiny_checkpoint, "llama"), "train.batch_size=2", "lora.dropout=0.1", "train.schedule=constant"]
+    half = tmp_path / "half"
+    two = Launch(tmp_path, 2, {"straight": [*common, "train.max_steps=8"], "half": [*common, "train.max_steps=4"],
+                              "resumed": [*common, "train.max_steps=8", f"output_dir={half}", "checkpoint.resume=auto"]})  # fmt: skip
+    one = Launch(tmp_path, 1, {"one-half": [*common, "train.batch_size=4", "train.max_steps=4"]})
+    ok(one.reports(), "one-half")
+    ok(two.reports(), "straight", "half", "resumed")
+    assert curve(half) == curve(tmp_path / "straight")  # exact: same ranks, per-rank RNG restored
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (half, tmp_path / "straight"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = half / "checkpoints" / "step-0000004"
+    assert len(torch.load(ckpt / "trainer_state.pt", weights_only=True)["rng_ranks"]) == 2
+
+    to_one = Launch(tmp_path, 1, {"to-one": [*common, "train.batch_size=4", "train.max_steps=6", f"checkpoint.resume={ckpt}"]})
+    to_two = Launch(tmp_path, 2, {"to-two": [*common, "train.max_steps=6", f"checkpoint.resume={tmp_path / 'one-half' / 'checkpoints' / 'step-0000004'}"]})
+    (r1,), (r2, _) = to_one.reports(), to_two.reports()
+    ok([r1], "to-one")
+    ok([r2], "to-two")
+    assert "saved by 2 process(es), this run has 1" in r1["log"]
+    assert "saved by 1 process(es), this run has 2" in r2["log"]
+    assert [s for s, _ in curve(tmp_path / "to-two")] == [5, 6]
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_args(tiny_checkpoint, "llama")[0].split("=", 1)[1], dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "straight" / "adapter")
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(b) and all(torch.equal(loaded[k.replace(".weight", ".default.weight")], v) for k, v in b.items())
 
 
 # ---- 4. stopping: a NaN, an exception or Ctrl-C on one rank stops every rank, no hang ----------
