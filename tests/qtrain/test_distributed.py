@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,15 +206,35 @@ def test_checkpoints_resume_bit_for_bit_and_across_world_sizes(tmp_path, tiny_ch
 # ---- 4. stopping: a NaN, an exception or Ctrl-C on one rank stops every rank, no hang ----------
 
 
-@pytest.mark.parametrize("kind", ["nan", "error"])
-def test_a_failure_on_one_rank_stops_every_rank(tmp_path, tiny_checkpoint, kind):
-    run = {"fail": [*model_args(tiny_checkpoint, "llama"), "train.max_steps=6", "train.batch_size=2"]}
-    reports = Launch(tmp_path, 2, run, fail={"rank": 1, "call": 3, "kind": kind}).reports(timeout=90)
-    errors = [r["fail"].get("error", "") for r in reports]
-    print(errors)
-    assert all(r["code"] == 1 for r in reports), errors
-    if kind == "nan":  # every rank sees the all-reduced NaN at the same step
-        assert all(e.startswith("FloatingPointError: step 3: loss is nan") for e in errors), errors
-    else:
-        assert errors[1] == "RuntimeError: injected failure"
-        assert "another rank" in errors[0], errors
+def wait_for_step(out: Path, step: int, procs: list, timeout: float = TIMEOUT) -> None:
+    """Until rank 0 has logged `step` (the run is training), or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and any(s >= step for s, _ in curve(out)):
+            return
+        assert all(p.poll() is None for p in procs), "a rank exited before training"
+        time.sleep(0.2)
+    pytest.fail(f"no step {step} within {timeout}s")
+
+
+def test_a_nan_an_exception_or_ctrl_c_on_one_rank_stops_every_rank(tmp_path, tiny_checkpoint):
+    """Three 2-rank runs at once, each with trouble on rank 1 only: its 3rd forward's loss is NaN,
+    its 3rd forward raises, or it gets Ctrl-C (SIGINT) while training. Every rank stops, none hangs."""
+    common = [*model_args(tiny_checkpoint, "llama"), "train.batch_size=2"]
+    nan = Launch(tmp_path, 2, {"nan": [*common, "train.max_steps=6"]}, fail={"rank": 1, "call": 3, "kind": "nan"})
+    error = Launch(tmp_path, 2, {"error": [*common, "train.max_steps=6"]}, fail={"rank": 1, "call": 3, "kind": "error"})
+    ctrl_c = Launch(tmp_path, 2, {"ctrl-c": [*common, "train.max_steps=500"]})
+    wait_for_step(tmp_path / "ctrl-c", 2, ctrl_c.procs)
+    ctrl_c.procs[1].send_signal(signal.SIGINT)
+
+    errors = [r["nan"].get("error", "") for r in nan.reports()]
+    assert all(e.startswith("FloatingPointError: step 3: loss is nan") for e in errors), errors  # the all-reduced NaN: same step
+    reports = error.reports()
+    errors = [r["error"].get("error", "") for r in reports]
+    assert [r["code"] for r in reports] == [1, 1]
+    assert errors[1] == "RuntimeError: injected failure"
+    assert errors[0].startswith("RuntimeError: rank 0: another rank stopped (its own error says why)"), errors
+    reports = ctrl_c.reports()
+    steps = [r["ctrl-c"].get("interrupted") for r in reports]
+    assert [r["code"] for r in reports] == [130, 130] and steps[0] == steps[1] and steps[0] < 500, reports[0]["log"][-2000:]
+    assert (tmp_path / "ctrl-c" / "checkpoints" / f"step-{steps[0]:07d}" / "adapter" / "adapter_model.safetensors").exists()
