@@ -242,18 +242,73 @@ def test_a_nan_an_exception_or_ctrl_c_on_one_rank_stops_every_rank(tmp_path, tin
 
 # ---- 5. every PEFT method trains under DDP as in one process, or is refused before loading ------
 
-NEEDS_TRAINED_ADAPTERS = {"adapter_fusion"}  # fuses adapters trained before: its own test covers it (see below)
-
-
 def test_every_peft_method_trains_under_ddp_like_one_process(tmp_path, tiny_checkpoint):
+    """Every method of the registry, 3 steps on 2 ranks x 2 rows and on 1 process x 4 rows: the same
+    losses (AdapterFusion, last, fuses the Pfeiffer adapter its launch trained); none refused today."""
     from qtrain.methods import METHODS
     from qtrain.train import DDP_REFUSED
 
-    names = [n for n in METHODS if n not in DDP_REFUSED and n not in NEEDS_TRAINED_ADAPTERS]
+    names = [n for n in METHODS if n not in DDP_REFUSED and n != "adapter_fusion"] + ["adapter_fusion"]
     common = [*model_args(tiny_checkpoint, "llama"), "train.max_steps=3", "llama_adapter.adapter_layers=2", "data.num_train=24"]
-    one = Launch(tmp_path, 1, {f"{n}-one": [*common, f"method={n}", "train.batch_size=4"] for n in names})
-    two = Launch(tmp_path, 2, {f"{n}-two": [*common, f"method={n}", "train.batch_size=2"] for n in names})
+
+    def runs(kind: str, batch: int) -> dict[str, list[str]]:
+        fusion = [f"adapter_fusion.adapters=[{tmp_path / f'pfeiffer-{kind}' / 'adapter'}]"]
+        return {f"{n}-{kind}": [*common, f"method={n}", f"train.batch_size={batch}", *(fusion if n == "adapter_fusion" else [])] for n in names}
+
+    one, two = Launch(tmp_path, 1, runs("one", 4)), Launch(tmp_path, 2, runs("two", 2))
     ok(two.reports(), *(f"{n}-two" for n in names))
     ok(one.reports(), *(f"{n}-one" for n in names))
     for n in names:
         assert_close_curves(tmp_path / f"{n}-one", tmp_path / f"{n}-two", "loss")
+
+
+def test_a_method_ddp_cannot_run_is_refused_before_loading(monkeypatch):
+    import qtrain.train as recipe
+    from qtrain.config import load_config
+
+    monkeypatch.setitem(recipe.DDP_REFUSED, "ia3", "for this test")
+    cfg = load_config(QUICKSTART, ["method=ia3"])
+    with pytest.raises(ValueError, match=r"^method ia3 cannot train under distributed.strategy=ddp \(for this test\)"):
+        recipe.check_strategy(cfg, "ddp", World(0, 2, 0), 0)
+    recipe.check_strategy(cfg, "single", World(), 0)  # one process: nothing refused
+
+
+# ---- the plumbing ------------------------------------------------------------------------------
+
+
+def test_world_from_the_torchrun_environment():
+    assert world_from_env({}) == World(0, 1, 0) and not World().distributed and World().is_main
+    w = world_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (w.rank, w.size, w.local_rank, w.is_main, w.distributed) == (3, 4, 1, False, True)
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):
+        world_from_env({"RANK": "0", "WORLD_SIZE": "two"})
+    with pytest.raises(ValueError, match="RANK=4 is outside WORLD_SIZE=4"):
+        world_from_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_strategy_auto_is_ddp_when_the_model_fits_one_card_else_fsdp():
+    two = World(0, 2, 0)
+    assert resolve_strategy("auto", World(), lambda: pytest.fail("one process asks nothing")) == "single"
+    assert resolve_strategy("ddp", World(), lambda: False) == "single"
+    assert resolve_strategy("auto", two, lambda: True) == "ddp"
+    assert resolve_strategy("auto", two, lambda: False) == "fsdp"
+    assert resolve_strategy("ddp", two, lambda: False) == "ddp"
+    with pytest.raises(ValueError, match="distributed.strategy: 'zero3'"):
+        resolve_strategy("zero3", two, lambda: True)
+
+
+def test_fsdp_is_refused_in_one_line_until_qtrain_fsdp_exists():
+    import importlib.util
+
+    from qtrain.distributed import check_fsdp_available
+
+    if importlib.util.find_spec("qtrain.fsdp") is not None:
+        check_fsdp_available()  # present: nothing to refuse
+        return
+    with pytest.raises(ValueError, match=r"^distributed.strategy=fsdp: FSDP is not available in this qtrain yet; use distributed.strategy=ddp$"):
+        check_fsdp_available()
+
+
+def test_on_main_runs_once_and_one_process_is_unchanged():
+    calls = []
+    assert on_main(World(), lambda: calls.append(1) or "x") == "x" and calls == [1]
