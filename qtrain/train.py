@@ -219,22 +219,8 @@ def train_step(
     tokens and NaN check are the global ones, so all ranks raise or step together.
     """
     phase = on_phase or (lambda name: None)
-    total_targets = max(all_reduce_sum(world, [sum(n_targets(b) for b in micro_batches)])[0], 1)
-    loss_total, tokens = 0.0, 0
-    for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        phase("forward")
-        with no_sync(ddp, last=i == len(micro_batches) - 1):
-            with autocast or contextlib.nullcontext():
-                loss = (ddp(batch) if ddp is not None else loss_sum(model, batch, offload, loss_chunk, loss_backend)) / total_targets
-            phase("backward")
-            scaled = loss * world.size if world.distributed else loss
-            (scaler.scale(scaled) if scaler else scaled).backward()
-        loss_total += loss.item()
-        tokens += n_tokens(batch)
-    if world.distributed:
-        loss_total, tokens = all_reduce_sum(world, [loss_total, tokens])
-        tokens = int(tokens)
+    forward = ddp or StepLoss(model, offload, loss_chunk, loss_backend)
+    loss_total, tokens = accumulate(forward, micro_batches, device, autocast, scaler, phase, world)
     reg = regularization(model, methods)
     if reg is not None:
         (scaler.scale(reg) if scaler else reg).backward()
@@ -257,6 +243,28 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     phase("end")
     return loss_total, tokens
+
+
+def accumulate(forward, micro_batches: list[dict], device, autocast, scaler, phase, world: World) -> tuple[float, int]:
+    """Forward and backward of each micro-batch, gradients summed; returns (the step's loss, its
+    tokens), over all ranks. `forward(batch)`: the summed loss (`StepLoss`, or it wrapped in DDP)."""
+    total_targets = max(all_reduce_sum(world, [sum(n_targets(b) for b in micro_batches)])[0], 1)
+    ddp = forward if isinstance(forward, torch.nn.parallel.DistributedDataParallel) else None
+    loss_total, tokens = 0.0, 0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        phase("forward")
+        with no_sync(ddp, last=i == len(micro_batches) - 1):
+            with autocast or contextlib.nullcontext():
+                loss = forward(batch) / total_targets
+            phase("backward")
+            scaled = loss * world.size if world.distributed else loss
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        loss_total += loss.item()
+        tokens += n_tokens(batch)
+    if world.distributed:
+        loss_total, tokens = all_reduce_sum(world, [loss_total, tokens])
+    return loss_total, int(tokens)
 
 
 def regularization(model, methods: Sequence[PeftMethod]) -> torch.Tensor | None:
