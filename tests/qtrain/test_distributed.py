@@ -312,3 +312,17 @@ def test_fsdp_is_refused_in_one_line_until_qtrain_fsdp_exists():
 def test_on_main_runs_once_and_one_process_is_unchanged():
     calls = []
     assert on_main(World(), lambda: calls.append(1) or "x") == "x" and calls == [1]
+
+
+def test_the_ddp_config_is_the_one_gpu_config_on_two_ranks():
+    """Same settings and global batch (per-rank batch x 2 ranks x accumulation) as llama-3.1-8b.yaml,
+    strategy ddp, and its header carries the torchrun line."""
+    from qtrain.config import load_config, to_dict
+
+    one, two = (load_config(REPO / "configs" / name) for name in ("llama-3.1-8b.yaml", "llama-3.1-8b-2gpu-ddp.yaml"))
+    assert two.distributed.strategy == "ddp"
+    assert two.train.batch_size * 2 * two.train.grad_accum == one.train.batch_size * one.train.grad_accum
+    a, b = to_dict(one), to_dict(two)
+    changed = {f"{s}.{k}" for s in a if isinstance(a[s], dict) for k in a[s] if a[s][k] != b[s].get(k)}
+    assert changed == {"train.grad_accum", "distributed.strategy"}, changed
+    assert "#   torchrun --nproc_per_node 2 $(which qtrain) train configs/llama-3.1-8b-2gpu-ddp.yaml" in (REPO / "configs" / "llama-3.1-8b-2gpu-ddp.yaml").read_text()
