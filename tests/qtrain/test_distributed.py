@@ -326,3 +326,20 @@ def test_the_ddp_config_is_the_one_gpu_config_on_two_ranks():
     changed = {f"{s}.{k}" for s in a if isinstance(a[s], dict) for k in a[s] if a[s][k] != b[s].get(k)}
     assert changed == {"train.grad_accum", "distributed.strategy"}, changed
     assert "#   torchrun --nproc_per_node 2 $(which qtrain) train configs/llama-3.1-8b-2gpu-ddp.yaml" in (REPO / "configs" / "llama-3.1-8b-2gpu-ddp.yaml").read_text()
+
+
+def test_qtrain_train_under_torchrun(tmp_path, tiny_checkpoint):
+    """The README's launch line, for real: torchrun starts 2 ranks of the `qtrain` command; train()
+    joins and leaves the process group itself; rank 0 alone writes the run."""
+    import shutil
+
+    qtrain = shutil.which("qtrain") or pytest.skip("the qtrain command is not installed")
+    out = tmp_path / "run"
+    overrides = [*COMMON, *model_args(tiny_checkpoint, "llama"), "train.max_steps=3", "train.batch_size=2", f"output_dir={out}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), qtrain, "train", str(QUICKSTART), *overrides]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "250"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert [s for s, _ in curve(out)] == [1, 2, 3]
+    assert json.loads((out / "result.json").read_text())["steps"] == 3
+    assert done.stdout.count("2 per rank on 2 ranks (ddp)") == 1  # rank 0 prints, the others are quiet
