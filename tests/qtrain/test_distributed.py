@@ -218,26 +218,29 @@ def wait_for_step(out: Path, step: int, procs: list, timeout: float = TIMEOUT) -
 
 
 def test_a_nan_an_exception_or_ctrl_c_on_one_rank_stops_every_rank(tmp_path, tiny_checkpoint):
-    """Three 2-rank runs at once, each with trouble on rank 1 only: its 3rd forward's loss is NaN,
-    its 3rd forward raises, or it gets Ctrl-C (SIGINT) while training. Every rank stops, none hangs."""
+    """Two runs on 2 ranks, each with trouble on rank 1 only: its 3rd forward's loss is NaN; it gets
+    Ctrl-C (SIGINT) while training. Every rank stops at the same step and the launch goes on."""
     common = [*model_args(tiny_checkpoint, "llama"), "train.batch_size=2"]
-    nan = Launch(tmp_path, 2, {"nan": [*common, "train.max_steps=6"]}, fail={"rank": 1, "call": 3, "kind": "nan"})
-    error = Launch(tmp_path, 2, {"error": [*common, "train.max_steps=6"]}, fail={"rank": 1, "call": 3, "kind": "error"})
-    ctrl_c = Launch(tmp_path, 2, {"ctrl-c": [*common, "train.max_steps=500"]})
-    wait_for_step(tmp_path / "ctrl-c", 2, ctrl_c.procs)
-    ctrl_c.procs[1].send_signal(signal.SIGINT)
+    runs = {"nan": [*common, "train.max_steps=6"], "ctrl-c": [*common, "train.max_steps=500"]}
+    launch = Launch(tmp_path, 2, runs, fail={"run": "nan", "rank": 1, "call": 3, "kind": "nan"})
+    wait_for_step(tmp_path / "ctrl-c", 2, launch.procs)
+    launch.procs[1].send_signal(signal.SIGINT)
+    reports = launch.reports()
 
-    errors = [r["nan"].get("error", "") for r in nan.reports()]
+    errors = [r["nan"].get("error", "") for r in reports]
     assert all(e.startswith("FloatingPointError: step 3: loss is nan") for e in errors), errors  # the all-reduced NaN: same step
-    reports = error.reports()
+    steps = [r["ctrl-c"].get("interrupted") for r in reports]
+    assert steps[0] == steps[1] and 2 <= steps[0] < 500, reports[0]["log"][-2000:]
+    assert (tmp_path / "ctrl-c" / "checkpoints" / f"step-{steps[0]:07d}" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_an_exception_on_one_rank_stops_every_rank(tmp_path, tiny_checkpoint):
+    run = {"error": [*model_args(tiny_checkpoint, "llama"), "train.batch_size=2", "train.max_steps=6"]}
+    reports = Launch(tmp_path, 2, run, fail={"run": "error", "rank": 1, "call": 3, "kind": "error"}).reports()
     errors = [r["error"].get("error", "") for r in reports]
     assert [r["code"] for r in reports] == [1, 1]
     assert errors[1] == "RuntimeError: injected failure"
     assert errors[0].startswith("RuntimeError: rank 0: another rank stopped (its own error says why)"), errors
-    reports = ctrl_c.reports()
-    steps = [r["ctrl-c"].get("interrupted") for r in reports]
-    assert [r["code"] for r in reports] == [130, 130] and steps[0] == steps[1] and steps[0] < 500, reports[0]["log"][-2000:]
-    assert (tmp_path / "ctrl-c" / "checkpoints" / f"step-{steps[0]:07d}" / "adapter" / "adapter_model.safetensors").exists()
 
 
 # ---- 5. every PEFT method trains under DDP as in one process, or is refused before loading ------
