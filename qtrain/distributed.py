@@ -42,6 +42,9 @@ class World:
         return self.size > 1
 
 
+ONE_PROCESS = World()  # the default of every function that takes a world: single-process training
+
+
 def world_from_env(env: Mapping[str, str] | None = None) -> World:
     """The torchrun / accelerate environment; a variable that is not an integer fails with its name."""
     env = os.environ if env is None else env

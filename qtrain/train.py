@@ -55,6 +55,7 @@ from qtrain.data import (
 )
 from qtrain.device import pick_device
 from qtrain.distributed import (
+    ONE_PROCESS,
     World,
     all_reduce_sum,
     any_rank,
@@ -200,7 +201,7 @@ def train_step(
     step: int = 0,
     total_steps: int = 0,
     loss_backend: str = "torch",
-    world: World = World(),
+    world: World = ONE_PROCESS,
     ddp: torch.nn.parallel.DistributedDataParallel | None = None,
 ) -> tuple[float, int]:
     """One optimizer step over `micro_batches` (gradient accumulation).
@@ -275,7 +276,7 @@ def regularization(model, methods: Sequence[PeftMethod]) -> torch.Tensor | None:
 
 @torch.no_grad()
 def eval_loss(
-    model, examples: list, batch_size: int, pad_id: int, device, autocast=None, loss_chunk: int | None = None, world: World = World()
+    model, examples: list, batch_size: int, pad_id: int, device, autocast=None, loss_chunk: int | None = None, world: World = ONE_PROCESS
 ) -> float:
     """Mean next-token loss over the eval examples' target tokens. Distributed, each rank scores every
     `world.size`-th example and the sums are all-reduced: the same mean, computed once."""
@@ -408,7 +409,7 @@ class Recipe:
     The recipe holds the output folder's lock while it runs (see `train`)."""
 
     def __init__(
-        self, cfg: Config, console: Console, device: torch.device, optimizer_name: str, options: RunOptions, world: World = World(), strategy: str = "single"
+        self, cfg: Config, console: Console, device: torch.device, optimizer_name: str, options: RunOptions, world: World = ONE_PROCESS, strategy: str = "single"
     ):
         self.cfg, self.console, self.device, self.optimizer_name, self.options = cfg, console, device, optimizer_name, options
         self.world, self.strategy = world, strategy
@@ -871,7 +872,7 @@ def _memory_report(cfg, profiler, loaded, methods, device, shapes, report_dir: P
     return path
 
 
-def _evaluate(cfg, model, tokenizer, examples, data_format, device, autocast, logger, step, console, world: World = World()) -> dict:
+def _evaluate(cfg, model, tokenizer, examples, data_format, device, autocast, logger, step, console, world: World = ONE_PROCESS) -> dict:
     """Eval loss / perplexity, and the fixed sample prompts, logged at `step`."""
     loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device, autocast, cfg.train.loss_chunk_tokens, world)
     metrics = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

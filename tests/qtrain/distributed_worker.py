@@ -10,12 +10,10 @@ The failure is injected into `qtrain.train.loss_sum` on one rank: its n-th forwa
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
-
 
 CURRENT = {"run": None}  # the run in progress: the failure is injected into one run only
 

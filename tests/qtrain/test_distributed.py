@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -341,7 +341,7 @@ def test_qtrain_train_under_torchrun(tmp_path, tiny_checkpoint):
     overrides = [*COMMON, *model_args(tiny_checkpoint, "llama"), "train.max_steps=3", "train.batch_size=2", f"output_dir={out}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), qtrain, "train", str(QUICKSTART), *overrides]
     env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "250"}
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    done = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert [s for s, _ in curve(out)] == [1, 2, 3]
     assert json.loads((out / "result.json").read_text())["steps"] == 3
