@@ -485,6 +485,18 @@ class Recipe:
         )
         if fused:
             console.print(f"[bold]kernels[/] {len(fused)} fused modules, loss {self.loss_backend}" + (f"; kept: {', '.join(sorted(fused.skipped))}" if fused.skipped else ""))
+        if self.strategy == "fsdp":
+            self.shard()
+
+    def shard(self) -> None:
+        """The FSDP seam (issue 19 part B): `qtrain.fsdp.shard_model(model, world)` shards the NF4 base
+        over the ranks, before the optimizer sees the parameters. Still to wire with it: FSDP's
+        no_sync (`set_requires_gradient_sync(False)` between micro-steps, in `accumulate`), and the
+        adapter/optimizer state gathered for rank 0's checkpoint (`save`, `write_adapter`)."""
+        from qtrain.fsdp import shard_model
+
+        self.model = shard_model(self.model, self.world)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
     # -- 3. data: batches; then, model, tokenizer and data valid, the run's first files
 
@@ -538,14 +550,9 @@ class Recipe:
         """More than one process: "ddp" gives every rank the whole model and all-reduces only the
         trainable parameters' gradients (the frozen NF4 base is loaded by each rank, never sent);
         rank 0's trainable values are broadcast first, then each rank draws its own dropout.
-        "fsdp" shards the NF4 base over the ranks: `qtrain.fsdp.shard_model(model, world)`."""
+        "fsdp" was sharded by `shard`, before the optimizer."""
         world, cfg = self.world, self.cfg
-        if self.strategy == "single":
-            return
-        if self.strategy == "fsdp":  # the FSDP seam (issue 19 part B): shard before the optimizer sees the parameters
-            from qtrain.fsdp import shard_model
-
-            self.model = shard_model(self.model, world)
+        if self.strategy != "ddp":  # one process; fsdp sharded the model in `shard`
             return
         broadcast_trainable(world, self.trainable)
         seed_everything(cfg.train.seed + world.rank, cfg.train.deterministic)
