@@ -168,6 +168,14 @@ class LogConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Under torchrun / accelerate launch (more than one process); one process ignores it."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # ddp: a model per GPU; fsdp: the NF4 base sharded; auto: ddp when the estimate fits one card
+    timeout_s: float = 600.0  # longest wait in a collective: a rank that died stops the others after this at most
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: list[str] | str = "lora"  # PEFT method, or a list to compose (e.g. [lora, bitfit]); its settings are the section of that name
@@ -181,6 +189,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = "runs/qtrain"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -260,7 +269,7 @@ class Config:
         _check(
             "> 0 and finite",
             lambda v: math.isfinite(v) and v > 0,
-            {"train.lr": t.lr, "train.lora_plus_ratio": t.lora_plus_ratio, "log.progress_seconds": self.log.progress_seconds},
+            {"train.lr": t.lr, "train.lora_plus_ratio": t.lora_plus_ratio, "log.progress_seconds": self.log.progress_seconds, "distributed.timeout_s": self.distributed.timeout_s},
         )
         if not 0.0 <= self.lora.dropout < 1.0:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")

@@ -733,11 +733,20 @@ class Batches:
 
     mode: "pad" (shuffled, padded to the longest row), "group" (similar lengths together) or
     "pack" (rows concatenated into max_length sequences). A partial last batch is dropped.
+
+    Distributed (`world` ranks): the plan is of global batches of `batch_size * world` sequences,
+    planned as one process would plan them, and rank r collates its slice r of each: every row is
+    seen once per epoch across the ranks, length grouping and packing work on the global batch, and
+    the (epoch, index) position is the same on every rank.
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, pad_id: int, seed: int, mode: str = "pad", max_length: int = 0):
+    def __init__(
+        self, examples: list[Example], batch_size: int, pad_id: int, seed: int, mode: str = "pad", max_length: int = 0, rank: int = 0, world: int = 1
+    ):
         if mode not in ("pad", "group", "pack"):
             raise ValueError(f"mode {mode!r}: use pad, group or pack")
+        self.rank_batch, self.rank, self.world = batch_size, rank, world
+        batch_size *= world  # the global batch
         self.examples, self.batch_size, self.pad_id, self.seed, self.mode = examples, batch_size, pad_id, seed, mode
         self.max_length = max_length
         self.lengths = [len(e.input_ids) for e in examples]
@@ -771,7 +780,7 @@ class Batches:
     def __next__(self) -> dict[str, torch.Tensor]:
         while self.index >= len(self.plan()):  # (packed, an epoch can fall short of one batch: skip it)
             self.epoch, self.index = self.epoch + 1, 0
-        seqs = self.plan()[self.index]
+        seqs = self.plan()[self.index][self.rank * self.rank_batch : (self.rank + 1) * self.rank_batch]  # this rank's slice
         self.index += 1
         if self.mode == "pack":
             return collate_packed([[self.examples[i] for i in s] for s in seqs], self.pad_id, self.max_length)

@@ -55,6 +55,24 @@ from qtrain.data import (
     write_skipped_rows,
 )
 from qtrain.device import pick_device
+from qtrain.distributed import (
+    ONE_PROCESS,
+    World,
+    all_reduce_sum,
+    any_rank,
+    broadcast,
+    broadcast_trainable,
+    check_fsdp_available,
+    device_for,
+    gather,
+    init_world,
+    no_sync,
+    on_main,
+    peer_failures,
+    resolve_strategy,
+    teardown,
+    world_from_env,
+)
 from qtrain.estimate import estimate, workload_for
 from qtrain.evaluate import exact_match, generate
 from qtrain.kernels.backend import resolve_on_device
@@ -70,7 +88,7 @@ from qtrain.optim import build_optimizer, lr_lambda, param_groups, resolve_optim
 from qtrain.preference import PAIR_OBJECTIVES, precompute_reference, preference_loss, reward_means, step_totals
 from qtrain.preference_data import PreferenceBatches, eval_preference_batches, load_preference_data
 from qtrain.progress import TrainProgress
-from qtrain.resume import last_good_checkpoint, resolve_resume, save_checkpoint, set_rng_state
+from qtrain.resume import last_good_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from qtrain.rundir import RunLock, atomic_write_text, check_fresh, move_aside
 from qtrain.threads import ThreadGovernor
 
@@ -150,6 +168,18 @@ def loss_sum(
     )
 
 
+class StepLoss(torch.nn.Module):
+    """`loss_sum` as a module: DistributedDataParallel wraps this, since its gradient hooks are armed
+    by its own forward (the recipe calls the decoder and the head itself, not `model.forward`)."""
+
+    def __init__(self, model, offload: OffloadActivations | None, chunk: int | None, backend: str):
+        super().__init__()
+        self.model, self.offload, self.chunk, self.backend = model, offload, chunk, backend
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return loss_sum(self.model, batch, self.offload, self.chunk, self.backend)
+
+
 def n_targets(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
@@ -174,6 +204,8 @@ def train_step(
     step: int = 0,
     total_steps: int = 0,
     loss_backend: str = "torch",
+    world: World = ONE_PROCESS,
+    ddp: torch.nn.parallel.DistributedDataParallel | None = None,
 ) -> tuple[float, int]:
     """One optimizer step over `micro_batches` (gradient accumulation).
 
@@ -183,22 +215,18 @@ def train_step(
     each method's `after_step(model, step, total_steps)` runs after the update, gradients in place.
     `on_phase` (memory profiling) is told "forward", "backward", "optimizer" and "end" as they start.
     Returns (loss, tokens processed); the loss is the language-model loss, without regularisers.
+
+    Distributed (`world`, `ddp`: the `StepLoss` wrapped in DDP): the target count is all-reduced, so
+    every rank divides by the global step's targets (a rank's padding weighs nothing on another's);
+    DDP averages the ranks' gradients, so each rank's loss is scaled by the number of ranks to make
+    the sum. Gradients are all-reduced on the last micro-batch only (`no_sync` before it); the loss,
+    tokens and NaN check are the global ones, so all ranks raise or step together.
     """
     phase = on_phase or (lambda name: None)
-    total_targets = max(sum(n_targets(b) for b in micro_batches), 1)
-    loss_total, tokens = 0.0, 0
-    for batch in micro_batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        phase("forward")
-        with autocast or contextlib.nullcontext():
-            loss = loss_sum(model, batch, offload, loss_chunk, loss_backend) / total_targets
-        phase("backward")
-        (scaler.scale(loss) if scaler else loss).backward()
-        loss_total += loss.item()
-        tokens += n_tokens(batch)
+    forward = ddp or StepLoss(model, offload, loss_chunk, loss_backend)
+    loss_total, tokens = accumulate(forward, micro_batches, device, autocast, scaler, phase, world)
     update(model, optimizer, trainable, max_grad_norm, scaler, methods, step, total_steps, loss_total, phase)
     return loss_total, tokens
-
 
 
 def preference_step(
@@ -267,6 +295,28 @@ def update(model, optimizer, trainable: list, max_grad_norm: float, scaler, meth
     phase("end")
 
 
+def accumulate(forward, micro_batches: list[dict], device, autocast, scaler, phase, world: World) -> tuple[float, int]:
+    """Forward and backward of each micro-batch, gradients summed; returns (the step's loss, its
+    tokens), over all ranks. `forward(batch)`: the summed loss (`StepLoss`, or it wrapped in DDP)."""
+    total_targets = max(all_reduce_sum(world, [sum(n_targets(b) for b in micro_batches)])[0], 1)
+    ddp = forward if isinstance(forward, torch.nn.parallel.DistributedDataParallel) else None
+    loss_total, tokens = 0.0, 0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        phase("forward")
+        with no_sync(ddp, last=i == len(micro_batches) - 1):
+            with autocast or contextlib.nullcontext():
+                loss = forward(batch) / total_targets
+            phase("backward")
+            scaled = loss * world.size if world.distributed else loss
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        loss_total += loss.item()
+        tokens += n_tokens(batch)
+    if world.distributed:
+        loss_total, tokens = all_reduce_sum(world, [loss_total, tokens])
+    return loss_total, int(tokens)
+
+
 def regularization(model, methods: Sequence[PeftMethod]) -> torch.Tensor | None:
     """The sum of the methods' regularisers for this step (None when no method has one)."""
     regs = [r for r in (m.regularization(model) for m in methods) if r is not None]
@@ -274,19 +324,23 @@ def regularization(model, methods: Sequence[PeftMethod]) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list, batch_size: int, pad_id: int, device, autocast=None, loss_chunk: int | None = None) -> float:
-    """Mean next-token loss over the eval examples' target tokens."""
+def eval_loss(
+    model, examples: list, batch_size: int, pad_id: int, device, autocast=None, loss_chunk: int | None = None, world: World = ONE_PROCESS
+) -> float:
+    """Mean next-token loss over the eval examples' target tokens. Distributed, each rank scores every
+    `world.size`-th example and the sums are all-reduced: the same mean, computed once."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for batch in eval_batches(examples, batch_size, pad_id):
+        for batch in eval_batches(examples[world.rank :: world.size], batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast or contextlib.nullcontext():
                 total += loss_sum(model, batch, chunk=loss_chunk).item()
             count += n_targets(batch)
     finally:
         model.train(was_training)
+    total, count = all_reduce_sum(world, [total, count])
     return total / max(count, 1)
 
 
@@ -347,22 +401,70 @@ def train(
     `profile_memory=N` measures the first N steps and writes a report to `report_dir` (default
     output_dir/memory); with `profile_only`, the run ends right after the report, saving nothing
     else (no checkpoint, adapter or result: `qtrain memory profile`). A fresh run in an output_dir
-    that holds a run is refused, or with `overwrite` moves that run aside (never deletes it)."""
+    that holds a run is refused, or with `overwrite` moves that run aside (never deletes it).
+    Under torchrun / accelerate launch (`qtrain.distributed`), every rank runs this: rank 0 holds the
+    lock, prints and writes the run's files; see `Recipe.distribute` for what the strategies do."""
+    world = world_from_env()
     console = console or Console()
+    if not world.is_main:
+        console = Console(quiet=True)
     out = Path(cfg.output_dir)
-    device = pick_device(cfg.device)
+    device = device_for(world, pick_device(cfg.device))
     optimizer_name = resolve_optimizer(cfg.train.optimizer, device)  # fails before the model loads
-    recipe = Recipe(cfg, console, device, optimizer_name, RunOptions(should_stop, profile_memory, report_dir, profile_only, overwrite))
-    with RunLock(out, say=lambda text: console.print(f"[yellow]{text}[/]")), _resource_errors(out):
-        return recipe.run()
+    strategy = resolve_strategy(cfg.distributed.strategy, world, lambda: _fits_one_card(cfg, device))
+    check_strategy(cfg, strategy, world, profile_memory)
+    recipe = Recipe(cfg, console, device, optimizer_name, RunOptions(should_stop, profile_memory, report_dir, profile_only, overwrite), world, strategy)
+    joined = init_world(world, device.type, cfg.distributed.timeout_s)
+    try:
+        lock = RunLock(out, say=lambda text: console.print(f"[yellow]{text}[/]")) if world.is_main else contextlib.nullcontext()
+        with lock, _resource_errors(out), peer_failures(world):
+            return recipe.run()
+    finally:
+        if joined:
+            teardown(world)
+
+
+# PEFT methods DDP cannot run (none known): name -> why; refused before the model loads.
+DDP_REFUSED: dict[str, str] = {}
+
+
+def check_strategy(cfg: Config, strategy: str, world: World, profile_memory: int) -> None:
+    """Refuse, before anything loads, what a strategy cannot run: one line naming it."""
+    if strategy == "single":
+        return
+    if strategy == "fsdp":
+        check_fsdp_available()
+    for name in cfg.methods():
+        if strategy == "ddp" and name in DDP_REFUSED:
+            raise ValueError(f"method {name} cannot train under distributed.strategy=ddp ({DDP_REFUSED[name]}); run it in one process")
+    if profile_memory:
+        raise ValueError(f"memory profiling measures one process; run it without torchrun (this run has {world.size} ranks)")
+    if cfg.objective != "sft":
+        raise ValueError(f"objective {cfg.objective} trains in one process for now (distributed.strategy={strategy}); start it without torchrun")
+
+
+def _fits_one_card(cfg: Config, device: torch.device) -> bool:
+    """distributed.strategy=auto: does the estimated GPU total fit this rank's card (CPU: always)?"""
+    if device.type != "cuda" or cfg.model.name_or_path is None:
+        return True
+    from qtrain.model import resolve_config
+
+    backend = resolve_on_device("nf4_lora", cfg.model.backend, device)
+    config = resolve_config(cfg.model.name_or_path)
+    need = estimate(config, None, workload_for(cfg, "cuda", backend, config)).device_total
+    return need <= torch.cuda.get_device_properties(device).total_memory
 
 
 class Recipe:
     """One run, phase by phase (`run` lists them); each phase sets the attributes the later ones read.
     The recipe holds the output folder's lock while it runs (see `train`)."""
 
-    def __init__(self, cfg: Config, console: Console, device: torch.device, optimizer_name: str, options: RunOptions):
+    def __init__(
+        self, cfg: Config, console: Console, device: torch.device, optimizer_name: str, options: RunOptions, world: World = ONE_PROCESS, strategy: str = "single"
+    ):
         self.cfg, self.console, self.device, self.optimizer_name, self.options = cfg, console, device, optimizer_name, options
+        self.world, self.strategy = world, strategy
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
         self.out = Path(cfg.output_dir)
         self.state = TrainState()
         self.start = 0  # the step this session starts after
@@ -397,16 +499,18 @@ class Recipe:
         if self.resumed and self.resumed[1]["step"] >= cfg.train.max_steps and (out / "result.json").exists():
             return _already_finished(cfg, out, self.resumed, console)
         foreign_resume = self.resumed and self.resumed[0].parent.parent.resolve() != out.resolve()
-        self.move = check_fresh(out, self.options.overwrite) if not self.resumed or foreign_resume else []
+        fresh = not self.resumed or foreign_resume
+        self.move = on_main(self.world, lambda: check_fresh(out, self.options.overwrite) if fresh else [])  # rank 0 checks before any rank writes
         self.dtype = DTYPES[cfg.model.dtype]
         seed_everything(cfg.train.seed, cfg.train.deterministic)
+        self.state.run_id = broadcast(self.world, self.state.run_id)  # one run id for all ranks
         self.threads = ThreadGovernor(cfg.train.threads)  # adaptive by default: a core fewer per core of other work
         return None
 
     # -- 1. tokenizer and data first: a missing tokenizer or a bad row is reported before the weights load
 
     def setup_data(self) -> None:
-        self.path = model_path(self.cfg, self.out)
+        self.path = on_main(self.world, lambda: model_path(self.cfg, self.out))  # a tiny base is built once, by rank 0
         self.tokenizer = check_tokenizer(self.path)
         if self.cfg.objective == "sft":
             self.train_data, self.eval_data = load_data(self.cfg.data, self.tokenizer)
@@ -438,21 +542,35 @@ class Recipe:
         )
         if fused:
             console.print(f"[bold]kernels[/] {len(fused)} fused modules, loss {self.loss_backend}" + (f"; kept: {', '.join(sorted(fused.skipped))}" if fused.skipped else ""))
+        if self.strategy == "fsdp":
+            self.shard()
+
+    def shard(self) -> None:
+        """The FSDP seam (issue 19 part B): `qtrain.fsdp.shard_model(model, world)` shards the NF4 base
+        over the ranks, before the optimizer sees the parameters. Still to wire with it: FSDP's
+        no_sync (`set_requires_gradient_sync(False)` between micro-steps, in `accumulate`), and the
+        adapter/optimizer state gathered for rank 0's checkpoint (`save`, `write_adapter`)."""
+        from qtrain.fsdp import shard_model
+
+        self.model = shard_model(self.model, self.world)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
     # -- 3. data: batches; then, model, tokenizer and data valid, the run's first files
 
     def setup_batches(self) -> None:
         cfg, train_data, eval_data = self.cfg, self.train_data, self.eval_data
         mode = "pack" if cfg.data.packing else "group" if cfg.data.group_by_length else "pad"
+        world = self.world
         if cfg.objective == "sft":
-            self.data = Batches(train_data.examples, cfg.train.batch_size, self.tokenizer.pad_token_id, cfg.data.seed, mode, cfg.data.max_length)
-        else:  # each batch: B pairs as 2B rows, chosen first (qtrain.preference_data)
+            self.data = Batches(train_data.examples, cfg.train.batch_size, self.tokenizer.pad_token_id, cfg.data.seed, mode, cfg.data.max_length, world.rank, world.size)
+        else:  # each batch: B pairs as 2B rows, chosen first (qtrain.preference_data); one process (check_strategy)
             self.data = PreferenceBatches(train_data.examples, cfg.train.batch_size, self.tokenizer.pad_token_id, cfg.data.seed, mode)
         self.eval_examples = eval_data.examples[: cfg.eval.max_rows] if eval_data else []
         self.eval_rendered = eval_data.rendered[: cfg.eval.max_rows] if eval_data else []
         self.console.print(
             f"[bold]data[/] {len(train_data.examples)} train rows ({train_data.source}, {train_data.format}), "
-            f"{len(self.eval_examples)} eval rows, {describe_batches(mode, len(self.data.plan()), cfg.train.batch_size, cfg.data.max_length)}"
+            f"{len(self.eval_examples)} eval rows, {describe_batches(mode, len(self.data.plan()), self.data.batch_size, cfg.data.max_length)}"
+            + (f", {cfg.train.batch_size} per rank on {world.size} ranks ({self.strategy})" if world.distributed else "")
         )
         for ds in (train_data, eval_data) if eval_data else (train_data,):
             if ds.skipped:
@@ -464,6 +582,8 @@ class Recipe:
         """Only now does the run write into its folder: a previous run moved aside (--overwrite),
         config.json, the skipped rows."""
         out, console = self.out, self.console
+        if not self.world.is_main:
+            return
         if self.move:
             console.print(f"[yellow]output_dir:[/] the previous run moved to {move_aside(out, self.move)} (--overwrite)")
         write_json(out / "config.json", to_dict(self.cfg))
@@ -484,6 +604,21 @@ class Recipe:
         if t.gradient_checkpointing:
             enable_checkpointing(self.model)
         self.model.config.use_cache = False
+        self.distribute()
+
+    def distribute(self) -> None:
+        """More than one process: "ddp" gives every rank the whole model and all-reduces only the
+        trainable parameters' gradients (the frozen NF4 base is loaded by each rank, never sent);
+        rank 0's trainable values are broadcast first, then each rank draws its own dropout.
+        "fsdp" was sharded by `shard`, before the optimizer."""
+        world, cfg = self.world, self.cfg
+        if self.strategy != "ddp":  # one process; fsdp sharded the model in `shard`
+            return
+        broadcast_trainable(world, self.trainable)
+        seed_everything(cfg.train.seed + world.rank, cfg.train.deterministic)
+        step_loss = StepLoss(self.model, self.offload, cfg.train.loss_chunk_tokens, self.loss_backend)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = torch.nn.parallel.DistributedDataParallel(step_loss, device_ids=device_ids, init_sync=False, broadcast_buffers=False)
 
     # -- 5. resume: adapter, optimizer, schedule, scaler, data position, RNG, counters
 
@@ -498,7 +633,7 @@ class Recipe:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.data.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        set_rng_state(_rank_rng(state, self.world, self.console))
         self.state = TrainState.resumed(ckpt, state, meta)
         self.start = self.state.step
         _warn_config_changes(self.console, meta["config"], to_dict(self.cfg), self.start)
@@ -540,7 +675,8 @@ class Recipe:
             if self.offload:
                 self.offload.keep = self.profiler.saved  # what stays on the GPU is still counted
         self.model.train()
-        self.logger = MetricsLogger(self.out, cfg.log, to_dict(cfg), resume_step=self.start if cfg.checkpoint.resume else None)
+        resume_step = self.start if cfg.checkpoint.resume else None
+        self.logger = MetricsLogger(self.out, cfg.log, to_dict(cfg), resume_step) if self.world.is_main else _NoLogger()
         self.stop = _StopOnSignals()
         self.state.last_checkpoint = self.state.resumed_from
         self.t_start, self.tokens_here, self.seconds_before = time.perf_counter(), 0, self.state.train_seconds
@@ -591,6 +727,7 @@ class Recipe:
                     self.model, micro, self.optimizer, self.trainable, cfg.train.max_grad_norm, self.device, self.autocast, self.scaler, self.offload,
                     on_phase=profiler.phase if measure else None, loss_chunk=cfg.train.loss_chunk_tokens,
                     methods=self.methods, step=step, total_steps=cfg.train.max_steps, loss_backend=self.loss_backend,
+                    world=self.world, ddp=self.ddp,
                 )  # fmt: skip
         except FloatingPointError as e:
             raise FloatingPointError(f"step {step}: {e}; stopped before the update ({_last_good(self.out, self.state.run_id, self.state.resumed_from)}") from None
@@ -640,7 +777,8 @@ class Recipe:
         self.state.train_seconds = self.seconds_before + elapsed
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
             self.state.last_checkpoint = self.save(step)
-        if self.stop.requested or (self.options.should_stop and self.options.should_stop(step)):
+        stop = self.stop.requested or bool(self.options.should_stop and self.options.should_stop(step))
+        if any_rank(self.world, stop):  # Ctrl-C on any rank stops all at this step
             raise Interrupted(step, self.save(step))
 
     def final_eval(self) -> dict:
@@ -656,7 +794,7 @@ class Recipe:
     def evaluate(self, step: int, console: Console) -> dict:
         if self.cfg.objective != "sft":
             return _evaluate_preference(self.cfg, self.model, self.methods, self.eval_examples, self.tokenizer.pad_token_id, self.device, self.autocast, self.logger, step, console)
-        return _evaluate(self.cfg, self.model, self.tokenizer, self.eval_examples, self.train_data.format, self.device, self.autocast, self.logger, step, console)
+        return _evaluate(self.cfg, self.model, self.tokenizer, self.eval_examples, self.train_data.format, self.device, self.autocast, self.logger, step, console, self.world)
 
     def save(self, step: int) -> Path:
         """Checkpoint `step` (adapter + trainer_state.pt); a diverged adapter is never saved."""
@@ -670,8 +808,11 @@ class Recipe:
             "trainer": state.trainer(),
             "methods": {m.name: m.trainer_state() for m in self.methods},
         }
+        if self.world.distributed:  # each rank's RNG (its own dropout); DDP's optimizer state is the same on all
+            trainer_state["rng_ranks"] = gather(self.world, rng_state())
         loss = state.losses[-1] if state.losses else None
-        return save_checkpoint(self.out, step, self.write_adapter, trainer_state, to_dict(self.cfg), self.cfg.checkpoint.keep_last, state.run_id, loss)
+        keep = self.cfg.checkpoint.keep_last
+        return on_main(self.world, lambda: save_checkpoint(self.out, step, self.write_adapter, trainer_state, to_dict(self.cfg), keep, state.run_id, loss))
 
     def write_adapter(self, target: Path) -> Path:
         """The adapter in PEFT's format, with qtrain.json: how the base was held, the data format and
@@ -683,7 +824,7 @@ class Recipe:
 
     def finish(self) -> dict:
         cfg, state = self.cfg, self.state
-        adapter_dir = self.write_adapter(self.out / "adapter")
+        adapter_dir = on_main(self.world, lambda: self.write_adapter(self.out / "adapter"))  # once, by rank 0
         losses = state.losses
         first, last = _mean(losses[: cfg.train.log_every]), _mean(losses[-cfg.train.log_every :])
         result = {
@@ -698,6 +839,8 @@ class Recipe:
             "adapter": str(adapter_dir),
             "checkpoint": str(state.last_checkpoint),
         }
+        if not self.world.is_main:  # rank 0 scores, plots and writes result.json
+            return result
         if self.can_score:
             result["exact_match_before"] = state.exact_match_before
             result["exact_match_after"] = exact_match(self.model, self.tokenizer, self.eval_rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size)
@@ -846,9 +989,9 @@ def _evaluate_preference(cfg, model, methods, examples, pad_id, device, autocast
     return metrics
 
 
-def _evaluate(cfg, model, tokenizer, examples, data_format, device, autocast, logger, step, console) -> dict:
+def _evaluate(cfg, model, tokenizer, examples, data_format, device, autocast, logger, step, console, world: World = ONE_PROCESS) -> dict:
     """Eval loss / perplexity, and the fixed sample prompts, logged at `step`."""
-    loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device, autocast, cfg.train.loss_chunk_tokens)
+    loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device, autocast, cfg.train.loss_chunk_tokens, world)
     metrics = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
     logger.log(step, metrics)
     console.print(f"[bold]eval[/] step {step}: loss {loss:.4f}, perplexity {metrics['eval_ppl']:.2f}")
@@ -908,6 +1051,39 @@ class _StopOnSignals:
     def __exit__(self, *exc):
         self._restore()
         return False
+
+
+class _NoLogger:
+    """The metrics sinks of a rank other than 0: rank 0 logs the (all-reduced) numbers."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def log(self, step: int, record: dict) -> None:
+        pass
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def _rank_rng(state: dict, world: World, console: Console) -> dict:
+    """This rank's RNG state from a checkpoint. Saved by as many ranks as now: its own (bit-for-bit);
+    otherwise rank 0's (or the single process's), with a warning saying what changed."""
+    saved = state.get("rng_ranks") or [state["rng"]]
+    if len(saved) == world.size:
+        return saved[world.rank]
+    console.print(
+        f"[yellow]resume:[/] the checkpoint was saved by {len(saved)} process(es), this run has {world.size}: the global batch is now "
+        f"train.batch_size x {world.size}, so the data position (epoch {state['data']['epoch']}, batch {state['data']['index']}) "
+        "and each rank's RNG (from rank 0's) continue, but not bit-for-bit"
+    )
+    return saved[0]
 
 
 def _mean(xs: list[float]) -> float:
