@@ -168,6 +168,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def weight_items(model: nn.Module, w: Workload) -> list[Item]:
+    """The weights' rows, in this order: the base linears (NF4, or 16-bit unquantized), the 16-bit rest
+    (embeddings, lm_head, norms, routers), then DoRA's row norms and the fused projections' absmax."""
     linears = [m for m in model.modules() if isinstance(m, LoRALinear)]
     lora_params = {id(p) for p in adapter_params(model, w.methods)}
     base = sum(m.in_features * m.out_features for m in linears)
@@ -516,7 +518,7 @@ def estimate(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> Es
         Item("optimizer", "Adam moments", opt, w.optimizer + (" (the rest is paged)" if paged else "") + of),
     ]
     if shards > 1:  # the layer computing, the one prefetched, and the prefetched one's all-gather output
-        nf4_layer = next(i.bytes for i in facts.weights if i.name == "NF4 linears") // L
+        nf4_layer = facts.weights[0].bytes // L  # the base linears (`weight_items`' first item), unsharded
         gathered = 3 * (nf4_layer + (sum(_nbytes(p) for p in adapters) - facts.input_side) // L)
         static.append(Item("other", "FSDP all-gather buffers", gathered, "3 layers of NF4 + adapters, unsharded"))
     elif w.strategy == "ddp" and w.ranks > 1:
@@ -615,18 +617,17 @@ def estimate(config: PretrainedConfig, spec: LoRASpec | None, w: Workload) -> Es
 
 
 def fsdp_weights(weights: list[Item], c: PretrainedConfig, e: int, shards: int) -> list[Item]:
-    """The weight items of one rank of `shards` under FSDP (`qtrain.fsdp`): the NF4 base in rows,
+    """The weight items of one rank of `shards` under FSDP (`qtrain.fsdp`), from `weight_items`' list
+    (the base linears, the 16-bit rest, then the small extras, kept whole): the base in rows,
     1/shards each; of the 16-bit tensors, lm_head (or the tied embedding it reads) whole on every
     rank (the recipe reads its weight outside a forward), the rest 1/shards."""
-    out = []
-    for item in weights:
-        if item.name == "NF4 linears":
-            item = replace(item, bytes=math.ceil(item.bytes / shards), note=item.note + f", 1/{shards} per rank")
-        elif item.name.startswith("16-bit embeddings"):
-            head = c.vocab_size * c.hidden_size * e
-            item = replace(item, bytes=head + math.ceil((item.bytes - head) / shards), note=item.note + f", lm_head whole, the rest 1/{shards}")
-        out.append(item)
-    return out
+    linears, dense, *rest = weights
+    head = c.vocab_size * c.hidden_size * e
+    return [
+        replace(linears, bytes=math.ceil(linears.bytes / shards), note=linears.note + f", 1/{shards} per rank"),
+        replace(dense, bytes=head + math.ceil((dense.bytes - head) / shards), note=dense.note + f", lm_head whole, the rest 1/{shards}"),
+        *rest,
+    ]
 
 
 def max_seq_len(config: PretrainedConfig, spec: LoRASpec | None, w: Workload, budget: int, limit: int = 1 << 20) -> int:

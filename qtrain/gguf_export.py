@@ -57,7 +57,34 @@ def gguf_arch(config: dict, where: Path) -> str:
             f"{where}: model_type {model_type!r} has no GGUF export in qtrain; supported: {', '.join(sorted(GGUF_ARCH))}. "
             "Export the merged Hugging Face checkpoint (--format hf) and convert it with llama.cpp's convert_hf_to_gguf.py"
         )
+    check_llama_cpp_layout(config, model_type, where)
     return GGUF_ARCH[model_type]
+
+
+# llama.cpp's Gemma-3 graph fixes what the config spells out: every 6th layer global (the others
+# sliding-window) and the local layers' RoPE base 10,000, as every Gemma-3 checkpoint has them
+GEMMA3_SWA_PATTERN, GEMMA3_LOCAL_ROPE_BASE = 6, 10000.0
+
+
+def check_llama_cpp_layout(config: dict, model_type: str, where: Path) -> None:
+    """ValueError naming the key when llama.cpp would run a different model than the config describes
+    (a GGUF cannot say otherwise): a Gemma-3 whose local/global layers or local RoPE base are not
+    llama.cpp's fixed ones."""
+    if model_type != "gemma3_text":
+        return
+    layers = config.get("layer_types")
+    want = ["full_attention" if (i + 1) % GEMMA3_SWA_PATTERN == 0 else "sliding_attention" for i in range(len(layers or []))]
+    if layers and layers != want:
+        raise ValueError(
+            f"{where}: layer_types {layers} is not llama.cpp's Gemma-3 layout (every {GEMMA3_SWA_PATTERN}th layer "
+            "global, the others sliding-window): llama.cpp would compute another model; export --format hf instead"
+        )
+    base = config.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_BASE)
+    if base != GEMMA3_LOCAL_ROPE_BASE:
+        raise ValueError(
+            f"{where}: rope_local_base_freq {base} is not llama.cpp's fixed {GEMMA3_LOCAL_ROPE_BASE:g} for Gemma-3's "
+            "local layers; export --format hf instead"
+        )
 
 
 # ---- tensors ----
