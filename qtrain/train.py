@@ -560,7 +560,7 @@ class Recipe:
             from qtrain.fsdp import nf4_bytes
 
             local, whole = nf4_bytes(model)
-            console.print(f"[bold]fsdp[/] the NF4 base sharded over {self.world.size} ranks: {local / GiB:.3g} of its {whole / GiB:.3g} GiB on this rank")
+            console.print(f"[bold]fsdp[/] the NF4 base sharded over {self.world.size} ranks: {local / whole:.0%} of its {whole / GiB:.2f} GiB on this rank")
         if fused:
             console.print(f"[bold]kernels[/] {len(fused)} fused modules, loss {self.loss_backend}" + (f"; kept: {', '.join(sorted(fused.skipped))}" if fused.skipped else ""))
 
