@@ -303,6 +303,22 @@ def test_every_peft_method_trains_under_ddp_like_one_process(tmp_path, tiny_chec
         assert_close_curves(tmp_path / f"{n}-one", tmp_path / f"{n}-two", "loss")
 
 
+# one method of each kind: parameters in the NF4 linears' rows (DoRA, (IA)^3, BitFit: loaded sharded),
+# bottleneck modules and prompt/prefix/LLaMA-Adapter parameters (loaded whole, then `shard_model`)
+FSDP_METHODS = {"dora": ["method=lora", "lora.use_dora=true"], **{n: [f"method={n}"] for n in ("ia3", "bitfit", "houlsby", "prompt_tuning", "prefix_tuning", "llama_adapter")}}
+
+
+def test_peft_methods_train_under_fsdp_like_one_process(tmp_path, tiny_checkpoint):
+    """Each kind of PEFT method FSDP runs, 3 steps on 2 ranks x 2 rows and on 1 process x 4 rows: the same losses."""
+    common = [*model_args(tiny_checkpoint, "llama"), "train.max_steps=3", "llama_adapter.adapter_layers=2", "data.num_train=24"]
+    one = Launch(tmp_path, 1, {f"{n}-one": [*common, *o, "train.batch_size=4"] for n, o in FSDP_METHODS.items()})
+    two = Launch(tmp_path, 2, {f"{n}-two": [*common, *o, "train.batch_size=2", "distributed.strategy=fsdp"] for n, o in FSDP_METHODS.items()})
+    ok(two.reports(), *(f"{n}-two" for n in FSDP_METHODS))
+    ok(one.reports(), *(f"{n}-one" for n in FSDP_METHODS))
+    for n in FSDP_METHODS:
+        assert_close_curves(tmp_path / f"{n}-one", tmp_path / f"{n}-two", "loss")
+
+
 def test_a_method_ddp_cannot_run_is_refused_before_loading(monkeypatch):
     import qtrain.train as recipe
     from qtrain.config import load_config
