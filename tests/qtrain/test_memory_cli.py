@@ -230,6 +230,17 @@ def test_readme_quotes_the_70b_per_rank_estimates(nproc, capsys):
     assert f"{data['device_total_bytes'] / GiB:.2f} GiB" in row and f"{nf4 / GiB:.2f}" in row
 
 
+def test_a_multi_gpu_config_is_estimated_per_rank_of_its_strategy(capsys):
+    """The config's distributed.strategy is the default --strategy, on 2 ranks unless --nproc says."""
+    config = str(REPO / "configs" / "llama-3.1-70b-2x24gb.yaml")
+    runs = [[], ["--nproc", "2", "--strategy", "fsdp"], ["--nproc", "4"], ["--nproc", "4", "--strategy", "fsdp"], ["--nproc", "1"]]
+    totals = []
+    for flags in runs:
+        assert main(["memory", "estimate", config, *flags, "--json"]) == 0
+        totals.append(json.loads(capsys.readouterr().out)["device_total_bytes"])
+    assert totals[0] == totals[1] and totals[2] == totals[3] and totals[2] < totals[0] < totals[4]
+
+
 def test_nproc_needs_a_strategy(capsys):
     assert main(["memory", "estimate", "--model", "llama-3.1-70b", "--nproc", "2"]) == 2
     assert "--strategy" in capsys.readouterr().err
