@@ -303,9 +303,9 @@ def test_every_peft_method_trains_under_ddp_like_one_process(tmp_path, tiny_chec
         assert_close_curves(tmp_path / f"{n}-one", tmp_path / f"{n}-two", "loss")
 
 
-# one method of each kind: parameters in the NF4 linears' rows (DoRA, (IA)^3, BitFit: loaded sharded),
-# bottleneck modules and prompt/prefix/LLaMA-Adapter parameters (loaded whole, then `shard_model`)
-FSDP_METHODS = {"dora": ["method=lora", "lora.use_dora=true"], **{n: [f"method={n}"] for n in ("ia3", "bitfit", "houlsby", "prompt_tuning", "prefix_tuning", "llama_adapter")}}
+# one method of each kind: parameters in the NF4 linears' rows (DoRA, (IA)^3: loaded sharded),
+# bottleneck modules, prompt and prefix parameters (loaded whole, then `shard_model`)
+FSDP_METHODS = {"dora": ["method=lora", "lora.use_dora=true"], **{n: [f"method={n}"] for n in ("ia3", "houlsby", "prompt_tuning", "prefix_tuning")}}
 
 
 def test_peft_methods_train_under_fsdp_like_one_process(tmp_path, tiny_checkpoint):
