@@ -537,7 +537,7 @@ class Recipe:
 
     def setup_model(self) -> None:
         cfg, device, console = self.cfg, self.device, self.console
-        check_memory(cfg, self.path, device, console)
+        check_memory(cfg, self.path, device, console, self.world.size, self.strategy)
         t0 = time.perf_counter()
         self.built = self.build_sharded() if self.strategy == "fsdp" else build_model(cfg, self.path, device)
         self.methods = self.built.methods
