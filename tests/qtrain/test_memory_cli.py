@@ -232,6 +232,7 @@ def test_gpu_check_under_fsdp_is_per_rank(monkeypatch, capsys):
         console = Console(record=True, width=200)
         recipe.check_memory(cfg, "meta-llama/Llama-3.1-70B-Instruct", torch.device("cuda"), console, ranks, strategy)
         texts.append(console.export_text())
+    capsys.readouterr()  # the consoles' echo
     assert main(["memory", "estimate", str(REPO / "configs" / "llama-3.1-70b-2x24gb.yaml"), "--json"]) == 0  # per rank of 2, fsdp
     per_rank = json.loads(capsys.readouterr().out)["device_total_bytes"]
     assert "this run needs about" in texts[0]
