@@ -50,7 +50,7 @@ from qtrain.nf4 import NF4Tensor, double_quantize, nf4_code, quantize_nf4
 
 __all__ = [
     "ShardedLoadRefused", "decoder_layers", "fsdp_refusal", "full_optimizer_state", "full_tensor", "load_sharded", "nf4_bytes",
-    "own_rows", "quantize_own_rows", "shard_model", "shard_optimizer_state", "sharded_like",
+    "own_rows", "quantize_own_rows", "shard_local_optimizer", "shard_model", "shard_optimizer_state", "sharded_like",
 ]  # fmt: skip
 
 
@@ -364,3 +364,41 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict
         for i, s in state["state"].items()
     }
     return out
+
+
+def shard_local_optimizer(build, groups: list[dict]) -> torch.optim.Optimizer:
+    """`build(groups)` run on each rank's shards as plain tensors, for optimizers that cannot take
+    DTensors (bitsandbytes' 8-bit and paged AdamW: their update is a custom op with no sharding rule).
+    AdamW is elementwise, so updating each rank's rows alone is the same update; the gradient norm
+    for clipping is taken before, on the DTensors (global). Each sharded parameter gets a plain
+    Parameter on its local rows (the same storage, re-pointed before every step: FSDP may re-create
+    it at its lazy init); before each step its gradient is the local rows of the reduced gradient,
+    after it the DTensor's gradient is dropped (FSDP would add the next step's to it). The state is
+    per rank (its rows, its 8-bit blocks): a checkpoint keeps every rank's (`Recipe.optimizer_state`)."""
+    pairs: list[tuple[nn.Parameter, DTensor]] = []
+    local_groups = []
+    for group in groups:
+        params = []
+        for p in group["params"]:
+            if isinstance(p, DTensor):
+                with torch.no_grad():
+                    local = nn.Parameter(p.to_local(), requires_grad=True)  # shares p's local storage
+                pairs.append((local, p))
+                params.append(local)
+            else:
+                params.append(p)
+        local_groups.append({**group, "params": params})
+    optimizer = build(local_groups)
+
+    def take_grads(opt, args, kwargs) -> None:
+        for local, p in pairs:
+            local.data = p.to_local().detach()
+            local.grad = None if p.grad is None else p.grad.to_local()
+
+    def drop_grads(opt, args, kwargs) -> None:
+        for _, p in pairs:
+            p.grad = None
+
+    optimizer.register_step_pre_hook(take_grads)
+    optimizer.register_step_post_hook(drop_grads)
+    return optimizer

@@ -481,6 +481,7 @@ class Recipe:
         self.cfg, self.console, self.device, self.optimizer_name, self.options = cfg, console, device, optimizer_name, options
         self.world, self.strategy = world, strategy
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        self.shard_local = False  # FSDP with a bitsandbytes optimizer: its state per rank (setup_optimizer)
         self.out = Path(cfg.output_dir)
         self.state = TrainState()
         self.start = 0  # the step this session starts after
@@ -628,7 +629,13 @@ class Recipe:
     def setup_optimizer(self) -> None:
         t, dtype, device = self.cfg.train, self.dtype, self.device
         groups = param_groups(self.model, t.lr, t.weight_decay, t.lora_plus_ratio, self.methods)
-        self.optimizer = build_optimizer(self.optimizer_name, groups)
+        self.shard_local = self.strategy == "fsdp" and self.optimizer_name != "adamw"  # bitsandbytes' on each rank's rows
+        if self.shard_local:
+            from qtrain.fsdp import shard_local_optimizer
+
+            self.optimizer = shard_local_optimizer(lambda g: build_optimizer(self.optimizer_name, g), groups)
+        else:
+            self.optimizer = build_optimizer(self.optimizer_name, groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.schedule))
         use_autocast = t.autocast and dtype != torch.float32
         self.autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else None
@@ -668,7 +675,7 @@ class Recipe:
         if self.strategy == "fsdp":  # the checkpoint's whole moments, cut as the parameters are
             from qtrain.fsdp import shard_optimizer_state
 
-            state = state | {"optimizer": shard_optimizer_state(self.optimizer, state["optimizer"])}
+            state = state | {"optimizer": shard_optimizer_state(self.optimizer, _rank_optimizer(state, self.world, ckpt, self.shard_local))}
         _load_optimizer_state(self.optimizer, self.scheduler, state, ckpt)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -852,6 +859,8 @@ class Recipe:
             "trainer": state.trainer(),
             "methods": {m.name: m.trainer_state() for m in self.methods},
         }
+        if self.shard_local:
+            trainer_state["optimizer_ranks"] = gather(self.world, trainer_state["optimizer"])
         if self.world.distributed:  # each rank's RNG (its own dropout); DDP's optimizer state is the same on all
             trainer_state["rng_ranks"] = gather(self.world, rng_state())
         loss = state.losses[-1] if state.losses else None
@@ -863,6 +872,8 @@ class Recipe:
         (`qtrain.fsdp.full_optimizer_state`: the file one process writes, so it resumes on any number
         of ranks, and on as many bit-for-bit)."""
         if self.strategy != "fsdp":
+            return self.optimizer.state_dict()
+        if self.shard_local:  # bitsandbytes' state of each rank's rows: rank 0's here, every rank's in optimizer_ranks
             return self.optimizer.state_dict()
         from qtrain.fsdp import full_optimizer_state
 
@@ -1153,6 +1164,22 @@ def _rank_rng(state: dict, world: World, console: Console) -> dict:
         "and each rank's RNG (from rank 0's) continue, but not bit-for-bit"
     )
     return saved[0]
+
+
+def _rank_optimizer(state: dict, world: World, ckpt: Path, shard_local: bool) -> dict:
+    """This rank's optimizer state under FSDP: the whole state (torch AdamW's, gathered), or with a
+    bitsandbytes optimizer (`qtrain.fsdp.shard_local_optimizer`) this rank's own, saved by as many ranks."""
+    ranks = state.get("optimizer_ranks")
+    if not shard_local and ranks is None:
+        return state["optimizer"]
+    if not shard_local or ranks is None or len(ranks) != world.size:
+        saved = f"{len(ranks)} ranks' own" if ranks is not None else "one whole"
+        raise ValueError(
+            f"{ckpt}: the checkpoint holds {saved} optimizer state and this run's train.optimizer under "
+            f"distributed.strategy fsdp on {world.size} ranks needs {'its own per rank' if shard_local else 'a whole one'}; "
+            "resume with the optimizer and number of ranks it was saved with"
+        )
+    return ranks[world.rank]
 
 
 def _mean(xs: list[float]) -> float:
