@@ -676,6 +676,11 @@ class Recipe:
             from qtrain.fsdp import shard_optimizer_state
 
             state = state | {"optimizer": shard_optimizer_state(self.optimizer, _rank_optimizer(state, self.world, ckpt, self.shard_local))}
+        elif "optimizer_ranks" in state:
+            raise ValueError(
+                f"{ckpt}: its optimizer state is each rank's own rows (bitsandbytes' optimizer under distributed.strategy fsdp "
+                f"on {len(state['optimizer_ranks'])} ranks); resume it that way"
+            )
         _load_optimizer_state(self.optimizer, self.scheduler, state, ckpt)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

@@ -136,10 +136,10 @@ def test_three_ranks_uneven_rows(tiny_checkpoint, tmp_path):
 
 def test_bitsandbytes_adamw_steps_each_ranks_rows(tiny_checkpoint, tmp_path):
     """bitsandbytes' AdamW (the 70B config's paged 8-bit one: a custom op that takes no DTensor) on
-    each rank's rows (`shard_local_optimizer`), 3 ranks with a padded last shard: the adapters after
-    each step are the whole model's under the same optimizer."""
+    each rank's rows (`shard_local_optimizer`), 2 ranks: the adapters after each step are the whole
+    model's under the same optimizer."""
     path = str(tiny_checkpoint("llama", hidden_size=64, intermediate_size=128, num_layers=2))
-    for out in (r[f"load-8bit {path}"] for r in run_ranks(3, tmp_path, "load-8bit", path)):
+    for out in (r[f"load-8bit {path}"] for r in run_ranks(2, tmp_path, "load-8bit", path)):
         assert all(sharded == pytest.approx(whole, abs=1e-5) for whole, sharded in out["loss"])
         assert out["grad"] < 1e-5 and max(out["params"]) < 1e-5
         assert out["loss"][0] != pytest.approx(out["loss"][2], abs=1e-4)  # the steps moved the adapters
