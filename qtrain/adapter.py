@@ -251,6 +251,8 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
 def load_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Copy PEFT-named LoRA tensors (read from `path`) into the model's adapters: every adapter gets
     its A, B (and DoRA magnitude), every tensor has a place, with its shape."""
+    from qtrain.fsdp import sharded_like  # lazy: torch.distributed only when loading
+
     modules = lora_modules(model)
     seen = set()
     for key, value in tensors.items():
@@ -266,7 +268,7 @@ def load_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: 
         if param.shape != value.shape:
             raise ValueError(f"{path}: {key!r} has shape {list(value.shape)}, the model expects {list(param.shape)}")
         with torch.no_grad():
-            param.copy_(value)
+            param.copy_(sharded_like(value, param))  # sharded (FSDP): this rank's rows
         seen.add((name, which))
     wanted = [(n, w) for n, m in modules.items() for w in (*_KEY_SUFFIX, *(("lora_magnitude",) if m.use_dora else ()))]
     missing = [f"{n}.{w}" for n, w in wanted if (n, w) not in seen]

@@ -36,9 +36,10 @@ def oom_advice(cfg: Config, step: int, batch_shape: tuple[int, int], device: tor
     )
 
 
-def check_memory(cfg: Config, path: str, device: torch.device, console: Console) -> None:
+def check_memory(cfg: Config, path: str, device: torch.device, console: Console, ranks: int = 1, strategy: str = "single") -> None:
     """Before loading: the estimated peak against the GPU's free memory; when it will not fit, say
-    so with the settings that would (training still starts: paged memory can absorb some excess)."""
+    so with the settings that would (training still starts: paged memory can absorb some excess).
+    `ranks`, `strategy` (a torchrun launch): the estimate per rank (FSDP: 1/ranks of the base)."""
     if device.type != "cuda":
         return
     try:
@@ -46,7 +47,7 @@ def check_memory(cfg: Config, path: str, device: torch.device, console: Console)
     except (OSError, ValueError):  # no config.json to read: loading will say why
         return
     backend = resolve_on_device("nf4_lora", cfg.model.backend, device)  # what training will run, self-check included
-    w = workload_for(cfg, "cuda", backend, config)
+    w = replace(workload_for(cfg, "cuda", backend, config), ranks=ranks, strategy=strategy)
     need = estimate(config, None, w).device_total
     free, total = torch.cuda.mem_get_info(device)
     if need <= free:

@@ -99,17 +99,20 @@ def _memory_estimate(args: argparse.Namespace) -> int:
     if args.rank is not None:  # --rank: the lora section's rank, alpha scaled with it (used when the run has LoRA)
         cfg.lora.rank, cfg.lora.alpha = args.rank, cfg.lora.alpha * args.rank / cfg.lora.rank
     w = workload_for(cfg, args.device, config=config)
+    # a multi-GPU config (distributed.strategy ddp or fsdp) is estimated per rank of 2 unless --nproc says
+    strategy = args.strategy or (cfg.distributed.strategy if cfg.distributed.strategy != "auto" else None)
+    nproc = args.nproc if args.nproc is not None else (2 if strategy else None)
     flags = {
         "seq_len": args.seq,
         "batch_size": args.batch,
         "optimizer": args.optimizer,
         "gradient_checkpointing": False if args.no_checkpointing else None,
         "offload_activations": True if args.offload else None,
-        "ranks": args.nproc,
-        "strategy": args.strategy,
+        "ranks": nproc,
+        "strategy": strategy,
     }
-    if args.nproc is not None and (args.nproc < 1 or (args.nproc > 1 and args.strategy is None)):
-        raise ValueError(f"--nproc {args.nproc}: give a number of processes >= 1, and with more than one --strategy ddp or fsdp")
+    if nproc is not None and (nproc < 1 or (nproc > 1 and strategy is None)):
+        raise ValueError(f"--nproc {nproc}: give a number of processes >= 1, and with more than one --strategy ddp or fsdp")
     w = replace(w, **{k: v for k, v in flags.items() if v is not None})
     w = replace(w, attention_mask=carries_mask(cfg.data.packing, w.batch_size, w.fused))
     est = estimate(config, None, w)
@@ -380,8 +383,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--no-checkpointing", action="store_true", help="gradient checkpointing off")
     e.add_argument("--offload", action="store_true", help="offload checkpointed activations to CPU RAM")
     e.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where training runs (default cuda)")
-    e.add_argument("--nproc", type=int, help="processes (GPUs) of a torchrun launch: the estimate is per rank")
-    e.add_argument("--strategy", choices=("ddp", "fsdp"), help="with --nproc: ddp (the model on every rank) or fsdp (sharded)")
+    e.add_argument("--nproc", type=int, help="processes (GPUs) of a torchrun launch: the estimate is per rank (default 2 for a ddp or fsdp config)")
+    e.add_argument("--strategy", choices=("ddp", "fsdp"), help="ddp (the model on every rank) or fsdp (sharded); default: the config's distributed.strategy")
     e.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS_GIB), metavar="GIB", help="GPU sizes for the max seq_len table")
     e.add_argument("--json", action="store_true", help="print the estimate as JSON")
     e.set_defaults(func=_memory_estimate)

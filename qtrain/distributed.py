@@ -5,14 +5,13 @@ a no-op that returns its input, so single-process training runs exactly the code
 torchrun and `accelerate launch` both set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT;
 `world_from_env` reads them, `init_world` joins the group (gloo on CPU, nccl on CUDA). The strategy
 (`resolve_strategy`) says how the model spreads over the ranks: "ddp" replicates it and all-reduces
-the trainable parameters' gradients; "fsdp" shards the NF4 base (`qtrain.fsdp`, when present).
+the trainable parameters' gradients; "fsdp" shards the NF4 base (`qtrain.fsdp`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -115,12 +114,6 @@ def resolve_strategy(strategy: str, world: World, fits_one_card: Callable[[], bo
     return strategy
 
 
-def check_fsdp_available() -> None:
-    """FSDP comes from `qtrain.fsdp.shard_model(model, world)`; until that module exists, refuse."""
-    if importlib.util.find_spec("qtrain.fsdp") is None:
-        raise ValueError("distributed.strategy=fsdp: FSDP is not available in this qtrain yet; use distributed.strategy=ddp")
-
-
 # ---- collectives (identity on one process) ----
 
 
@@ -188,10 +181,22 @@ def on_main(world: World, fn: Callable[[], Any]) -> Any:
 
 
 @contextlib.contextmanager
-def no_sync(ddp, last: bool):
-    """DDP's `no_sync` for the micro-batches before the last of an accumulation: gradients add up
-    locally and are all-reduced once, on the last backward."""
-    with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+def no_sync(module: torch.nn.Module | None, last: bool):
+    """Gradients add up locally over the micro-batches before the last of an accumulation and are
+    reduced once, on the last backward: DDP's `no_sync` (`module` a DistributedDataParallel), or
+    FSDP2's `set_requires_gradient_sync(last)` on every FSDP unit of `module` (off: the unsharded
+    gradients accumulate, no reduce-scatter; on again for the last). None: one process."""
+    if module is None:
+        yield
+    elif isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        with module.no_sync() if not last else contextlib.nullcontext():
+            yield
+    else:
+        from torch.distributed.fsdp import FSDPModule
+
+        for unit in module.modules():
+            if isinstance(unit, FSDPModule):
+                unit.set_requires_gradient_sync(last, recurse=False)
         yield
 
 

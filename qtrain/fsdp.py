@@ -5,6 +5,8 @@ two 24 GB cards, as answer.ai's FSDP+QLoRA).
     shard_model(model, world)      every decoder layer, then embedding and decoder, `fully_shard`-ed
     load_sharded(path, methods, ...)   the same, built while loading: each rank reads its rows only
     fsdp_refusal(methods)          the PEFT method that cannot be sharded, before anything is loaded
+    full_tensor(t) / sharded_like(value, param)   a parameter whole on every rank / a whole value cut as it is
+    full_optimizer_state(opt) / shard_optimizer_state(opt, state)   the optimizer state whole (a checkpoint's)
 
 How the NF4 weight shards. FSDP2 shards parameters, never buffers, along dim 0 (`torch.chunk` of the
 rows, the last shard padded). Each `LoRALinear` therefore holds its 4-bit codes [out, in/2] and its
@@ -41,12 +43,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qtrain.lora import LoRALinear
 from qtrain.nf4 import NF4Tensor, double_quantize, nf4_code, quantize_nf4
 
-__all__ = ["decoder_layers", "fsdp_refusal", "load_sharded", "nf4_bytes", "own_rows", "quantize_own_rows", "shard_model"]
+__all__ = [
+    "ShardedLoadRefused", "decoder_layers", "fsdp_refusal", "full_optimizer_state", "full_tensor", "load_sharded", "nf4_bytes",
+    "own_rows", "quantize_own_rows", "shard_local_optimizer", "shard_model", "shard_optimizer_state", "sharded_like",
+]  # fmt: skip
+
+
+class ShardedLoadRefused(ValueError):
+    """`load_sharded` cannot build these methods while loading (they take the base's device when
+    applied); the recipe then loads the model whole and `shard_model`s it."""
 
 
 def fsdp_refusal(methods: Sequence) -> str | None:
@@ -264,7 +274,7 @@ def load_sharded(
     for name, p in model.named_parameters():
         owner = next((m for m in methods if m.owns(name)), None)
         if owner is not None and p.device.type == "meta":
-            raise ValueError(
+            raise ShardedLoadRefused(
                 f"method {type(owner).name!r} makes {name} from the base's weights, which load_sharded reads after "
                 "attaching the methods; load the model whole and call qtrain.fsdp.shard_model"
             )
@@ -307,3 +317,88 @@ def load_sharded(
     mark_trainable(model, list(methods))
     shard_decoder(model, mesh, policy)
     return LoadedModel(model, config, Path(model_dir), [], prequantized=False)
+
+
+# ---- whole values: the adapter and optimizer state a checkpoint keeps ------------------------------
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` whole: a sharded DTensor all-gathered (a collective: every rank must call it, in the same
+    order), any other tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def sharded_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole `value` cut as `param` is (a DTensor: this rank's rows, no communication: every rank
+    holds the whole value, read from the same file); `value` itself for a plain `param`."""
+    if not isinstance(param, DTensor):
+        return value
+    local = value.to(device=param.device, dtype=param.dtype)
+    return distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def _by_index(optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
+    """The optimizer's parameters by the indices its state_dict uses (in group order)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return dict(enumerate(params))
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()` with every sharded moment whole: the same file as one process's.
+    Gathered rather than one file per rank so that a checkpoint resumes on any number of ranks (one
+    process or DDP included); for LoRA the moments are small (Llama-3.1-70B, r=8: 0.8 GB of fp32),
+    and resuming on as many ranks cuts them into the same rows again, so it is bit-for-bit. A
+    collective: every rank calls it (parameters and state keys come in the same order on all)."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: full_tensor(v) for k, v in s.items()} for i, s in state["state"].items()}
+    return state
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A whole optimizer state (`full_optimizer_state`, or one process's) with each moment cut as its
+    parameter is (`sharded_like`), for `optimizer.load_state_dict`; scalars (the step) stay as they are."""
+    params = _by_index(optimizer)
+    out = dict(state)
+    out["state"] = {
+        i: {k: sharded_like(v, params[i]) if torch.is_tensor(v) and v.shape == params[i].shape and v.dim() else v for k, v in s.items()}
+        for i, s in state["state"].items()
+    }
+    return out
+
+
+def shard_local_optimizer(build, groups: list[dict]) -> torch.optim.Optimizer:
+    """`build(groups)` run on each rank's shards as plain tensors, for optimizers that cannot take
+    DTensors (bitsandbytes' 8-bit and paged AdamW: their update is a custom op with no sharding rule).
+    AdamW is elementwise, so updating each rank's rows alone is the same update; the gradient norm
+    for clipping is taken before, on the DTensors (global). Each sharded parameter gets a plain
+    Parameter on its local rows (the same storage, re-pointed before every step: FSDP may re-create
+    it at its lazy init); before each step its gradient is the local rows of the reduced gradient,
+    after it the DTensor's gradient is dropped (FSDP would add the next step's to it). The state is
+    per rank (its rows, its 8-bit blocks): a checkpoint keeps every rank's (`Recipe.optimizer_state`)."""
+    pairs: list[tuple[nn.Parameter, DTensor]] = []
+    local_groups = []
+    for group in groups:
+        params = []
+        for p in group["params"]:
+            if isinstance(p, DTensor):
+                with torch.no_grad():
+                    local = nn.Parameter(p.to_local(), requires_grad=True)  # shares p's local storage
+                pairs.append((local, p))
+                params.append(local)
+            else:
+                params.append(p)
+        local_groups.append({**group, "params": params})
+    optimizer = build(local_groups)
+
+    def take_grads(opt, args, kwargs) -> None:
+        for local, p in pairs:
+            local.data = p.to_local().detach()
+            local.grad = None if p.grad is None else p.grad.to_local()
+
+    def drop_grads(opt, args, kwargs) -> None:
+        for _, p in pairs:
+            p.grad = None
+
+    optimizer.register_step_pre_hook(take_grads)
+    optimizer.register_step_post_hook(drop_grads)
+    return optimizer

@@ -41,9 +41,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from torch.distributed.tensor import DTensor
 
 from qtrain.advice import check_memory, oom_advice
-from qtrain.builder import build_model, model_path, recorded_kernels
+from qtrain.builder import BuiltModel, build_model, model_path, recorded_kernels
 from qtrain.config import DTYPES, Config, PreferenceConfig, to_dict
 from qtrain.data import (
     IGNORE_INDEX,
@@ -62,7 +63,6 @@ from qtrain.distributed import (
     any_rank,
     broadcast,
     broadcast_trainable,
-    check_fsdp_available,
     device_for,
     gather,
     init_world,
@@ -218,8 +218,9 @@ def train_step(
 
     Distributed (`world`, `ddp`: the `StepLoss` wrapped in DDP): the target count is all-reduced, so
     every rank divides by the global step's targets (a rank's padding weighs nothing on another's);
-    DDP averages the ranks' gradients, so each rank's loss is scaled by the number of ranks to make
-    the sum. Gradients are all-reduced on the last micro-batch only (`no_sync` before it); the loss,
+    DDP (and FSDP, `model` sharded by `qtrain.fsdp`) averages the ranks' gradients, so each rank's loss
+    is scaled by the number of ranks to make the sum. Gradients are reduced on the last micro-batch
+    only (`no_sync` before it); the loss,
     tokens and NaN check are the global ones, so all ranks raise or step together.
     """
     phase = on_phase or (lambda name: None)
@@ -297,14 +298,17 @@ def update(model, optimizer, trainable: list, max_grad_norm: float, scaler, meth
 
 def accumulate(forward, micro_batches: list[dict], device, autocast, scaler, phase, world: World) -> tuple[float, int]:
     """Forward and backward of each micro-batch, gradients summed; returns (the step's loss, its
-    tokens), over all ranks. `forward(batch)`: the summed loss (`StepLoss`, or it wrapped in DDP)."""
+    tokens), over all ranks. `forward(batch)`: the summed loss (`StepLoss`, or it wrapped in DDP).
+
+    Distributed, each rank's loss is scaled by the number of ranks: DDP's all-reduce and FSDP's
+    reduce-scatter both average the ranks' gradients, and the scaling makes that mean the gradient of
+    the global step's summed loss over its global target count."""
     total_targets = max(all_reduce_sum(world, [sum(n_targets(b) for b in micro_batches)])[0], 1)
-    ddp = forward if isinstance(forward, torch.nn.parallel.DistributedDataParallel) else None
     loss_total, tokens = 0.0, 0
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         phase("forward")
-        with no_sync(ddp, last=i == len(micro_batches) - 1):
+        with no_sync(forward if world.distributed else None, last=i == len(micro_batches) - 1):
             with autocast or contextlib.nullcontext():
                 loss = forward(batch) / total_targets
             phase("backward")
@@ -325,19 +329,27 @@ def regularization(model, methods: Sequence[PeftMethod]) -> torch.Tensor | None:
 
 @torch.no_grad()
 def eval_loss(
-    model, examples: list, batch_size: int, pad_id: int, device, autocast=None, loss_chunk: int | None = None, world: World = ONE_PROCESS
-) -> float:
+    model, examples: list, batch_size: int, pad_id: int, device, autocast=None, loss_chunk: int | None = None, world: World = ONE_PROCESS,
+    lockstep: bool = False,
+) -> float:  # fmt: skip
     """Mean next-token loss over the eval examples' target tokens. Distributed, each rank scores every
-    `world.size`-th example and the sums are all-reduced: the same mean, computed once."""
+    `world.size`-th example and the sums are all-reduced: the same mean, computed once. `lockstep`
+    (FSDP: every forward all-gathers, a collective): every rank runs as many forwards, a rank with
+    fewer batches repeating one of the eval set's, uncounted."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    batches = list(eval_batches(examples[world.rank :: world.size], batch_size, pad_id))
+    extra = max(gather(world, len(batches))) - len(batches) if lockstep else 0
+    filler = list(eval_batches(examples[:1], 1, pad_id)) * extra  # forwards to keep the ranks in step
     try:
-        for batch in eval_batches(examples[world.rank :: world.size], batch_size, pad_id):
+        for i, batch in enumerate(batches + filler):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast or contextlib.nullcontext():
-                total += loss_sum(model, batch, chunk=loss_chunk).item()
-            count += n_targets(batch)
+                loss = loss_sum(model, batch, chunk=loss_chunk).item()
+            if i < len(batches):
+                total += loss
+                count += n_targets(batch)
     finally:
         model.train(was_training)
     total, count = all_reduce_sum(world, [total, count])
@@ -433,7 +445,11 @@ def check_strategy(cfg: Config, strategy: str, world: World, profile_memory: int
     if strategy == "single":
         return
     if strategy == "fsdp":
-        check_fsdp_available()
+        from qtrain.fsdp import fsdp_refusal
+
+        refusal = fsdp_refusal(cfg.method_objects())
+        if refusal:
+            raise ValueError(refusal)
     for name in cfg.methods():
         if strategy == "ddp" and name in DDP_REFUSED:
             raise ValueError(f"method {name} cannot train under distributed.strategy=ddp ({DDP_REFUSED[name]}); run it in one process")
@@ -465,6 +481,7 @@ class Recipe:
         self.cfg, self.console, self.device, self.optimizer_name, self.options = cfg, console, device, optimizer_name, options
         self.world, self.strategy = world, strategy
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        self.shard_local = False  # FSDP with a bitsandbytes optimizer: its state per rank (setup_optimizer)
         self.out = Path(cfg.output_dir)
         self.state = TrainState()
         self.start = 0  # the step this session starts after
@@ -521,18 +538,18 @@ class Recipe:
 
     def setup_model(self) -> None:
         cfg, device, console = self.cfg, self.device, self.console
-        check_memory(cfg, self.path, device, console)
+        check_memory(cfg, self.path, device, console, self.world.size, self.strategy)
         t0 = time.perf_counter()
-        self.built = build_model(cfg, self.path, device)
+        self.built = self.build_sharded() if self.strategy == "fsdp" else build_model(cfg, self.path, device)
         self.methods = self.built.methods
         model, loaded, fused = self.built.model, self.built.loaded, self.built.fused
         self.model = model
         self.loss_backend = cfg.kernels.loss_backend(device)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.n_trainable = n_trainable = sum(p.numel() for p in self.trainable)
-        n_total = sum(p.numel() for p in model.parameters()) + sum(
+        n_total = sum(p.numel() for p in model.parameters() if p.is_floating_point()) + sum(
             m.nf4_shape.numel() for m in model.modules() if isinstance(m, LoRALinear) and m.has_nf4
-        )
+        )  # the weights: sharded, the NF4 codes are uint8 parameters (counted by nf4_shape) and a DTensor counts whole
         threads = f" ({self.threads.describe()})" if device.type == "cpu" else ""
         console.print(
             f"[bold]model[/] {self.path} ({loaded.config.model_type}, {'NF4' if cfg.model.quantize else cfg.model.dtype} base) "
@@ -540,20 +557,37 @@ class Recipe:
             f"{describe_methods(self.methods)}; "
             f"trainable {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)"
         )
+        if self.strategy == "fsdp":
+            from qtrain.fsdp import nf4_bytes
+
+            local, whole = nf4_bytes(model)
+            console.print(f"[bold]fsdp[/] the NF4 base sharded over {self.world.size} ranks: {local / whole:.0%} of its {whole / GiB:.2f} GiB on this rank")
         if fused:
             console.print(f"[bold]kernels[/] {len(fused)} fused modules, loss {self.loss_backend}" + (f"; kept: {', '.join(sorted(fused.skipped))}" if fused.skipped else ""))
-        if self.strategy == "fsdp":
-            self.shard()
 
-    def shard(self) -> None:
-        """The FSDP seam (issue 19 part B): `qtrain.fsdp.shard_model(model, world)` shards the NF4 base
-        over the ranks, before the optimizer sees the parameters. Still to wire with it: FSDP's
-        no_sync (`set_requires_gradient_sync(False)` between micro-steps, in `accumulate`), and the
-        adapter/optimizer state gathered for rank 0's checkpoint (`save`, `write_adapter`)."""
-        from qtrain.fsdp import shard_model
+    def build_sharded(self) -> BuiltModel:
+        """distributed.strategy=fsdp: the model sharded over the ranks before the optimizer sees its
+        parameters. `qtrain.fsdp.load_sharded` (each rank reads its rows of every projection; no rank
+        ever holds the NF4 base whole); for a 16-bit base, or methods it cannot build while loading
+        (bottleneck adapters, prompt and prefix tuning: `ShardedLoadRefused`, said before any tensor is
+        read), the model is loaded whole on every rank and `shard_model`-ed. Both draw the adapters'
+        starting weights as one process does (the RNG is rewound for the second try). The fused
+        modules are not swapped in: sharded, they fall back to the per-projection kernels anyway."""
+        from qtrain.fsdp import ShardedLoadRefused, load_sharded, shard_model
+        from qtrain.fused import Swapped
 
-        self.model = shard_model(self.model, self.world)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        cfg, device = self.cfg, self.device
+        if cfg.model.quantize:
+            rng, methods = torch.get_rng_state(), cfg.method_objects()
+            try:
+                loaded = load_sharded(self.path, methods, self.dtype, device, cfg.model.backend, self.world.size)
+                return BuiltModel(loaded.model, loaded, methods, Swapped())
+            except ShardedLoadRefused as e:
+                torch.set_rng_state(rng)
+                self.console.print(f"[yellow]fsdp:[/] {e}: loading it whole on every rank")
+        built = build_model(cfg, self.path, device, compute_dtype=self.dtype)
+        shard_model(built.model, self.world.size)
+        return built
 
     # -- 3. data: batches; then, model, tokenizer and data valid, the run's first files
 
@@ -595,7 +629,13 @@ class Recipe:
     def setup_optimizer(self) -> None:
         t, dtype, device = self.cfg.train, self.dtype, self.device
         groups = param_groups(self.model, t.lr, t.weight_decay, t.lora_plus_ratio, self.methods)
-        self.optimizer = build_optimizer(self.optimizer_name, groups)
+        self.shard_local = self.strategy == "fsdp" and self.optimizer_name != "adamw"  # bitsandbytes' on each rank's rows
+        if self.shard_local:
+            from qtrain.fsdp import shard_local_optimizer
+
+            self.optimizer = shard_local_optimizer(lambda g: build_optimizer(self.optimizer_name, g), groups)
+        else:
+            self.optimizer = build_optimizer(self.optimizer_name, groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.schedule))
         use_autocast = t.autocast and dtype != torch.float32
         self.autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else None
@@ -610,9 +650,12 @@ class Recipe:
         """More than one process: "ddp" gives every rank the whole model and all-reduces only the
         trainable parameters' gradients (the frozen NF4 base is loaded by each rank, never sent);
         rank 0's trainable values are broadcast first, then each rank draws its own dropout.
-        "fsdp" was sharded by `shard`, before the optimizer."""
+        "fsdp" was sharded by `build_sharded`, before the optimizer, every rank drawing the same
+        adapters; each rank then draws its own dropout."""
         world, cfg = self.world, self.cfg
-        if self.strategy != "ddp":  # one process; fsdp sharded the model in `shard`
+        if self.strategy == "fsdp":
+            seed_everything(cfg.train.seed + world.rank, cfg.train.deterministic)
+        if self.strategy != "ddp":
             return
         broadcast_trainable(world, self.trainable)
         seed_everything(cfg.train.seed + world.rank, cfg.train.deterministic)
@@ -629,6 +672,15 @@ class Recipe:
         for method in self.methods:
             load_method(self.model, method, ckpt / "adapter", resume=True)
             method.load_trainer_state(self.model, state.get("methods", {}).get(method.name, {}))
+        if self.strategy == "fsdp":  # the checkpoint's whole moments, cut as the parameters are
+            from qtrain.fsdp import shard_optimizer_state
+
+            state = state | {"optimizer": shard_optimizer_state(self.optimizer, _rank_optimizer(state, self.world, ckpt, self.shard_local))}
+        elif "optimizer_ranks" in state:
+            raise ValueError(
+                f"{ckpt}: its optimizer state is each rank's own rows (bitsandbytes' optimizer under distributed.strategy fsdp "
+                f"on {len(state['optimizer_ranks'])} ranks); resume it that way"
+            )
         _load_optimizer_state(self.optimizer, self.scheduler, state, ckpt)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -658,6 +710,9 @@ class Recipe:
     def score_before(self) -> None:
         cfg, state = self.cfg, self.state
         self.can_score = cfg.eval.exact_match and any(r.answer is not None for r in self.eval_rendered)
+        if self.strategy == "fsdp" and (self.can_score or cfg.eval.samples):
+            self.can_score = False
+            self.console.print("[yellow]fsdp:[/] eval.exact_match and eval.samples generate text, which is not sharded yet: skipped (the eval loss is computed)")
         self.threads.tick()
         if self.can_score and state.exact_match_before is None:
             state.exact_match_before = exact_match(self.model, self.tokenizer, self.eval_rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size)
@@ -794,37 +849,59 @@ class Recipe:
     def evaluate(self, step: int, console: Console) -> dict:
         if self.cfg.objective != "sft":
             return _evaluate_preference(self.cfg, self.model, self.methods, self.eval_examples, self.tokenizer.pad_token_id, self.device, self.autocast, self.logger, step, console)
-        return _evaluate(self.cfg, self.model, self.tokenizer, self.eval_examples, self.train_data.format, self.device, self.autocast, self.logger, step, console, self.world)
+        return _evaluate(self.cfg, self.model, self.tokenizer, self.eval_examples, self.train_data.format, self.device, self.autocast, self.logger, step, console, self.world, self.strategy == "fsdp")
 
     def save(self, step: int) -> Path:
         """Checkpoint `step` (adapter + trainer_state.pt); a diverged adapter is never saved."""
         state = self.state
-        _check_finite(self.model, step, self.out, state.run_id, state.resumed_from)
+        _check_finite(self.model, step, self.out, state.run_id, state.resumed_from, self.world)
+        write_adapter = self.adapter_writer()
         trainer_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "data": self.data.state_dict(),
             "trainer": state.trainer(),
             "methods": {m.name: m.trainer_state() for m in self.methods},
         }
+        if self.shard_local:
+            trainer_state["optimizer_ranks"] = gather(self.world, trainer_state["optimizer"])
         if self.world.distributed:  # each rank's RNG (its own dropout); DDP's optimizer state is the same on all
             trainer_state["rng_ranks"] = gather(self.world, rng_state())
         loss = state.losses[-1] if state.losses else None
         keep = self.cfg.checkpoint.keep_last
-        return on_main(self.world, lambda: save_checkpoint(self.out, step, self.write_adapter, trainer_state, to_dict(self.cfg), keep, state.run_id, loss))
+        return on_main(self.world, lambda: save_checkpoint(self.out, step, write_adapter, trainer_state, to_dict(self.cfg), keep, state.run_id, loss))
 
-    def write_adapter(self, target: Path) -> Path:
+    def optimizer_state(self) -> dict:
+        """The optimizer's state for a checkpoint; sharded (FSDP), gathered whole by every rank
+        (`qtrain.fsdp.full_optimizer_state`: the file one process writes, so it resumes on any number
+        of ranks, and on as many bit-for-bit)."""
+        if self.strategy != "fsdp":
+            return self.optimizer.state_dict()
+        if self.shard_local:  # bitsandbytes' state of each rank's rows: rank 0's here, every rank's in optimizer_ranks
+            return self.optimizer.state_dict()
+        from qtrain.fsdp import full_optimizer_state
+
+        return full_optimizer_state(self.optimizer)
+
+    def adapter_writer(self) -> Callable[[Path], Path]:
+        """`write_adapter` for rank 0 to call; sharded (FSDP), the methods' parameters are gathered
+        whole first, here, by every rank (`PeftMethod.state_dict`: a collective)."""
+        states = [m.state_dict(self.model) for m in self.methods] if self.strategy == "fsdp" else None
+        return lambda target: self.write_adapter(target, states)
+
+    def write_adapter(self, target: Path, states: list[dict] | None = None) -> Path:
         """The adapter in PEFT's format, with qtrain.json: how the base was held, the data format and
         (when not the defaults) the kernels settings, which `qtrain generate` builds with."""
         info = {"data_format": self.train_data.format} | recorded_kernels(self.cfg.kernels)
-        return save_methods(self.model, self.methods, self.path, target, self.dtype, self.cfg.model.quantize, extra_info=info)
+        return save_methods(self.model, self.methods, self.path, target, self.dtype, self.cfg.model.quantize, extra_info=info, states=states)
 
     # -- 8. adapter (PEFT format), score after, summary
 
     def finish(self) -> dict:
         cfg, state = self.cfg, self.state
-        adapter_dir = on_main(self.world, lambda: self.write_adapter(self.out / "adapter"))  # once, by rank 0
+        write_adapter = self.adapter_writer()
+        adapter_dir = on_main(self.world, lambda: write_adapter(self.out / "adapter"))  # once, by rank 0
         losses = state.losses
         first, last = _mean(losses[: cfg.train.log_every]), _mean(losses[-cfg.train.log_every :])
         result = {
@@ -884,11 +961,18 @@ def _load_optimizer_state(optimizer, scheduler, state: dict, ckpt: Path) -> None
         group["lr"] = lr * scheduler.lr_lambdas[i](scheduler.last_epoch)  # what LambdaLR computes
 
 
-def _check_finite(model, step: int, out: Path, run_id: str, resumed_from: Path | None) -> None:
-    """FloatingPointError naming the first trainable tensor that holds NaN/inf."""
-    for name, p in model.named_parameters():
-        if p.requires_grad and not torch.isfinite(p).all():
-            raise FloatingPointError(f"step {step}: the update made {name} NaN/inf; not saved ({_last_good(out, run_id, resumed_from)}")
+def _check_finite(model, step: int, out: Path, run_id: str, resumed_from: Path | None, world: World = ONE_PROCESS) -> None:
+    """FloatingPointError naming the first trainable tensor that holds NaN/inf, on every rank (each
+    checks the rows it holds: sharded, another rank's may be the bad ones)."""
+    bad = next((name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(_local(p)).all()), None)
+    bad = next((b for b in gather(world, bad) if b), None)
+    if bad is not None:
+        raise FloatingPointError(f"step {step}: the update made {bad} NaN/inf; not saved ({_last_good(out, run_id, resumed_from)}")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (FSDP) tensor; any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _last_good(out: Path, run_id: str, resumed_from: Path | None) -> str:
@@ -989,13 +1073,14 @@ def _evaluate_preference(cfg, model, methods, examples, pad_id, device, autocast
     return metrics
 
 
-def _evaluate(cfg, model, tokenizer, examples, data_format, device, autocast, logger, step, console, world: World = ONE_PROCESS) -> dict:
-    """Eval loss / perplexity, and the fixed sample prompts, logged at `step`."""
-    loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device, autocast, cfg.train.loss_chunk_tokens, world)
+def _evaluate(cfg, model, tokenizer, examples, data_format, device, autocast, logger, step, console, world: World = ONE_PROCESS, sharded: bool = False) -> dict:
+    """Eval loss / perplexity, and the fixed sample prompts, logged at `step`. `sharded` (FSDP): the
+    ranks' forwards in lockstep, no samples (generation is not sharded yet)."""
+    loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device, autocast, cfg.train.loss_chunk_tokens, world, sharded)
     metrics = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
     logger.log(step, metrics)
     console.print(f"[bold]eval[/] step {step}: loss {loss:.4f}, perplexity {metrics['eval_ppl']:.2f}")
-    if cfg.eval.samples:
+    if cfg.eval.samples and not sharded:
         for sample in cfg.eval.samples:
             prompt, extra = (sample, "") if isinstance(sample, str) else (sample.prompt, sample.input)
             text, specials = format_prompt(prompt, data_format, tokenizer, extra)
@@ -1084,6 +1169,22 @@ def _rank_rng(state: dict, world: World, console: Console) -> dict:
         "and each rank's RNG (from rank 0's) continue, but not bit-for-bit"
     )
     return saved[0]
+
+
+def _rank_optimizer(state: dict, world: World, ckpt: Path, shard_local: bool) -> dict:
+    """This rank's optimizer state under FSDP: the whole state (torch AdamW's, gathered), or with a
+    bitsandbytes optimizer (`qtrain.fsdp.shard_local_optimizer`) this rank's own, saved by as many ranks."""
+    ranks = state.get("optimizer_ranks")
+    if not shard_local and ranks is None:
+        return state["optimizer"]
+    if not shard_local or ranks is None or len(ranks) != world.size:
+        saved = f"{len(ranks)} ranks' own" if ranks is not None else "one whole"
+        raise ValueError(
+            f"{ckpt}: the checkpoint holds {saved} optimizer state and this run's train.optimizer under "
+            f"distributed.strategy fsdp on {world.size} ranks needs {'its own per rank' if shard_local else 'a whole one'}; "
+            "resume with the optimizer and number of ranks it was saved with"
+        )
+    return ranks[world.rank]
 
 
 def _mean(xs: list[float]) -> float:

@@ -156,11 +156,16 @@ class PeftMethod:
         return {"method": self.name, **dataclasses.asdict(self)}
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The method's parameters by model name, detached, contiguous, on CPU."""
-        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if self.owns(n)}
+        """The method's parameters by model name, detached, contiguous, on CPU; sharded (FSDP) ones
+        whole (`qtrain.fsdp.full_tensor`: a collective, so every rank calls this, rank 0 writes)."""
+        from qtrain.fsdp import full_tensor  # lazy: loading a config imports no torch.distributed
+
+        return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if self.owns(n)}
 
     def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
         """Copy `tensors` into the model's parameters of this method; every one must be there, with its shape."""
+        from qtrain.fsdp import sharded_like  # lazy: loading a config imports no torch.distributed
+
         params = {n: p for n, p in model.named_parameters() if self.owns(n)}
         unknown = sorted(set(tensors) - set(params))
         if unknown:
@@ -172,7 +177,7 @@ class PeftMethod:
             for n, value in tensors.items():
                 if params[n].shape != value.shape:
                     raise ValueError(f"{source}: {n!r} has shape {list(value.shape)}, the model expects {list(params[n].shape)}")
-                params[n].copy_(value)
+                params[n].copy_(sharded_like(value, params[n]))  # sharded (FSDP): this rank's rows
 
     def load_peft(self, model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
         """Copy tensors in PEFT's format (as `to_peft` wrote them) into the model."""

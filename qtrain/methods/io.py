@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -53,6 +54,7 @@ def save_methods(
     base_dtype: torch.dtype | None = None,
     quantized: bool = True,
     extra_info: dict | None = None,
+    states: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write the adapter folder atomically: every method (`save_method`) into a temp dir beside
     `out_dir`, then a rename over it.
@@ -61,15 +63,16 @@ def save_methods(
     `base_dtype`/`quantized` record how the frozen base was held during training, so that
     `merge_adapter` can rebuild exactly that base; `extra_info` (e.g. the data format, which
     `qtrain generate` renders prompts with) joins them in qtrain.json, with the config of each
-    method saved in a subfolder (one saved at the root, LoRA, is recorded by its PEFT config)."""
+    method saved in a subfolder (one saved at the root, LoRA, is recorded by its PEFT config).
+    `states`: each method's `state_dict`, already taken (FSDP: gathered by every rank; rank 0 writes)."""
     from qtrain.adapter import TRAINING_INFO, base_model_reference, replace_dir  # lazy: the loader's module
 
     base_model = base_model_reference(base_model)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    for method in methods:
-        save_method(model, method, tmp, base_model)
+    for i, method in enumerate(methods):
+        save_method(model, method, tmp, base_model, None if states is None else states[i])
     recorded = [m.config_dict() for m in methods if m.subfolder]
     if base_dtype is not None or recorded:
         info = {"quantized": quantized, "base_model_name_or_path": base_model}
@@ -82,11 +85,12 @@ def save_methods(
     return out_dir
 
 
-def save_method(model: nn.Module, method: PeftMethod, out_dir: Path, base_model: str) -> Path:
-    """Write one method's parameters into `out_dir/<subfolder>/` (PEFT's format when it has one)."""
+def save_method(model: nn.Module, method: PeftMethod, out_dir: Path, base_model: str, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write one method's parameters (`tensors`, default its `state_dict`) into `out_dir/<subfolder>/`
+    (PEFT's format when it has one)."""
     target = Path(out_dir) / method.subfolder
     target.mkdir(parents=True, exist_ok=True)
-    tensors = method.state_dict(model)
+    tensors = method.state_dict(model) if tensors is None else tensors
     if method.peft_type:
         save_file(method.to_peft(tensors), target / PEFT_WEIGHTS, metadata={"format": "pt"})
         (target / PEFT_CONFIG).write_text(json.dumps(method.peft_config(base_model), indent=2) + "\n")

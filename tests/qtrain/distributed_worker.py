@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -62,6 +63,7 @@ def main() -> int:
             except Interrupted as e:
                 report[run["name"]], code = {"interrupted": e.step}, 130
             except Exception as e:  # noqa: BLE001 - the test reads which error stopped each rank
+                traceback.print_exc()  # into the rank's log, which a failing test shows
                 report[run["name"]], code = {"error": f"{type(e).__name__}: {e}"}, 1
                 if not isinstance(e, FloatingPointError):  # a NaN stops all ranks together: the group is intact
                     break

@@ -1,7 +1,7 @@
 """One rank of tests/qtrain/test_fsdp.py: python fsdp_worker.py RANK WORLD PORT OUT MODES CKPT [CKPT ...].
 
 For each tiny checkpoint: the same LoRA model twice (same seed), one kept whole as the reference, one
-sharded (MODES, comma-separated: shard, loaded whole, then `qtrain.fsdp.shard_model`; load (load-dora: with DoRA): `qtrain.fsdp.load_sharded`); rank r trains on rows [r*b, (r+1)*b) of a batch the reference
+sharded (MODES, comma-separated: shard, loaded whole, then `qtrain.fsdp.shard_model`; load (load-dora: with DoRA): `qtrain.fsdp.load_sharded`; a -8bit suffix: bitsandbytes' AdamW on each rank's rows); rank r trains on rows [r*b, (r+1)*b) of a batch the reference
 sees whole (equal lengths: the mean of the ranks' mean losses is the batch's). Writes what the test
 compares to OUT/<rank>.json. Run from outside the repository (its kernels/ folder shadows a package).
 """
@@ -71,6 +71,20 @@ def nf4_same(ref, shd):
     return True
 
 
+def optimizers(ref, shd, bnb_adam):
+    """torch AdamW for both; `bnb_adam`: bitsandbytes' AdamW8bit (its update a custom op that takes no
+    DTensor), the sharded model's through `qtrain.fsdp.shard_local_optimizer` on each rank's rows."""
+    params = [[p for p in m.parameters() if p.requires_grad] for m in (ref, shd)]
+    if not bnb_adam:
+        return [torch.optim.AdamW(ps, lr=1e-3) for ps in params]
+    import bitsandbytes as bnb
+
+    from qtrain.fsdp import shard_local_optimizer
+
+    make = lambda groups: bnb.optim.AdamW8bit(groups, lr=1e-3)  # noqa: E731 - tiny tensors: 32-bit state, elementwise
+    return [make([{"params": params[0]}]), shard_local_optimizer(make, [{"params": params[1]}])]
+
+
 def compare(path, rank, world, mode):
     import qtrain.checkpoint
     from qtrain.fsdp import nf4_bytes, shard_model
@@ -84,7 +98,7 @@ def compare(path, rank, world, mode):
         shd = lora_model(path, sharded_load=mode.startswith("load"), dora=dora)
     finally:
         qtrain.checkpoint.read_tensor = read
-    if mode == "shard":
+    if mode.startswith("shard"):
         shard_model(shd, world)
     local, total = nf4_bytes(shd)
     ckpt = qtrain.checkpoint.SafetensorsCheckpoint(path).total_bytes()
@@ -92,7 +106,7 @@ def compare(path, rank, world, mode):
     linear = sum(e.end - e.start for k, e in qtrain.checkpoint.SafetensorsCheckpoint(path).entries.items() if "layers." in k and k.endswith("proj.weight"))
     ids = torch.randint(3, 60, (2 * world, 12), generator=torch.Generator().manual_seed(7))
     mine = ids[2 * rank : 2 * rank + 2]
-    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (ref, shd)]
+    opts = optimizers(ref, shd, mode.endswith("-8bit"))
     out = {"nf4_local": local, "nf4_total": total, "read": READ[0], "linear": linear, "ckpt": ckpt, "nf4_same": same}
     out |= {"loss": [], "grad": 0.0, "params": []}
     for step in range(3):

@@ -67,9 +67,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def launch_overrides(path: Path) -> list[str]:
     """The overrides of the launch command on the file's first line, `# qtrain train configs/<name> k=v ...`
-    (a multi-GPU config: `# torchrun --nproc_per_node N -m qtrain.cli train configs/<name> k=v ...`)."""
+    (a multi-GPU config: `# torchrun --nproc_per_node N $(which qtrain) train configs/<name> k=v ...`)."""
     first = path.read_text().splitlines()[0]
-    launcher = re.match(r"# torchrun --nproc_per_node \d+ -m qtrain\.cli train ", first)
+    launcher = re.match(r"# torchrun --nproc_per_node \d+ (-m qtrain\.cli|\$\(which qtrain\)) train ", first)
     command = launcher.group(0) + f"configs/{path.name}" if launcher else f"# qtrain train configs/{path.name}"
     assert first == command or first.startswith(command + " "), f"{path.name}: first line {first!r}"
     return shlex.split(first[len(command) :])

@@ -109,7 +109,7 @@ def ok(reports: list[dict], *names: str) -> None:
 
 # ---- 1. same training: N ranks x per-rank batch == one process x global batch ----------------
 
-STRATEGIES = ["ddp"]  # fsdp joins here when qtrain.fsdp lands
+STRATEGIES = ["ddp", "fsdp"]
 ARCHS = ["llama", "qwen2"]
 
 
@@ -130,7 +130,7 @@ def test_two_ranks_train_like_one_process_on_the_same_global_batch(tmp_path, tin
         ta, tb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (a, b))
         assert ta.keys() == tb.keys()
         assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-4, arch  # Adam's normalised steps magnify rounding
-    assert "2 per rank on 2 ranks (ddp)" in reports[0]["log"]
+    assert f"2 per rank on 2 ranks ({strategy})" in reports[0]["log"]
 
 
 # ---- 3. data: each row once per epoch across the ranks; packing and grouping still work ------
@@ -203,6 +203,44 @@ def test_checkpoints_resume_bit_for_bit_and_across_world_sizes(tmp_path, tiny_ch
     assert len(loaded) == len(b) and all(torch.equal(loaded[k.replace(".weight", ".default.weight")], v) for k, v in b.items())
 
 
+def test_fsdp_checkpoints_resume_bit_for_bit_and_in_one_process(tmp_path, tiny_checkpoint):
+    """FSDP, dropout on, constant schedule: 2 ranks x (4 steps, then resumed to 8) equal 2 ranks x 8
+    steps exactly (the gathered optimizer state cut into the same rows again, each rank's RNG); the
+    adapter is written once, by rank 0, loads in PEFT with the trained values, and a 2-rank FSDP
+    checkpoint (one process's format) resumes in one process."""
+    common = [*model_args(tiny_checkpoint, "llama"), "train.batch_size=2", "lora.dropout=0.1", "train.schedule=constant", "distributed.strategy=fsdp"]
+    half = tmp_path / "half"
+    two = Launch(tmp_path, 2, {"straight": [*common, "train.max_steps=8"], "half": [*common, "train.max_steps=4"],
+                              "resumed": [*common, "train.max_steps=8", f"output_dir={half}", "checkpoint.resume=auto"]})  # fmt: skip
+    reports = two.reports()
+    ok(reports, "straight", "half", "resumed")
+    assert "the NF4 base sharded over 2 ranks" in reports[0]["log"]
+    assert curve(half) == curve(tmp_path / "straight")  # exact
+    saved = load_file(half / "adapter" / "adapter_model.safetensors")
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == straight.keys() and all(torch.equal(saved[k], straight[k]) for k in saved)
+    assert sorted(p.name for p in half.iterdir() if "adapter" in p.name) == ["adapter"]  # once: no second writer's leftovers
+    state = torch.load(half / "checkpoints" / "step-0000004" / "trainer_state.pt", weights_only=True)
+    moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+    assert moments and all(type(m) is torch.Tensor for m in moments)  # whole tensors, not shards
+    shapes = {k: v.shape for k, v in saved.items()}
+    assert sorted(m.shape for m in moments) == sorted(shapes.values())
+
+    ckpt = half / "checkpoints" / "step-0000004"
+    (one,) = Launch(tmp_path, 1, {"to-one": [*common, "train.batch_size=4", "train.max_steps=6", f"checkpoint.resume={ckpt}"]}).reports()
+    ok([one], "to-one")
+    assert "saved by 2 process(es), this run has 1" in one["log"]
+    assert [s for s, _ in curve(tmp_path / "to-one")] == [5, 6]
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_args(tiny_checkpoint, "llama")[0].split("=", 1)[1], dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "straight" / "adapter")
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(straight) and all(torch.equal(loaded[k.replace(".weight", ".default.weight")], v) for k, v in straight.items())
+
+
 # ---- 4. stopping: a NaN, an exception or Ctrl-C on one rank stops every rank, no hang ----------
 
 
@@ -265,6 +303,22 @@ def test_every_peft_method_trains_under_ddp_like_one_process(tmp_path, tiny_chec
         assert_close_curves(tmp_path / f"{n}-one", tmp_path / f"{n}-two", "loss")
 
 
+# one method of each kind: parameters in the NF4 linears' rows (DoRA, (IA)^3: loaded sharded),
+# bottleneck modules, prompt and prefix parameters (loaded whole, then `shard_model`)
+FSDP_METHODS = {"dora": ["method=lora", "lora.use_dora=true"], **{n: [f"method={n}"] for n in ("ia3", "houlsby", "prompt_tuning", "prefix_tuning")}}
+
+
+def test_peft_methods_train_under_fsdp_like_one_process(tmp_path, tiny_checkpoint):
+    """Each kind of PEFT method FSDP runs, 3 steps on 2 ranks x 2 rows and on 1 process x 4 rows: the same losses."""
+    common = [*model_args(tiny_checkpoint, "llama"), "train.max_steps=3", "llama_adapter.adapter_layers=2", "data.num_train=24"]
+    one = Launch(tmp_path, 1, {f"{n}-one": [*common, *o, "train.batch_size=4"] for n, o in FSDP_METHODS.items()})
+    two = Launch(tmp_path, 2, {f"{n}-two": [*common, *o, "train.batch_size=2", "distributed.strategy=fsdp"] for n, o in FSDP_METHODS.items()})
+    ok(two.reports(), *(f"{n}-two" for n in FSDP_METHODS))
+    ok(one.reports(), *(f"{n}-one" for n in FSDP_METHODS))
+    for n in FSDP_METHODS:
+        assert_close_curves(tmp_path / f"{n}-one", tmp_path / f"{n}-two", "loss")
+
+
 def test_a_method_ddp_cannot_run_is_refused_before_loading(monkeypatch):
     import qtrain.train as recipe
     from qtrain.config import load_config
@@ -300,16 +354,21 @@ def test_strategy_auto_is_ddp_when_the_model_fits_one_card_else_fsdp():
         resolve_strategy("zero3", two, lambda: True)
 
 
-def test_fsdp_is_refused_in_one_line_until_qtrain_fsdp_exists():
-    import importlib.util
+@pytest.mark.parametrize("method", ["adalora", "adapter_fusion"])
+def test_a_method_fsdp_cannot_run_is_refused_before_loading(method):
+    """Methods that read their parameters outside the forward (AdaLoRA's rank budget, AdapterFusion's
+    regulariser) are refused in one line naming method and strategy, before anything loads (the
+    config's model does not exist); DDP and one process run them."""
+    from qtrain.config import load_config
+    from qtrain.train import check_strategy
 
-    from qtrain.distributed import check_fsdp_available
-
-    if importlib.util.find_spec("qtrain.fsdp") is not None:
-        check_fsdp_available()  # present: nothing to refuse
-        return
-    with pytest.raises(ValueError, match=r"^distributed.strategy=fsdp: FSDP is not available in this qtrain yet; use distributed.strategy=ddp$"):
-        check_fsdp_available()
+    fusion = ["adapter_fusion.adapters=[/nonexistent]"] if method == "adapter_fusion" else []
+    cfg = load_config(QUICKSTART, [f"method={method}", "model.tiny=null", "model.name_or_path=/nonexistent", *fusion])
+    with pytest.raises(ValueError, match=rf"^method '{method}' cannot run with distributed.strategy: fsdp: .*use distributed.strategy: ddp") as e:
+        check_strategy(cfg, "fsdp", World(0, 2, 0), 0)
+    assert "\n" not in str(e.value)
+    check_strategy(cfg, "ddp", World(0, 2, 0), 0)
+    check_strategy(load_config(QUICKSTART, ["method=[lora,bitfit]"]), "fsdp", World(0, 2, 0), 0)  # these shard
 
 
 def test_on_main_runs_once_and_one_process_is_unchanged():

@@ -134,6 +134,17 @@ def test_three_ranks_uneven_rows(tiny_checkpoint, tmp_path):
         assert out["nf4_local"] == pytest.approx(out["nf4_total"] / 3, rel=0.1)  # padded to ceil(rows / 3)
 
 
+def test_bitsandbytes_adamw_steps_each_ranks_rows(tiny_checkpoint, tmp_path):
+    """bitsandbytes' AdamW (the 70B config's paged 8-bit one: a custom op that takes no DTensor) on
+    each rank's rows (`shard_local_optimizer`), 2 ranks: the adapters after each step are the whole
+    model's under the same optimizer."""
+    path = str(tiny_checkpoint("llama", hidden_size=64, intermediate_size=128, num_layers=2))
+    for out in (r[f"load-8bit {path}"] for r in run_ranks(2, tmp_path, "load-8bit", path)):
+        assert all(sharded == pytest.approx(whole, abs=1e-5) for whole, sharded in out["loss"])
+        assert out["grad"] < 1e-5 and max(out["params"]) < 1e-5
+        assert out["loss"][0] != pytest.approx(out["loss"][2], abs=1e-4)  # the steps moved the adapters
+
+
 def test_own_rows_are_torch_chunk_s():
     for out, world in [(64, 3), (5, 4), (2, 3), (8192, 2)]:
         chunks = torch.arange(out).chunk(world)

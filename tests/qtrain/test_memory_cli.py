@@ -219,6 +219,26 @@ def test_gpu_check_is_quiet_when_it_fits(monkeypatch):
     assert "estimated" in console.export_text() and "needs about" not in console.export_text()
 
 
+def test_gpu_check_under_fsdp_is_per_rank(monkeypatch, capsys):
+    """The 70B config on one of two 24 GB cards: too much whole, it fits as one rank of two under FSDP."""
+    from qtrain import train as recipe
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(23.6 * GiB), 24 * GiB))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(policy, "self_check", lambda op, device: True)
+    cfg = load_config(REPO / "configs" / "llama-3.1-70b-2x24gb.yaml")
+    texts = []
+    for ranks, strategy in ((1, "single"), (2, "fsdp")):
+        console = Console(record=True, width=200)
+        recipe.check_memory(cfg, "meta-llama/Llama-3.1-70B-Instruct", torch.device("cuda"), console, ranks, strategy)
+        texts.append(console.export_text())
+    capsys.readouterr()  # the consoles' echo
+    assert main(["memory", "estimate", str(REPO / "configs" / "llama-3.1-70b-2x24gb.yaml"), "--json"]) == 0  # per rank of 2, fsdp
+    per_rank = json.loads(capsys.readouterr().out)["device_total_bytes"]
+    assert "this run needs about" in texts[0]
+    assert f"estimated {per_rank / GiB:.1f} GiB of the 23.6 GiB free" in texts[1], texts[1]
+
+
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_readme_quotes_the_70b_per_rank_estimates(nproc, capsys):
     """The README's FSDP table: the 70B config's per-rank GPU total and NF4 share on 2 and 4 cards."""
@@ -228,6 +248,17 @@ def test_readme_quotes_the_70b_per_rank_estimates(nproc, capsys):
     nf4 = next(i["bytes"] for i in data["items"] if i["name"] == "NF4 linears")
     row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `configs/llama-3.1-70b-2x24gb.yaml`:"))
     assert f"{data['device_total_bytes'] / GiB:.2f} GiB" in row and f"{nf4 / GiB:.2f}" in row
+
+
+def test_a_multi_gpu_config_is_estimated_per_rank_of_its_strategy(capsys):
+    """The config's distributed.strategy is the default --strategy, on 2 ranks unless --nproc says."""
+    config = str(REPO / "configs" / "llama-3.1-70b-2x24gb.yaml")
+    runs = [[], ["--nproc", "2", "--strategy", "fsdp"], ["--nproc", "4"], ["--nproc", "4", "--strategy", "fsdp"], ["--nproc", "1"]]
+    totals = []
+    for flags in runs:
+        assert main(["memory", "estimate", config, *flags, "--json"]) == 0
+        totals.append(json.loads(capsys.readouterr().out)["device_total_bytes"])
+    assert totals[0] == totals[1] and totals[2] == totals[3] and totals[2] < totals[0] < totals[4]
 
 
 def test_nproc_needs_a_strategy(capsys):
