@@ -170,3 +170,54 @@ def test_load_sharded_refuses_methods_built_from_the_base(tiny_checkpoint, one_r
     path = str(tiny_checkpoint("llama", hidden_size=64, intermediate_size=128, num_layers=2))
     with pytest.raises(ValueError, match="method 'houlsby' makes model.layers.0.adapter_attn"):
         load_sharded(path, [METHODS["houlsby"]()], compute_dtype=torch.float32, backend="torch")
+
+
+def _set_lora_b(model, seed: int = 0) -> None:
+    """Give every LoRA B values (B = 0 would leave A without gradient), the same in any model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_b" in name:
+                value = 0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + len(name)))
+                (p.to_local() if hasattr(p, "to_local") else p).copy_(value.to(p.device))
+
+
+@pytest.mark.gpu
+def test_one_rank_fsdp_on_cuda_feeds_the_triton_kernels_like_the_whole_model(tiny_checkpoint, monkeypatch):
+    """The GPU check of issue 19 (two processes cannot share one GPU under NCCL): one rank of FSDP on
+    CUDA, loaded sharded, runs the all-gathered NF4 codes through the Triton NF4 + LoRA kernels, as
+    training calls them (bf16 autocast forward, backward outside it): the loss and every adapter
+    gradient equal the unsharded model's."""
+    import torch.distributed as dist
+
+    from qtrain.methods.lora import LoRA
+    from qtrain.train import loss_sum
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        path = str(tiny_checkpoint("llama", hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4))
+        spec = LoRASpec(rank=8, alpha=16, target_modules="all-linear")
+        torch.manual_seed(0)
+        whole = load_model(path, spec, compute_dtype=torch.bfloat16, device="cuda", backend="triton").model
+        torch.manual_seed(0)
+        sharded = load_sharded(path, [LoRA.from_spec(spec)], torch.bfloat16, device="cuda", backend="triton").model
+        ids = torch.randint(4, whole.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0)).cuda()
+        batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+        results = []
+        for model in (whole, sharded):
+            _set_lora_b(model)
+            model.train()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_sum(model, batch)
+            loss.backward()
+            grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().cpu()
+                     for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+            results.append((loss.item(), grads))
+        (loss_w, grads_w), (loss_s, grads_s) = results
+        assert loss_s == pytest.approx(loss_w, rel=1e-3)
+        assert len(grads_s) == len(grads_w) > 0
+        for name, g in grads_w.items():
+            torch.testing.assert_close(grads_s[name], g, rtol=2e-2, atol=1e-4, msg=name)
+    finally:
+        dist.destroy_process_group()
