@@ -607,26 +607,45 @@ def load_data(cfg, tokenizer) -> tuple[Dataset, Dataset | None]:
     """Train and eval data of a run (`cfg`: a DataConfig). Eval: data.eval, or a seeded
     `eval_fraction` of the train rows, or held-out synthetic rows. With data.bad_rows=error, one
     error lists the malformed rows of the train and eval files."""
+    synthetic = None
     if cfg.train == "synthetic":
         train_rows, eval_rows = synthetic_split(cfg.num_train, cfg.num_eval, cfg.seed)
-        train = Table(train_rows, [f"synthetic row {i + 1}" for i in range(len(train_rows))], "synthetic")
-        held_out = Table(eval_rows, [f"synthetic eval row {i + 1}" for i in range(len(eval_rows))], "synthetic eval")
-    else:  # unreadable rows are kept in .skipped and reported below, with the file's other bad rows
+        synthetic = (
+            Table(train_rows, [f"synthetic row {i + 1}" for i in range(len(train_rows))], "synthetic"),
+            Table(eval_rows, [f"synthetic eval row {i + 1}" for i in range(len(eval_rows))], "synthetic eval"),
+        )
+    train, held_out = read_tables(cfg, synthetic)
+    args = (tokenizer, cfg.max_length, cfg.train_on_prompt)
+    train_ds = _build(train, cfg.format, *args)
+    has_eval = held_out is not None and (held_out.rows or held_out.skipped)
+    eval_ds = _build(held_out, train_ds.format, *args) if has_eval else None
+    check_datasets(cfg, train, held_out, train_ds, eval_ds)
+    return train_ds, eval_ds
+
+
+def read_tables(cfg, synthetic: tuple[Table, Table] | None = None) -> tuple[Table, Table | None]:
+    """The train and held-out rows (`cfg`: a DataConfig): data.train split by eval_fraction, or the
+    `synthetic` (train, eval) tables; data.eval, when set, is the held-out set. Unreadable rows are
+    kept in .skipped and reported by `check_datasets`, with the files' other bad rows."""
+    if synthetic is not None:
+        train, held_out = synthetic
+    else:
         train = read_table(cfg.train, cfg.train_split, cfg.subset, bad_rows="skip")
         # eval_fraction only when there is no data.eval: with one, every train row is trained on
         train, held_out = split_table(train, 0.0 if cfg.eval else cfg.eval_fraction, cfg.seed)
     if cfg.eval:
         held_out = read_table(cfg.eval, cfg.eval_split, cfg.subset, bad_rows="skip")
-    args = (tokenizer, cfg.max_length, cfg.train_on_prompt)
-    train_ds = _build(train, cfg.format, *args)
-    has_eval = held_out is not None and (held_out.rows or held_out.skipped)
-    eval_ds = _build(held_out, train_ds.format, *args) if has_eval else None
+    return train, held_out
+
+
+def check_datasets(cfg, train: Table, held_out: Table | None, train_ds: Dataset, eval_ds: Dataset | None) -> None:
+    """With data.bad_rows=error, one error listing the malformed rows of the train and eval files;
+    an error when every row of a file was dropped."""
     if cfg.bad_rows != "skip":
         _raise_bad_rows(train_ds, eval_ds, eval_file=bool(cfg.eval))
     _check_kept(train_ds, train, cfg.max_length)
     if eval_ds is not None:
         _check_kept(eval_ds, held_out, cfg.max_length)
-    return train_ds, eval_ds
 
 
 def _raise_bad_rows(train: Dataset, held_out: Dataset | None, eval_file: bool) -> None:

@@ -30,13 +30,11 @@ from qtrain.data import (
     Rendered,
     Table,
     _apply_template,
-    _check_kept,
     _line,
-    _raise_bad_rows,
     alpaca_prompt,
+    check_datasets,
     ensure_chat_template,
-    read_table,
-    split_table,
+    read_tables,
     synthetic_split,
 )
 
@@ -199,23 +197,14 @@ def synthetic_pairs(num_train: int, num_eval: int, seed: int, objective: str) ->
 
 def load_preference_data(cfg, tokenizer, objective: str) -> tuple[Dataset, Dataset | None]:
     """Train and eval preference data of a run (`cfg`: a DataConfig), as `qtrain.data.load_data`."""
-    if cfg.train == "synthetic":
-        train, held_out = synthetic_pairs(cfg.num_train, cfg.num_eval, cfg.seed, objective)
-    else:
-        train = read_table(cfg.train, cfg.train_split, cfg.subset, bad_rows="skip")
-        train, held_out = split_table(train, 0.0 if cfg.eval else cfg.eval_fraction, cfg.seed)
-    if cfg.eval:
-        held_out = read_table(cfg.eval, cfg.eval_split, cfg.subset, bad_rows="skip")
+    synthetic = synthetic_pairs(cfg.num_train, cfg.num_eval, cfg.seed, objective) if cfg.train == "synthetic" else None
+    train, held_out = read_tables(cfg, synthetic)
     train_ds = build_preference(train, objective, tokenizer, cfg.max_length)
     if cfg.train == "synthetic":  # the prompts are alpaca prompts
         train_ds.format = "alpaca"
     has_eval = held_out is not None and (held_out.rows or held_out.skipped)
     eval_ds = build_preference(held_out, objective, tokenizer, cfg.max_length) if has_eval else None
-    if cfg.bad_rows != "skip":
-        _raise_bad_rows(train_ds, eval_ds, eval_file=bool(cfg.eval))
-    _check_kept(train_ds, train, cfg.max_length)
-    if eval_ds is not None:
-        _check_kept(eval_ds, held_out, cfg.max_length)
+    check_datasets(cfg, train, held_out, train_ds, eval_ds)
     return train_ds, eval_ds
 
 
