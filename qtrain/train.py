@@ -220,8 +220,8 @@ def train_step(
     every rank divides by the global step's targets (a rank's padding weighs nothing on another's);
     DDP (and FSDP, `model` sharded by `qtrain.fsdp`) averages the ranks' gradients, so each rank's loss
     is scaled by the number of ranks to make the sum. Gradients are reduced on the last micro-batch
-    only (`no_sync` before it); the loss,
-    tokens and NaN check are the global ones, so all ranks raise or step together.
+    only (`no_sync` before it); the loss, tokens and NaN check are the global ones, so all ranks raise
+    or step together.
     """
     phase = on_phase or (lambda name: None)
     forward = ddp or StepLoss(model, offload, loss_chunk, loss_backend)
@@ -267,6 +267,7 @@ def preference_step(
         sums = {k: sums.get(k, 0.0) + v for k, v in batch_sums.items()}
     update(model, optimizer, trainable, max_grad_norm, scaler, methods, step, total_steps, loss_total, phase)
     return loss_total, tokens, reward_means(sums, totals["units"])
+
 
 def update(model, optimizer, trainable: list, max_grad_norm: float, scaler, methods: Sequence[PeftMethod], step: int,
            total_steps: int, loss_total: float, phase: Callable[[str], None]) -> None:  # fmt: skip
